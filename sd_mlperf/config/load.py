@@ -1,0 +1,199 @@
+"""Config loading: schema defaults < each --config YAML in order < dotted CLI overrides.
+
+Errors name the dotted key the user would type, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+from sd_mlperf.config.schema import Config
+from sd_mlperf.utils.files import atomic_write_text
+
+# Values the MLPerf closed division fixes (REFERENCE.md, "Optimizer and schedule").
+CLOSED_DIVISION_FIXED = {
+    "optim.beta1": 0.9,
+    "optim.beta2": 0.999,
+    "optim.eps": 1e-8,
+    "optim.weight_decay": 0.01,
+}
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; the message names the key and the fix."""
+
+
+def _describe(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = str(exc).split("\n")[0].strip()
+    if isinstance(exc, ConfigKeyError):
+        return ConfigError(f"{source}: unknown config key '{key}' ({msg}). Run `sd-mlperf config` to list valid keys.")
+    if isinstance(exc, MissingMandatoryValue):
+        return ConfigError(f"{source}: config key '{key}' is required but not set. "
+                           f"Set it in a YAML file or as {key}=VALUE.")
+    return ConfigError(f"{source}: invalid value for '{key}': {msg}. "
+                       f"Fix it in the YAML file or override it as {key}=VALUE.")
+
+
+def merge_config(config_files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """Merge schema defaults, YAML files in order, then dotted overrides; type-check every value."""
+    cfg = OmegaConf.structured(Config)
+    for path in config_files:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist (given with --config).")
+        try:
+            layer = OmegaConf.load(path)
+        except Exception as exc:  # yaml errors come in several types
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as exc:
+            raise _describe(exc, f"config file '{path}'") from exc
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form dotted.key=value (e.g. training.max_steps=10).")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _describe(exc, f"override '{item}'") from exc
+    return cfg  # type: ignore[return-value]
+
+
+def missing_keys(cfg: DictConfig) -> list[str]:
+    """Dotted keys whose value is still MISSING ('???')."""
+    found: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        for key in node:
+            dotted = f"{prefix}{key}"
+            if OmegaConf.is_missing(node, key):
+                found.append(dotted)
+            elif isinstance(node[key], DictConfig):
+                walk(node[key], dotted + ".")
+
+    walk(cfg, "")
+    return found
+
+
+def load_config(config_files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()) -> Config:
+    """Load a complete, validated config; every MISSING key must have been set."""
+    merged = merge_config(config_files, overrides)
+    missing = missing_keys(merged)
+    if missing:
+        raise ConfigError(
+            "these config keys are required but not set: "
+            + ", ".join(missing)
+            + ". Set them in a YAML file or as KEY=VALUE overrides (null is allowed where the schema says so)."
+        )
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise _describe(exc, "config") from exc
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"invalid value for '{key}': {value!r}; {allowed}.")
+
+
+def validate(cfg: Config | DictConfig) -> None:
+    """Cross-field checks that single types cannot express. Works on a Config or a merged DictConfig."""
+    u = cfg.model.unet
+    _check(u.model_channels > 0, "model.unet.model_channels", u.model_channels, "must be positive")
+    _check(len(u.channel_mult) > 0, "model.unet.channel_mult", list(u.channel_mult), "needs at least one level")
+    for lvl in u.attention_levels:
+        _check(0 <= lvl < len(u.channel_mult), "model.unet.attention_levels", list(u.attention_levels),
+               f"each level must be in 0..{len(u.channel_mult) - 1}")
+    for mult in u.channel_mult:
+        ch = u.model_channels * mult
+        _check(ch % u.resblock_norm_groups == 0, "model.unet.resblock_norm_groups", u.resblock_norm_groups,
+               f"must divide every level's channels ({ch})")
+        _check(ch % u.transformer_norm_groups == 0, "model.unet.transformer_norm_groups", u.transformer_norm_groups,
+               f"must divide every level's channels ({ch})")
+        _check(ch % u.head_channels == 0, "model.unet.head_channels", u.head_channels,
+               f"must divide every level's channels ({ch})")
+    v = cfg.model.vae
+    for mult in v.channel_mult:
+        _check((v.base_channels * mult) % v.norm_groups == 0, "model.vae.norm_groups", v.norm_groups,
+               f"must divide every level's channels ({v.base_channels * mult})")
+    t = cfg.model.text_encoder
+    _check(t.width % t.num_heads == 0, "model.text_encoder.num_heads", t.num_heads, f"must divide width {t.width}")
+    _check(0 <= t.skip_last_layers < t.num_layers, "model.text_encoder.skip_last_layers", t.skip_last_layers,
+           f"must be in 0..{t.num_layers - 1}")
+
+    tr = cfg.training
+    for key in ("micro_batch_size", "grad_accumulation_steps", "checkpoint_every_samples", "loss_scale_window"):
+        _check(getattr(tr, key) > 0, f"training.{key}", getattr(tr, key), "must be positive")
+    _check(tr.initial_loss_scale >= tr.min_loss_scale > 0, "training.initial_loss_scale", tr.initial_loss_scale,
+           "must be >= training.min_loss_scale > 0")
+    for key in ("max_steps", "max_samples"):
+        val = getattr(tr, key)
+        _check(val is None or val > 0, f"training.{key}", val, "must be positive or null")
+    p = cfg.parallel
+    _check(p.num_nodes > 0, "parallel.num_nodes", p.num_nodes, "must be positive")
+    _check(p.gpus_per_node > 0, "parallel.gpus_per_node", p.gpus_per_node, "must be positive")
+
+    o = cfg.optim
+    _check(o.base_lr_per_sample > 0, "optim.base_lr_per_sample", o.base_lr_per_sample, "must be a positive float")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _check(0 < o.warmup_start_factor <= 1, "optim.warmup_start_factor", o.warmup_start_factor, "must be in (0, 1]")
+    _check(o.grad_clip_norm is None or o.grad_clip_norm > 0, "optim.grad_clip_norm", o.grad_clip_norm,
+           "must be positive or null")
+    if cfg.run.division == "closed":
+        for key, ref in CLOSED_DIVISION_FIXED.items():
+            val = getattr(o, key.split(".")[1])
+            _check(math.isclose(val, ref, rel_tol=1e-12), key, val,
+                   f"the MLPerf closed division fixes it to {ref}; set run.division=open to change it")
+
+    d = cfg.data
+    _check(0 <= d.max_bad_fraction < 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1)")
+    _check(d.image_size % 8 == 0, "data.image_size", d.image_size, "must be a multiple of 8 (VAE factor)")
+    e = cfg.eval
+    _check(e.num_prompts > 0, "eval.num_prompts", e.num_prompts, "must be positive")
+    _check(0 < e.ddim_steps <= cfg.diffusion.num_timesteps, "eval.ddim_steps", e.ddim_steps,
+           f"must be in 1..{cfg.diffusion.num_timesteps}")
+    _check(e.batch_size > 0, "eval.batch_size", e.batch_size, "must be positive")
+    _check(cfg.checkpoint.keep_last > 0, "checkpoint.keep_last", cfg.checkpoint.keep_last, "must be positive")
+
+
+def world_size(cfg: Config) -> int:
+    """Configured number of data-parallel processes."""
+    return cfg.parallel.num_nodes * cfg.parallel.gpus_per_node
+
+
+def global_batch_size(cfg: Config) -> int:
+    """Images per optimizer step over all ranks."""
+    return cfg.training.micro_batch_size * world_size(cfg) * cfg.training.grad_accumulation_steps
+
+
+def learning_rate(cfg: Config) -> float:
+    """Peak learning rate: base per-sample lr x global batch (REFERENCE.md)."""
+    return cfg.optim.base_lr_per_sample * global_batch_size(cfg)
+
+
+def steps_between_checkpoints(cfg: Config) -> int:
+    """CEIL(checkpoint_every_samples / global batch): the MLPerf evaluation cadence."""
+    return math.ceil(cfg.training.checkpoint_every_samples / global_batch_size(cfg))
+
+
+def config_to_yaml(cfg: Config | DictConfig) -> str:
+    """The config as YAML (MISSING values print as ???)."""
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+    return OmegaConf.to_yaml(node, resolve=not missing_keys(node))
+
+
+def save_resolved_config(cfg: Config, run_dir: str | os.PathLike) -> Path:
+    """Write the resolved config into the run directory (atomically) and return its path."""
+    path = Path(run_dir) / "config.yaml"
+    atomic_write_text(path, config_to_yaml(cfg))
+    return path

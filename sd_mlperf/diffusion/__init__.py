@@ -1,0 +1,1 @@
+"""Diffusion math: the noise schedule, v-objective, and the DDIM sampler."""

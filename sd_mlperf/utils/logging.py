@@ -1,0 +1,49 @@
+"""The package logger: rank 0 by default, warn-once for repeats, nothing at import time."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+LOGGER_NAME = "sd_mlperf"
+logger = logging.getLogger(LOGGER_NAME)
+_seen_once: set[str] = set()
+
+
+def _env_rank() -> int:
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def setup_logging(level: str | int = "INFO", *, rank: int | None = None, all_ranks: bool = False) -> None:
+    """Attach one stderr handler to the package logger; ranks other than 0 log warnings only."""
+    rank = _env_rank() if rank is None else rank
+    if isinstance(level, str):
+        level = logging.getLevelName(level.upper())
+    logger.setLevel(level if (rank == 0 or all_ranks) else logging.WARNING)
+    where = f" rank{rank}" if all_ranks else ""
+    fmt = f"[%(asctime)s{where} %(levelname)s] %(message)s"
+    handler = next((h for h in logger.handlers if getattr(h, "_sd_mlperf", False)), None)
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler._sd_mlperf = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    logger.propagate = False
+
+
+def log_once(key: str, message: str, level: int = logging.WARNING) -> bool:
+    """Log `message` the first time `key` is seen in this process; return whether it was logged."""
+    if key in _seen_once:
+        return False
+    _seen_once.add(key)
+    logger.log(level, message)
+    return True
+
+
+def reset_log_once() -> None:
+    """Forget which keys were logged (tests use this)."""
+    _seen_once.clear()
