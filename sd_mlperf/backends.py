@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from sd_mlperf.utils.logging import logger
 
@@ -36,11 +37,32 @@ class Resolution:
 
 
 def package_available(name: str) -> bool:
-    """True if `name` (dotted allowed) can be imported, without importing it."""
+    """True if `name` (dotted allowed) can be imported, without importing it or its parents.
+
+    find_spec("a.b") would import package `a` (megatron's __init__ pulls in torch and more), so
+    submodules are located on disk under the top-level package's search path instead.
+    """
+    top, *rest = name.split(".")
     try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):  # a missing parent package raises
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
         return False
+    if spec is None:
+        return False
+    locations = list(spec.submodule_search_locations or [])
+    for part in rest:
+        found = []
+        for loc in locations:
+            base = Path(loc) / part
+            if base.is_dir():
+                found.append(str(base))
+            elif any(base.with_suffix(ext).is_file() for ext in (".py", ".so", ".pyc")) or list(
+                    Path(loc).glob(f"{part}.*.so")):
+                return part == rest[-1]
+        if not found:
+            return False
+        locations = found
+    return True
 
 
 def cuda_available() -> bool:
