@@ -1,0 +1,67 @@
+"""Per-system overlays: each resolves to the reference's global batch, learning rate and eval cadence."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sd_mlperf.config import global_batch_size, learning_rate, load_config, steps_between_checkpoints
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEM_DIR = REPO / "conf" / "system"
+BASE = REPO / "conf" / "sd2_mlperf.yaml"
+
+# name -> (global batch, learning rate, steps between checkpoints). The four reference configs come from
+# mlcommons/training stable_diffusion/configs/train_*.yaml (base_learning_rate 1.25e-7 in each); the
+# 32-node ones also match the reference's val_check_interval (1000, 500, 250 steps).
+EXPECTED = {
+    "01x08x08": (64, 8.0e-6, 8000),
+    "32x08x02": (512, 6.4e-5, 1000),
+    "32x08x04": (1024, 1.28e-4, 500),
+    "32x08x08": (2048, 2.56e-4, 250),
+    "02x08x08": (128, 1.6e-5, 4000),  # the seed's example system
+    "01x08x32": (256, 3.2e-5, 2000),  # NVIDIA-style H100 node
+}
+
+
+def test_every_expected_system_config_exists_and_nothing_else():
+    assert sorted(p.stem for p in SYSTEM_DIR.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_system_config_resolves_to_reference_numbers(name):
+    cfg = load_config([BASE, SYSTEM_DIR / f"{name}.yaml"])
+    gbs, lr, steps = EXPECTED[name]
+    assert global_batch_size(cfg) == gbs
+    assert math.isclose(learning_rate(cfg), lr, rel_tol=1e-12)
+    assert steps_between_checkpoints(cfg) == steps == math.ceil(512000 / gbs)
+    assert cfg.training.checkpoint_every_samples == 512000
+    assert cfg.run.submission_platform != "unknown"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_file_name_is_nodes_x_gpus_x_batch(name):
+    nodes, gpus, batch = (int(x) for x in re.fullmatch(r"(\d\d)x(\d\d)x(\d\d)", name).groups())
+    raw = yaml.safe_load((SYSTEM_DIR / f"{name}.yaml").read_text())
+    assert (raw["parallel"]["num_nodes"], raw["parallel"]["gpus_per_node"]) == (nodes, gpus)
+    assert raw["training"]["micro_batch_size"] == batch
+    assert raw["optim"]["base_lr_per_sample"] == 1.25e-7
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_header_comment_states_the_resolved_numbers(name):
+    # The comments are what a reader checks first; keep them true.
+    gbs, lr, steps = EXPECTED[name]
+    text = (SYSTEM_DIR / f"{name}.yaml").read_text()
+    assert f"= {gbs}." in text and f"= {steps} steps" in text
+    stated_lr = float(re.search(r"Learning rate = 1\.25e-7 x \d+ = ([0-9.e-]+)\.", text).group(1))
+    assert math.isclose(stated_lr, lr, rel_tol=1e-12)
+
+
+def test_overrides_still_win_over_a_system_overlay():
+    cfg = load_config([BASE, SYSTEM_DIR / "02x08x08.yaml"], ["training.micro_batch_size=4"])
+    assert global_batch_size(cfg) == 64 and steps_between_checkpoints(cfg) == 8000
