@@ -1,0 +1,107 @@
+"""Cross/self attention: the layer owns q/k/v/out, a core-attention backend does only the math.
+
+Shapes: B batch, L query tokens, S key tokens, H heads, D head channels, C = H*D model channels.
+Core backends take and return bshd tensors (q_BLHD, k_BSHD, v_BSHD -> out_BLHD):
+- `math`: explicit softmax(q k^T * D^-0.5) v with the logits and softmax in fp32, as the ldm
+  reference (`_ATTN_PRECISION = "fp32"`) computes it. The reference twin.
+- `sdpa`: torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient kernels).
+- `te`: Transformer Engine DotProductAttention, bshd, no mask (cuDNN fused attention on GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MathAttention(nn.Module):
+    """Reference numerics: fp32 logits and softmax, then probabilities in v's dtype times v."""
+
+    def __init__(self, *, num_heads: int, head_channels: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = head_channels**-0.5
+
+    def forward(self, q_BLHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T * scale) v."""
+        with torch.autocast(device_type=q_BLHD.device.type, enabled=False):
+            logits_BHLS = torch.einsum("blhd,bshd->bhls", q_BLHD.float(), k_BSHD.float()) * self.scale
+            probs_BHLS = logits_BHLS.softmax(dim=-1)
+        return torch.einsum("bhls,bshd->blhd", probs_BHLS.to(v_BSHD.dtype), v_BSHD)
+
+
+class SDPAttention(nn.Module):
+    """torch scaled_dot_product_attention (it picks flash, memory-efficient or math itself)."""
+
+    def __init__(self, *, num_heads: int, head_channels: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+
+    def forward(self, q_BLHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor) -> torch.Tensor:
+        """SDPA on bhsd views of the bshd inputs."""
+        out_BHLD = F.scaled_dot_product_attention(q_BLHD.transpose(1, 2), k_BSHD.transpose(1, 2),
+                                                  v_BSHD.transpose(1, 2))
+        return out_BHLD.transpose(1, 2)
+
+
+class TEAttention(nn.Module):
+    """Transformer Engine DotProductAttention (bshd, no mask); holds no parameters."""
+
+    def __init__(self, *, num_heads: int, head_channels: int) -> None:
+        super().__init__()
+        try:
+            from transformer_engine.pytorch import DotProductAttention
+        except ImportError as exc:
+            raise RuntimeError(f"model.unet.attention_backend=te: transformer_engine cannot be imported ({exc}); "
+                               "it ships in the NGC PyTorch container. Set model.unet.attention_backend=sdpa."
+                               ) from exc
+        self.num_heads = num_heads
+        self.head_channels = head_channels
+        self.core = DotProductAttention(num_heads, head_channels, qkv_format="bshd", attn_mask_type="no_mask",
+                                        attention_dropout=0.0)
+
+    def forward(self, q_BLHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor) -> torch.Tensor:
+        """TE returns [B, L, H*D]; reshape back to bshd."""
+        out = self.core(q_BLHD.contiguous(), k_BSHD.contiguous(), v_BSHD.contiguous())
+        return out.view(q_BLHD.shape[0], q_BLHD.shape[1], self.num_heads, self.head_channels)
+
+
+CORE_ATTENTION: dict[str, type[nn.Module]] = {"te": TEAttention, "sdpa": SDPAttention, "math": MathAttention}
+
+
+def build_core_attention(backend: str, *, num_heads: int, head_channels: int) -> nn.Module:
+    """The core-attention module of a resolved backend name."""
+    if backend == "te" and (head_channels % 8 != 0 or head_channels > 256):
+        # cuDNN fused attention needs D a multiple of 8 and at most 256; decided here, not per call.
+        raise ValueError(f"model.unet.head_channels={head_channels} is not supported by the te attention backend "
+                         "(needs a multiple of 8, at most 256); set model.unet.attention_backend=sdpa.")
+    return CORE_ATTENTION[backend](num_heads=num_heads, head_channels=head_channels)
+
+
+class CrossAttention(nn.Module):
+    """ldm CrossAttention: to_q/to_k/to_v (no bias), to_out.0 (bias); self-attention when context is None."""
+
+    def __init__(self, query_dim: int, context_dim: int | None, num_heads: int, head_channels: int,
+                 backend: str) -> None:
+        super().__init__()
+        inner = num_heads * head_channels
+        context_dim = query_dim if context_dim is None else context_dim
+        self.num_heads = num_heads
+        self.head_channels = head_channels
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+        self.core = build_core_attention(backend, num_heads=num_heads, head_channels=head_channels)
+
+    def forward(self, x_BLC: torch.Tensor, context_BSE: torch.Tensor | None = None) -> torch.Tensor:
+        """Project, attend with the core backend, project out."""
+        context_BSE = x_BLC if context_BSE is None else context_BSE
+        B, L, _ = x_BLC.shape
+        S = context_BSE.shape[1]
+        q = self.to_q(x_BLC).view(B, L, self.num_heads, self.head_channels)
+        k = self.to_k(context_BSE).view(B, S, self.num_heads, self.head_channels)
+        v = self.to_v(context_BSE).view(B, S, self.num_heads, self.head_channels)
+        out_BLHD = self.core(q, k, v)
+        return self.to_out(out_BLHD.reshape(B, L, self.num_heads * self.head_channels))

@@ -1,0 +1,109 @@
+"""The GroupNorm(+SiLU) role: apex's fused NHWC kernel or torch, with identical parameters.
+
+Both backends expose `weight` and `bias` exactly as `torch.nn.GroupNorm` does, so checkpoints
+move between them. The SiLU that follows a norm in the ldm layout (`in_layers.1`,
+`out_layers.1`, `out.1`) is folded into the norm module (`act="silu"`), which lets apex fuse it;
+the Sequential slot it leaves is an `nn.Identity`, which holds no parameters, so names stay
+those of the reference.
+
+Which kernel runs is decided at build time, per layer, from the shape: apex supports a fixed
+list of channel and group counts and needs channels-last input. Layers outside that list use
+torch; they are counted and logged once (NormBuilder.summary()).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sd_mlperf.utils.logging import log_once
+
+Activation = Literal["silu", ""]
+
+# apex.contrib.group_norm.GroupNorm's one-pass kernel list (its docstring); read from the class when present.
+APEX_CHANNELS = frozenset({128, 256, 320, 448, 512, 640, 768, 896, 960, 1024, 1280, 1344, 1536, 1792, 1920,
+                           2048, 2240, 2560, 2688, 3072, 3136, 3584, 4096})
+APEX_GROUPS = frozenset({16, 32})
+
+
+class GroupNormFactory(Protocol):
+    """Builds one GroupNorm(+activation) layer; keyword-only so implementations interchange."""
+
+    def __call__(self, *, num_groups: int, num_channels: int, eps: float, act: Activation = "") -> nn.Module: ...
+
+
+class TorchGroupNorm(nn.GroupNorm):
+    """torch GroupNorm with an optional SiLU after it (the reference numerics)."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, act: Activation = "") -> None:
+        super().__init__(num_groups, num_channels, eps=eps, affine=True)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """GroupNorm, then SiLU if `act == "silu"`."""
+        y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return F.silu(y) if self.act == "silu" else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", act={self.act}" if self.act else "")
+
+
+def apex_supports(num_groups: int, num_channels: int) -> bool:
+    """Whether apex's NHWC kernel covers this (groups, channels) pair."""
+    return num_groups in APEX_GROUPS and num_channels in APEX_CHANNELS
+
+
+class NormBuilder:
+    """Makes every GroupNorm of one model for the resolved backend; counts layers per kernel."""
+
+    def __init__(self, backend: str, *, channels_last: bool) -> None:
+        assert backend in ("apex", "torch"), backend
+        self.backend = backend
+        self.channels_last = channels_last
+        self.num_apex = 0
+        self.num_torch = 0
+        self.unsupported: set[tuple[int, int]] = set()
+        self._apex_cls: type | None = None
+        if backend == "apex":
+            self._apex_cls = _import_apex_group_norm()
+
+    def __call__(self, *, num_groups: int, num_channels: int, eps: float, act: Activation = "") -> nn.Module:
+        """One layer: apex where supported (and input will be channels-last), else torch."""
+        if self._apex_cls is not None:
+            groups_ok = num_groups in getattr(self._apex_cls, "SUPPORTED_GROUPS", APEX_GROUPS)
+            channels_ok = num_channels in getattr(self._apex_cls, "SUPPORTED_CHANNELS", APEX_CHANNELS)
+            if groups_ok and channels_ok:
+                self.num_apex += 1
+                return self._apex_cls(num_groups, num_channels, eps=eps, affine=True, act=act)
+            self.unsupported.add((num_groups, num_channels))
+        self.num_torch += 1
+        return TorchGroupNorm(num_groups, num_channels, eps=eps, act=act)
+
+    def summary(self) -> str:
+        """One line: how many layers use each kernel and why."""
+        if self.backend == "torch":
+            return f"GroupNorm: {self.num_torch} layers on torch"
+        text = f"GroupNorm: {self.num_apex} layers on apex NHWC, {self.num_torch} on torch"
+        if self.unsupported:
+            text += " (apex lacks (groups, channels) " + ", ".join(map(str, sorted(self.unsupported))) + ")"
+        return text
+
+    def log_summary(self) -> None:
+        """Log the apex/torch split once per distinct summary (a warning if some layers fell back)."""
+        if self.backend == "apex":
+            text = self.summary()
+            log_once("norm:" + text, text, level=logging.WARNING if self.unsupported else logging.INFO)
+
+
+def _import_apex_group_norm() -> type:
+    try:
+        from apex.contrib.group_norm import GroupNorm
+    except ImportError as exc:
+        raise RuntimeError("model.unet.norm_backend=apex: apex.contrib.group_norm cannot be imported "
+                           f"({exc}); it ships in the NGC PyTorch container (apex built with --group_norm). "
+                           "Set model.unet.norm_backend=torch to use the reference kernel.") from exc
+    return GroupNorm
