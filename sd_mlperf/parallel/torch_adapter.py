@@ -103,7 +103,8 @@ class TorchDataParallel(DataParallelModel):
             # Same rule as torch.nn.utils.clip_grad_norm_, without its host sync.
             coef = torch.clamp(self.grad_clip_norm / (grad_norm + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coef)
-        self._local_optimizer.found_inf = found_inf  # read by fused AdamW: skip the update if nonzero
+        # Read by fused AdamW (0-d): skip the update, and undo the step count, if nonzero.
+        self._local_optimizer.found_inf = found_inf.reshape(())
         self._local_optimizer.grad_scale = None  # already unscaled above
         self.optimizer.step()
         self.scaler.update(found_inf)

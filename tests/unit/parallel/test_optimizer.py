@@ -1,0 +1,49 @@
+"""LR schedule: warmup curve, the step that reaches the peak, and AdamW's fixed hyperparameters."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sd_mlperf.config.schema import OptimConfig
+from sd_mlperf.parallel.optimizer import LRSchedule, adamw_kwargs
+
+
+def test_peak_is_base_lr_times_global_batch():
+    assert math.isclose(LRSchedule(OptimConfig(), 512).peak_lr, 6.4e-5, rel_tol=1e-12)  # REFERENCE.md
+    assert math.isclose(LRSchedule(OptimConfig(), 64).peak_lr, 8e-6, rel_tol=1e-12)
+
+
+def test_warmup_curve_reference_values():
+    sched = LRSchedule(OptimConfig(), 512)  # warmup 1000 from 1e-6 x lr
+    peak = 6.4e-5
+    assert math.isclose(sched.lr_at(0), 1e-6 * peak, rel_tol=1e-9)
+    assert math.isclose(sched.lr_at(500), peak * (1e-6 + (1 - 1e-6) * 0.5), rel_tol=1e-12)
+    assert math.isclose(sched.lr_at(999), peak * (1e-6 + (1 - 1e-6) * 0.999), rel_tol=1e-12)
+    assert sched.lr_at(999) < peak
+    assert sched.first_peak_step() == 1000
+    assert sched.lr_at(1000) == peak and sched.lr_at(10**7) == peak
+
+
+def test_warmup_is_linear_and_increasing():
+    sched = LRSchedule(OptimConfig(warmup_steps=10, warmup_start_factor=0.1), 100)
+    lrs = [sched.lr_at(s) for s in range(12)]
+    diffs = [b - a for a, b in zip(lrs[:10], lrs[1:11])]
+    assert all(math.isclose(d, diffs[0], rel_tol=1e-9) for d in diffs)  # the last warmup step lands on the peak
+    assert math.isclose(diffs[0], sched.peak_lr * 0.9 / 10, rel_tol=1e-9)
+    assert lrs[10] == lrs[11] == sched.peak_lr
+
+
+def test_no_warmup_and_bad_input():
+    sched = LRSchedule(OptimConfig(warmup_steps=0), 8)
+    assert sched.lr_at(0) == sched.peak_lr
+    with pytest.raises(ValueError):
+        sched.lr_at(-1)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        LRSchedule(OptimConfig(), 0)
+
+
+def test_adamw_kwargs():
+    kw = adamw_kwargs(OptimConfig(), 1e-4)
+    assert kw == {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}

@@ -1,0 +1,75 @@
+"""Autocast contexts and the dynamic loss scaler."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from sd_mlperf.parallel.precision import DynamicLossScaler, autocast
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_autocast_dtype(precision, dtype):
+    lin = torch.nn.Linear(4, 4)
+    with autocast(precision, CPU):
+        out = lin(torch.randn(2, 4))
+    assert out.dtype == dtype and lin.weight.dtype == torch.float32
+
+
+def test_autocast_fp32_and_bad_value():
+    assert isinstance(autocast("fp32", CPU), contextlib.nullcontext)
+    with pytest.raises(ValueError, match="training.precision"):
+        autocast("fp8", CPU)
+
+
+def _scaler(**kw):
+    args = {"initial_scale": 8.0, "min_scale": 2.0, "window": 3, "device": CPU} | kw
+    return DynamicLossScaler(**args)
+
+
+def test_overflow_halves_and_counts():
+    s = _scaler()
+    grads = [torch.tensor([1.0, float("inf")]), torch.tensor([2.0])]
+    found = s.unscale_(grads)
+    assert found.item() == 1.0
+    s.update(found)
+    assert s.scale.item() == 4.0 and s.num_skipped.item() == 1
+    for _ in range(3):  # floor at min_scale
+        s.update(torch.ones(1))
+    assert s.scale.item() == 2.0 and s.num_skipped.item() == 4
+
+
+def test_growth_after_window_and_unscale():
+    s = _scaler()
+    grads = [torch.tensor([8.0, 16.0])]
+    found = s.unscale_(grads)
+    assert found.item() == 0.0 and torch.equal(grads[0], torch.tensor([1.0, 2.0]))
+    for expected in (8.0, 8.0, 16.0, 16.0):
+        s.update(torch.zeros(1))
+        assert s.scale.item() == expected
+    assert s.num_skipped.item() == 0
+    assert s.scale_loss(torch.tensor(0.5)).item() == 8.0
+
+
+def test_disabled_scaler_only_counts():
+    s = _scaler(enabled=False)
+    assert s.scale.item() == 1.0 and s.scale_loss(torch.tensor(3.0)).item() == 3.0
+    found = s.unscale_([torch.tensor([float("nan")])])
+    s.update(found)
+    assert s.scale.item() == 1.0 and s.num_skipped.item() == 1
+
+
+def test_state_roundtrip():
+    a = _scaler()
+    a.update(torch.ones(1))
+    a.update(torch.zeros(1))
+    b = _scaler()
+    b.load_state_dict(a.state_dict())
+    assert b.scale.item() == a.scale.item() == 4.0
+    assert b.growth_tracker.item() == 1 and b.num_skipped.item() == 1
+    with pytest.raises(ValueError, match="precision"):
+        _scaler(enabled=False).load_state_dict(a.state_dict())
