@@ -114,6 +114,12 @@ def apply_channels_last(unet: UNetModel) -> None:
     unet.to(memory_format=torch.channels_last)
 
 
+def apply_compile(unet: UNetModel) -> None:
+    """torch.compile the UNet in place (nn.Module.compile keeps state-dict names, unlike torch.compile(m))."""
+    unet.compile()
+    logger.info("UNet wrapped in torch.compile (compiles on the first forward)")
+
+
 def _resolve_norm(cfg: UNetConfig) -> Resolution:
     res = resolve_backend("norm", cfg.norm_backend)
     if res.name == "apex" and not cfg.channels_last:
@@ -143,4 +149,6 @@ def build_unet(cfg: UNetConfig) -> UNetModel:
         apply_channels_last(unet)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(unet)
+    if cfg.compile:
+        apply_compile(unet)
     return unet

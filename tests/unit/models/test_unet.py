@@ -230,3 +230,9 @@ def test_smoke_config_builds_and_runs():
     unet = build_unet(cfg)
     x = torch.randn(1, 4, 8, 8)
     assert unet(x, torch.tensor([5]), torch.randn(1, 77, cfg.context_dim)).shape == x.shape
+
+
+def test_compile_flag_keeps_names():
+    unet = build_unet(tiny_cfg(compile=True))
+    assert unet._compiled_call_impl is not None  # nn.Module.compile, applied at build
+    assert state_dict_manifest(unet) == state_dict_manifest(build_unet(tiny_cfg()))
