@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from sd_mlperf.config.schema import TrainingConfig
 from sd_mlperf.utils.logging import log_once
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -57,7 +58,7 @@ class DynamicLossScaler:
         """Steps skipped because a gradient was inf/NaN (read it only at log time: it syncs)."""
 
     @classmethod
-    def from_training(cls, training: Any, device: torch.device) -> DynamicLossScaler:
+    def from_training(cls, training: TrainingConfig, device: torch.device) -> DynamicLossScaler:
         """Build from the training section (initial_loss_scale, min_loss_scale, loss_scale_window, precision)."""
         return cls(initial_scale=training.initial_loss_scale, min_scale=training.min_loss_scale,
                    window=training.loss_scale_window, device=device, enabled=training.precision == "fp16")

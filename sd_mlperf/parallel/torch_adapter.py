@@ -62,10 +62,8 @@ class TorchDataParallel(DataParallelModel):
 
             self.optimizer: torch.optim.Optimizer = ZeroRedundancyOptimizer(
                 self.params, optimizer_class=torch.optim.AdamW, **kwargs)
-            self._local_optimizer = self.optimizer.optim  # the AdamW over this rank's shard
         else:
             self.optimizer = torch.optim.AdamW(self.params, **kwargs)
-            self._local_optimizer = self.optimizer
         self.scaler = DynamicLossScaler.from_training(cfg.training, dist.device)
 
     def zero_grad(self) -> None:
@@ -104,8 +102,9 @@ class TorchDataParallel(DataParallelModel):
             coef = torch.clamp(self.grad_clip_norm / (grad_norm + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coef)
         # Read by fused AdamW (0-d): skip the update, and undo the step count, if nonzero.
-        self._local_optimizer.found_inf = found_inf.reshape(())
-        self._local_optimizer.grad_scale = None  # already unscaled above
+        local = self.optimizer.optim if self.sharded else self.optimizer  # ZeRO: the AdamW over this rank's shard
+        local.found_inf = found_inf.reshape(())
+        local.grad_scale = None  # already unscaled above
         self.optimizer.step()
         self.scaler.update(found_inf)
         return (found_inf == 0).reshape(()), grad_norm

@@ -48,13 +48,22 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     cfg.run.device = "cpu"
     dist = init_distributed(cfg.run, cfg.parallel)
     try:
-        for sharded in (True, False):
+        for sharded in (False, True):  # the ZeRO one last: the overflow check below uses it
             cfg = make_cfg(world_size=WORLD, distributed_optimizer=sharded)
             # Each rank builds other initial weights: DDP must broadcast rank 0's.
             dp = apply_data_parallel(tiny_model(seed=rank), cfg, dist)
             _, ok, norm = _run(dp, cfg, rank, WORLD, 0, STEPS)
             results[f"sharded={sharded}"] = {"params": _params(dp), "ok": ok, "norm": norm,
                                              "zero": type(dp.optimizer).__name__}
+        # An overflow on one rank only reaches both through the all-reduce: both skip the same step.
+        before = _params(dp)
+        x, y = global_batch(STEPS)
+        dp.zero_grad()
+        loss = loss_fn(dp(shard(x, rank, WORLD)), shard(y, rank, WORLD))
+        dp.backward(loss * (float("inf") if rank == 1 else 1.0))
+        ok, _ = dp.step(1e-3)
+        results["overflow"] = {"ok": bool(ok), "unchanged": all(torch.equal(a, b) for a, b in zip(before, _params(dp))),
+                               "skipped": int(dp.num_skipped_steps.item())}
         # Resume: save after SPLIT steps (state gathered on rank 0), rebuild, load on both ranks, go on.
         cfg = make_cfg(world_size=WORLD)
         dp = apply_data_parallel(tiny_model(seed=0), cfg, dist)
@@ -96,6 +105,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     # Both ranks hold bit-identical parameters.
     for a, b in zip(ranks[0]["sharded=True"]["params"], ranks[1]["sharded=True"]["params"]):
         assert torch.equal(a, b)
+    assert [r["overflow"] for r in ranks] == [{"ok": False, "unchanged": True, "skipped": 1}] * WORLD
     # Only rank 0's state is complete.
     assert [r["rank_state_is_none"] for r in ranks] == [False, True]
     # Resume on 2 ranks is bit-exact against the uninterrupted 2-rank run.
