@@ -10,9 +10,19 @@ Core backends take and return bshd tensors (q_BLHD, k_BSHD, v_BSHD -> out_BLHD):
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class CoreAttention(Protocol):
+    """A core-attention backend: keyword-only constructor, bshd in and out, no parameters."""
+
+    def __init__(self, *, num_heads: int, head_channels: int) -> None: ...
+
+    def __call__(self, q_BLHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor) -> torch.Tensor: ...
 
 
 class MathAttention(nn.Module):

@@ -52,18 +52,12 @@ class TorchGroupNorm(nn.GroupNorm):
         return super().extra_repr() + (f", act={self.act}" if self.act else "")
 
 
-def apex_supports(num_groups: int, num_channels: int) -> bool:
-    """Whether apex's NHWC kernel covers this (groups, channels) pair."""
-    return num_groups in APEX_GROUPS and num_channels in APEX_CHANNELS
-
-
 class NormBuilder:
     """Makes every GroupNorm of one model for the resolved backend; counts layers per kernel."""
 
-    def __init__(self, backend: str, *, channels_last: bool) -> None:
+    def __init__(self, backend: str) -> None:
         assert backend in ("apex", "torch"), backend
         self.backend = backend
-        self.channels_last = channels_last
         self.num_apex = 0
         self.num_torch = 0
         self.unsupported: set[tuple[int, int]] = set()
@@ -72,7 +66,7 @@ class NormBuilder:
             self._apex_cls = _import_apex_group_norm()
 
     def __call__(self, *, num_groups: int, num_channels: int, eps: float, act: Activation = "") -> nn.Module:
-        """One layer: apex where supported (and input will be channels-last), else torch."""
+        """One layer: apex where its kernel covers (groups, channels), else torch."""
         if self._apex_cls is not None:
             groups_ok = num_groups in getattr(self._apex_cls, "SUPPORTED_GROUPS", APEX_GROUPS)
             channels_ok = num_channels in getattr(self._apex_cls, "SUPPORTED_CHANNELS", APEX_CHANNELS)

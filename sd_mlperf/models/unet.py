@@ -137,7 +137,7 @@ def build_unet(cfg: UNetConfig) -> UNetModel:
     """Build the UNet: resolve backends, construct, apply channels-last and activation checkpointing."""
     attention = resolve_backend("attention", cfg.attention_backend)
     norm_res = _resolve_norm(cfg)
-    norm = NormBuilder(norm_res.name, channels_last=cfg.channels_last)
+    norm = NormBuilder(norm_res.name)
     unet = UNetModel(cfg, attention_backend=attention.name, norm=norm)
     if norm_res.name == "apex":
         norm_res = dataclasses.replace(norm_res, why=norm_res.why + f"; {norm.summary()}")

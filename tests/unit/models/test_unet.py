@@ -236,3 +236,16 @@ def test_compile_flag_keeps_names():
     unet = build_unet(tiny_cfg(compile=True))
     assert unet._compiled_call_impl is not None  # nn.Module.compile, applied at build
     assert state_dict_manifest(unet) == state_dict_manifest(build_unet(tiny_cfg()))
+
+
+def test_channels_last_reaches_every_group_norm():
+    """apex's kernel only runs on NHWC input: with channels_last every norm must see it."""
+    unet = build_unet(tiny_cfg(channels_last=True))
+    randomize(unet)
+    seen = []
+    for m in unet.modules():
+        if isinstance(m, nn.GroupNorm):
+            m.register_forward_pre_hook(lambda _m, args: seen.append(
+                args[0].is_contiguous(memory_format=torch.channels_last)))
+    unet(*inputs())
+    assert len(seen) == sum(isinstance(m, nn.GroupNorm) for m in unet.modules()) and all(seen)
