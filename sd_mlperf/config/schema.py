@@ -144,6 +144,8 @@ class DataConfig:
     with it); `minus1_1` is the fix (open division)."""
     max_bad_fraction: float = 0.01
     """Stop with an error when more than this fraction of samples fail to decode."""
+    precompute_batch_size: int = 32
+    """Images per VAE batch in `sd-mlperf precompute-latents` (and the smoke run's precompute)."""
 
 
 @dataclass

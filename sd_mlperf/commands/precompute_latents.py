@@ -1,0 +1,61 @@
+"""`sd-mlperf precompute-latents --input SHARDS --output DIR`: raw image shards -> moments (+ text embeddings).
+
+On N GPUs: `torchrun --nproc-per-node N -m sd_mlperf precompute-latents ...`; the input shards are
+split across ranks (RANK / WORLD_SIZE), each rank on cuda:LOCAL_RANK. Without torchrun it runs in
+one process, on CUDA if present (run.device). The output format is data.train_format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from sd_mlperf.commands._common import add_config_arguments
+
+NAME = "precompute-latents"
+HELP = ("encode raw image shards with the frozen VAE (and text encoder) into training shards of format "
+        "data.train_format (moments or moments_embeddings); resumable, splits shards across torchrun ranks")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", required=True, metavar="DIR_OR_PATTERN",
+                        help="raw shards: a folder, a glob or a brace pattern (/data/{00000..00831}.tar)")
+    parser.add_argument("--output", required=True, metavar="DIR", help="output folder (same shard names and keys)")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from omegaconf import OmegaConf
+
+    from sd_mlperf.config import ConfigError, merge_config, validate
+    from sd_mlperf.data.precompute import precompute_shards
+    from sd_mlperf.models.checkpoint_io import build_frozen_encoders
+
+    merged = merge_config(args.config, args.overrides)
+    if OmegaConf.is_missing(merged.model, "frozen_checkpoint"):
+        raise ConfigError("config key 'model.frozen_checkpoint' is required: set it to 512-base-ema.ckpt "
+                          "(or null for random weights, for tests only).")
+    if OmegaConf.is_missing(merged.data, "train_shards"):
+        merged.data.train_shards = args.output  # where training will read the output; unused here
+    validate(merged)
+    model_cfg, data_cfg = OmegaConf.to_object(merged.model), OmegaConf.to_object(merged.data)
+    device_pref = merged.run.device
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() and device_pref != "cpu"
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but no CUDA device is visible; set run.device=cpu or auto.")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    vae, text_encoder = build_frozen_encoders(model_cfg)
+    vae.to(device).eval()
+    text_encoder = text_encoder.to(device).eval() if data_cfg.train_format == "moments_embeddings" else None
+    progress = {"on": True, "off": False}.get(merged.logging.progress_bar, sys.stderr.isatty()) and rank == 0
+    manifest = precompute_shards(args.input, args.output, data_cfg=data_cfg, vae=vae, text_encoder=text_encoder,
+                                 rank=rank, world_size=world_size, progress=progress)
+    if manifest is not None:
+        sys.stdout.write(f"{manifest['samples']} samples in {manifest['num_shards']} shards -> {args.output} "
+                         f"(format {manifest['format']}, skipped {manifest['skipped'] or 'none'})\n")
+    return 0

@@ -1,0 +1,1 @@
+"""Data: synthetic dataset, LAION webdataset loaders, image decode backends, precompute, COCO prompts."""

@@ -1,0 +1,221 @@
+"""Raw image shards -> training shards of VAE moments (and cached text embeddings).
+
+Output shards keep the input's names and sample keys: `moments` writes KEY.npy (1, 8, h, w)
+float32 + KEY.txt (+ KEY.json passed through), the reference's format; `moments_embeddings` adds
+KEY.emb.npy, the (77, D) fp16 text embedding. The VAE runs in fp32 with autocast off, so cached
+latents equal online ones.
+
+Resumable: each output shard is written under a temporary name and renamed when complete, and a
+finished shard is skipped on the next run. Each shard gets a small JSON record (sample count,
+skips by kind, sha256); when every input shard has one, `manifest.json` gathers them. Under
+torchrun, rank r takes input shards r, r + W, r + 2W, ... (RANK / WORLD_SIZE).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sd_mlperf.config.schema import DataConfig
+from sd_mlperf.data.bad_samples import BadSampleCounter
+from sd_mlperf.data.laion import CAPTION_EXT, EMBEDDING_EXT, MOMENTS_EXT, find_image_ext
+from sd_mlperf.data.shards import SampleRef, ShardReader, expand_shards, index_shard, write_shard
+from sd_mlperf.utils.files import atomic_write_text
+from sd_mlperf.utils.logging import logger
+
+MANIFEST = "manifest.json"
+RECORDS_DIR = ".precompute"
+OUTPUT_FORMATS = ("moments", "moments_embeddings")
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def precompute_is_complete(output_dir: str | os.PathLike, output_format: str) -> bool:
+    """True if `output_dir` holds a finished precompute in `output_format`."""
+    try:
+        manifest = json.loads((Path(output_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(manifest.get("complete")) and manifest.get("format") == output_format
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class ShardEncoder:
+    """Encodes the samples of one input shard into output samples (fp32 VAE, fp16 text embeddings)."""
+
+    def __init__(self, data_cfg: DataConfig, output_format: str, vae: torch.nn.Module,
+                 text_encoder: torch.nn.Module | None, counter: BadSampleCounter, batch_size: int) -> None:
+        from sd_mlperf.data.decode import build_decoder
+
+        self.format, self.vae, self.text_encoder = output_format, vae, text_encoder
+        self.counter, self.batch_size = counter, batch_size
+        self.device = _module_device(vae)
+        self.decoder = build_decoder(data_cfg, self.device, max_batch_size=batch_size)
+        self.reader = ShardReader()
+
+    def _read(self, ref: SampleRef, shard_counts: dict[str, int]) -> tuple[bytes, str, bytes | None] | None:
+        def bad(kind: str, detail: str = "") -> None:
+            shard_counts[kind] = shard_counts.get(kind, 0) + 1
+            self.counter.bad(kind, ref.shard, ref.key, detail)
+
+        ext = find_image_ext(ref)
+        if ext is None:
+            bad("missing_image")
+            return None
+        if CAPTION_EXT not in ref.members:
+            bad("missing_caption")
+            return None
+        try:
+            image = self.reader.read(ref, ext)
+            caption = self.reader.read(ref, CAPTION_EXT).decode("utf-8").strip()
+            meta = self.reader.read(ref, "json") if "json" in ref.members else None
+        except EOFError as exc:
+            bad("truncated_tar", str(exc))
+            return None
+        except UnicodeDecodeError as exc:
+            bad("bad_caption", str(exc))
+            return None
+        return image, caption, meta
+
+    @torch.no_grad()
+    def encode_batch(self, items: list[tuple[SampleRef, bytes, str, bytes | None]],
+                     shard_counts: dict[str, int]) -> list[tuple[str, dict[str, bytes]]]:
+        """Decode, VAE-encode and (for moments_embeddings) text-encode one batch; drop bad images."""
+        images, errors = self.decoder([it[1] for it in items])
+        keep = [i for i, e in enumerate(errors) if e is None]
+        for i, err in enumerate(errors):
+            if err is not None:
+                shard_counts["corrupt_image"] = shard_counts.get("corrupt_image", 0) + 1
+                self.counter.bad("corrupt_image", items[i][0].shard, items[i][0].key, err)
+        if not keep:
+            return []
+        items = [items[i] for i in keep]
+        with torch.autocast(device_type=self.device.type, enabled=False):  # fp32: cached == online latents
+            moments = self.vae.encode_moments(images[keep].to(self.device, torch.float32)).float().cpu().numpy()
+        contexts = None
+        if self.format == "moments_embeddings":
+            contexts = self.text_encoder.encode([it[2] for it in items]).to(torch.float16).cpu().numpy()
+        out = []
+        for i, (ref, _, caption, meta) in enumerate(items):
+            parts = {MOMENTS_EXT: _npy_bytes(moments[i:i + 1]), CAPTION_EXT: caption.encode("utf-8")}
+            if contexts is not None:
+                parts[EMBEDDING_EXT] = _npy_bytes(contexts[i])
+            if meta is not None:
+                parts["json"] = meta
+            out.append((ref.key, parts))
+        return out
+
+    def encode_shard(self, shard: str, on_samples: Callable[[int], None]) -> tuple[list, dict[str, Any]]:
+        """All output samples of `shard` and its record (counts, skips by kind)."""
+        index = index_shard(shard)
+        counts: dict[str, int] = {}
+        if index.truncated or (index.error and not index.samples):
+            kind = "truncated_tar" if index.truncated else "unreadable_shard"
+            counts[kind] = 1
+            self.counter.bad(kind, shard, "(shard)", index.error or "tar ends early")
+        samples: list[tuple[str, dict[str, bytes]]] = []
+        pending: list[tuple[SampleRef, bytes, str, bytes | None]] = []
+        for n, ref in enumerate(index.samples, start=1):
+            item = self._read(ref, counts)
+            if item is not None:
+                pending.append((ref, *item))
+            if len(pending) == self.batch_size or (n == len(index.samples) and pending):
+                encoded = self.encode_batch(pending, counts)
+                self.counter.good(len(encoded))
+                samples += encoded
+                on_samples(len(pending))
+                pending = []
+        return samples, {"input": shard, "samples": len(samples), "skipped": counts}
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", dynamic_ncols=True, disable=not enabled, desc="precompute")
+
+
+def precompute_shards(input_pattern: str, output_dir: str | os.PathLike, *, data_cfg: DataConfig,
+                      vae: torch.nn.Module, text_encoder: torch.nn.Module | None, output_format: str | None = None,
+                      rank: int = 0, world_size: int = 1, batch_size: int | None = None,
+                      progress: bool = False) -> dict[str, Any] | None:
+    """Encode this rank's share of the input shards; return the manifest once every shard is done, else None."""
+    output_format = output_format or data_cfg.train_format
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"invalid value for 'data.train_format': {output_format!r}; precompute writes "
+                         f"{' or '.join(OUTPUT_FORMATS)}.")
+    if output_format == "moments_embeddings" and text_encoder is None:
+        raise ValueError("data.train_format=moments_embeddings caches text embeddings and needs the text encoder.")
+    shards = expand_shards(input_pattern)
+    names = [os.path.basename(s) for s in shards]
+    if len(set(names)) != len(names):
+        raise ValueError(f"input shards of '{input_pattern}' share file names; outputs keep the input names, "
+                         f"so each must be unique.")
+    out, records_dir = Path(output_dir), Path(output_dir) / RECORDS_DIR
+    records_dir.mkdir(parents=True, exist_ok=True)
+    mine = [s for i, s in enumerate(shards) if i % world_size == rank]
+    todo = [s for s in mine if not (out / os.path.basename(s)).exists()]
+    if len(todo) < len(mine):
+        logger.info("precompute: %d of %d shards of rank %d already done, skipped", len(mine) - len(todo), len(mine),
+                    rank)
+    counter = BadSampleCounter(data_cfg.max_bad_fraction, where=f"precompute (rank {rank})")
+    encoder = ShardEncoder(data_cfg, output_format, vae, text_encoder, counter,
+                           batch_size or data_cfg.precompute_batch_size)
+    total = sum(len(index_shard(s).samples) for s in todo) if progress else 0
+    with _progress_bar(total, progress) as bar:
+        for shard in todo:
+            name = os.path.basename(shard)
+            for stale in out.glob(f".{name}.*.tmp"):  # left by a killed run of this shard
+                stale.unlink()
+            samples, record = encoder.encode_shard(shard, bar.update)
+            write_shard(out / name, samples)
+            record.update(shard=name, sha256=file_sha256(out / name), bytes=(out / name).stat().st_size)
+            atomic_write_text(records_dir / f"{name}.json", json.dumps(record, sort_keys=True))
+            logger.debug("precompute: wrote %s (%d samples, skipped %s)", name, record["samples"], record["skipped"])
+    counter.check(final=True)
+    return write_manifest_if_complete(out, shards, output_format, data_cfg, input_pattern)
+
+
+def write_manifest_if_complete(out: Path, shards: list[str], output_format: str, data_cfg: DataConfig,
+                               input_pattern: str) -> dict[str, Any] | None:
+    """Gather the per-shard records into manifest.json once all exist (any rank may do it: same content)."""
+    records = []
+    for shard in shards:
+        path = out / RECORDS_DIR / f"{os.path.basename(shard)}.json"
+        if not path.exists() or not (out / os.path.basename(shard)).exists():
+            return None
+        records.append(json.loads(path.read_text()))
+    skipped: dict[str, int] = {}
+    for r in records:
+        for kind, n in r["skipped"].items():
+            skipped[kind] = skipped.get(kind, 0) + n
+    manifest = {"complete": True, "format": output_format, "input": input_pattern, "num_shards": len(records),
+                "samples": sum(r["samples"] for r in records), "skipped": skipped,
+                "image_size": data_cfg.image_size, "image_range": data_cfg.image_range, "shards": records}
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    logger.info("precompute: %d samples in %d shards written to %s (skipped: %s)", manifest["samples"], len(records),
+                out, skipped or "none")
+    return manifest

@@ -1,0 +1,205 @@
+"""The embedded default dataset: procedurally drawn pictures whose captions describe them.
+
+Each picture holds one to three shapes (circle, square, triangle, ...) of named colours at named
+positions on a plain background, and its caption says exactly that ("a red circle on the left and
+a blue square at the bottom on a white background"), so text conditioning is learnable. Written in
+the real formats: LAION-style webdataset shards of KEY.jpg / KEY.txt / KEY.json, a COCO-style
+val2014_30k.tsv with prompts of the same kind, and the matching square reference images (PNG) from
+which FID statistics are computed. Everything is a pure function of the seed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from sd_mlperf.config.schema import Config, SyntheticDataConfig
+from sd_mlperf.data.coco import Prompt, write_prompts
+from sd_mlperf.data.shards import write_shard
+from sd_mlperf.utils.files import atomic_path, atomic_write_text
+from sd_mlperf.utils.logging import logger
+
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (240, 210, 30),
+    "purple": (140, 50, 170), "orange": (245, 130, 20), "black": (15, 15, 15), "white": (245, 245, 245),
+    "grey": (128, 128, 128), "pink": (240, 120, 180),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+# Position name -> centre as a fraction of the (square) picture.
+POSITIONS = {"on the left": (0.25, 0.5), "on the right": (0.75, 0.5), "at the top": (0.5, 0.25),
+             "at the bottom": (0.5, 0.75), "in the centre": (0.5, 0.5)}
+COMPLETE_MARKER = ".complete.json"
+VAL_IMAGE_ID_BASE = 100000
+
+
+@dataclass(frozen=True)
+class SyntheticPaths:
+    """Where make_synthetic_dataset wrote each part."""
+
+    root: Path
+    raw_shards: list[Path]
+    prompts_file: Path
+    val_images_dir: Path
+
+
+def _scene(rng: np.random.Generator) -> tuple[str, list[tuple[str, str, str]]]:
+    """A background colour and 1-3 (shape, colour, position) triples with distinct positions."""
+    names = list(COLOURS)
+    background = names[rng.integers(len(names))]
+    num = int(rng.integers(1, 4))
+    positions = rng.choice(len(POSITIONS), size=num, replace=False)
+    items = []
+    for p in positions:
+        colour = background
+        while colour == background:
+            colour = names[rng.integers(len(names))]
+        items.append((SHAPES[rng.integers(len(SHAPES))], colour, list(POSITIONS)[p]))
+    return background, items
+
+
+def _caption(background: str, items: list[tuple[str, str, str]]) -> str:
+    def a(word: str) -> str:
+        return ("an " if word[0] in "aeiou" else "a ") + word
+
+    parts = [f"{a(colour)} {shape} {position}" for shape, colour, position in items]
+    return " and ".join(parts) + f" on {a(background)} background"
+
+
+def _draw(background: str, items: list[tuple[str, str, str]], size: int, width: int, height: int) -> Image.Image:
+    """Draw the scene in the centre square of a width x height canvas (a centre crop keeps it all)."""
+    img = Image.new("RGB", (width, height), COLOURS[background])
+    draw = ImageDraw.Draw(img)
+    x0, y0 = (width - size) // 2, (height - size) // 2
+    r = size * 0.14
+    for shape, colour, position in items:
+        fx, fy = POSITIONS[position]
+        cx, cy = x0 + fx * size, y0 + fy * size
+        fill = COLOURS[colour]
+        box = (cx - r, cy - r, cx + r, cy + r)
+        if shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif shape == "square":
+            draw.rectangle(box, fill=fill)
+        elif shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+        elif shape == "diamond":
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+        else:  # cross
+            w = r / 3
+            draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
+            draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
+    return img
+
+
+def make_train_sample(seed: int, index: int, size: int) -> tuple[bytes, str, dict]:
+    """(JPEG bytes, caption, metadata) of training picture `index`: non-square so resize+crop do real work."""
+    rng = np.random.default_rng([seed, 0, index])
+    background, items = _scene(rng)
+    long_side = size + size // 4 * int(rng.integers(1, 3))
+    width, height = (long_side, size) if rng.integers(2) else (size, long_side)
+    img = _draw(background, items, size, width, height)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=92)
+    caption = _caption(background, items)
+    meta = {"caption": caption, "width": width, "height": height, "synthetic_index": index,
+            "objects": [{"shape": s, "colour": c, "position": p} for s, c, p in items]}
+    return buf.getvalue(), caption, meta
+
+
+def make_val_sample(seed: int, index: int, size: int) -> tuple[Image.Image, str]:
+    """(square reference picture, caption) of validation prompt `index`."""
+    rng = np.random.default_rng([seed, 1, index])
+    background, items = _scene(rng)
+    return _draw(background, items, size, size, size), _caption(background, items)
+
+
+def is_complete(out_dir: str | os.PathLike, cfg: SyntheticDataConfig) -> bool:
+    """True if `out_dir` holds a finished dataset made with exactly these settings."""
+    marker = Path(out_dir) / COMPLETE_MARKER
+    try:
+        return json.loads(marker.read_text()) == asdict(cfg)
+    except (OSError, ValueError):
+        return False
+
+
+def make_synthetic_dataset(out_dir: str | os.PathLike, cfg: SyntheticDataConfig) -> SyntheticPaths:
+    """Write raw/NNNNN.tar shards, val2014_30k.tsv and val_images/<image_id>.png under `out_dir`."""
+    if cfg.num_train_samples <= 0 or cfg.num_train_shards <= 0 or cfg.num_val_prompts <= 0:
+        raise ValueError(f"data.synthetic sizes must be positive: num_train_samples={cfg.num_train_samples}, "
+                         f"num_train_shards={cfg.num_train_shards}, num_val_prompts={cfg.num_val_prompts}.")
+    if cfg.image_size < 8:
+        raise ValueError(f"invalid value for 'data.synthetic.image_size': {cfg.image_size}; must be >= 8.")
+    root = Path(out_dir)
+    (root / COMPLETE_MARKER).unlink(missing_ok=True)
+    raw_dir, val_dir = root / "raw", root / "val_images"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    val_dir.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, cfg.num_train_samples, cfg.num_train_shards + 1).astype(int)
+    shards = []
+    for s in range(cfg.num_train_shards):
+        samples = []
+        for i in range(bounds[s], bounds[s + 1]):
+            jpg, caption, meta = make_train_sample(cfg.seed, i, cfg.image_size)
+            key = f"{s:05d}{i - bounds[s]:04d}"
+            meta["key"] = key
+            samples.append((key, {"jpg": jpg, "txt": caption.encode(), "json": json.dumps(meta).encode()}))
+        path = raw_dir / f"{s:05d}.tar"
+        write_shard(path, samples)
+        shards.append(path)
+    prompts = []
+    for i in range(cfg.num_val_prompts):
+        img, caption = make_val_sample(cfg.seed, i, cfg.image_size)
+        image_id = VAL_IMAGE_ID_BASE + i
+        with atomic_path(val_dir / f"{image_id}.png", suffix=".png") as tmp:
+            img.save(tmp, format="PNG")
+        prompts.append(Prompt(image_id, i, caption))
+    prompts_file = root / "val2014_30k.tsv"
+    write_prompts(prompts_file, prompts)
+    atomic_write_text(root / COMPLETE_MARKER, json.dumps(asdict(cfg), sort_keys=True))
+    logger.info("synthetic dataset: %d training samples in %d shards, %d validation prompts (%dpx) in %s",
+                cfg.num_train_samples, cfg.num_train_shards, cfg.num_val_prompts, cfg.image_size, root)
+    return SyntheticPaths(root, shards, prompts_file, val_dir)
+
+
+def _rank() -> tuple[int, bool]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), True
+    return int(os.environ.get("RANK", "0")), False
+
+
+def ensure_synthetic_data(cfg: Config, vae, text_encoder) -> None:
+    """Make the synthetic dataset in `data.synthetic_dir` (and precompute it) unless already complete.
+
+    Rank 0 writes; other ranks wait at a barrier when torch.distributed is initialised. Unless
+    `data.train_format` is `images`, the raw shards are precomputed into `data.train_shards` in
+    that format with the given frozen encoders, so the smoke run exercises precompute too.
+    """
+    d = cfg.data
+    if d.synthetic_dir is None:
+        return
+    rank, distributed = _rank()
+    if rank == 0:
+        if not is_complete(d.synthetic_dir, d.synthetic):
+            make_synthetic_dataset(d.synthetic_dir, d.synthetic)
+        if d.train_format != "images":
+            from sd_mlperf.data.precompute import precompute_is_complete, precompute_shards
+
+            out = d.train_shards
+            if any(c in out for c in "*?[{"):
+                raise ValueError(f"invalid value for 'data.train_shards': {out!r}; with data.synthetic_dir set it "
+                                 f"must be a folder, where the precomputed synthetic shards are written.")
+            raw = str(Path(d.synthetic_dir) / "raw")
+            if not precompute_is_complete(out, d.train_format):
+                precompute_shards(raw, out, data_cfg=d, vae=vae, text_encoder=text_encoder, rank=0, world_size=1)
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
