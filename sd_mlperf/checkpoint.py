@@ -1,0 +1,235 @@
+"""Checkpoints: atomic save, keep the last N, `resume=auto`, RNG capture, weights-only ldm export.
+
+Layout of `run_dir/checkpoints/`:
+
+    step_0000010/
+      model.pt               {"unet": state_dict, "step", "samples_count", "world_size", "format"}  (rank 0)
+      optimizer.pt           dp.state_dict(): AdamW state gathered to rank 0 + loss scaler (rank 0;
+                             absent with checkpoint.save_optimizer=false)
+      rank_00000.pt          per rank: {"rng": every RNG state, "data": loader position,
+      rank_00001.pt ...                 "lr_schedule": next step and lr, "reached_target"}
+      unet_ldm.safetensors   optional, `model.diffusion_model.*` names (checkpoint.export_ldm_weights)
+    latest                   text file holding the newest complete step directory name
+
+The optimizer state is gathered: the data-parallel backends consolidate their shards on rank 0
+(sd_mlperf.parallel.data_parallel), and on resume every rank reads that one file and keeps its own
+shard. RNG states and data positions differ per rank, so each rank writes its own small file;
+resuming therefore needs the same world size (the check says so). `model.pt` alone (or the ldm
+export) is enough to evaluate or to start a new run.
+Every directory is written as `.step_XXXXXXX.tmp` and renamed only when all ranks have finished, and
+`latest` is replaced atomically, so a crash never leaves a half-written checkpoint under a real name.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sd_mlperf.config.schema import CheckpointConfig
+from sd_mlperf.utils.files import atomic_write_text
+from sd_mlperf.utils.logging import logger
+
+FORMAT = 1
+MODEL_FILE = "model.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+LATEST_FILE = "latest"
+LDM_EXPORT_FILE = "unet_ldm.safetensors"
+_STEP_RE = re.compile(r"^step_(\d{7,})$")
+
+
+def step_dir_name(step: int) -> str:
+    """`step_0000010` for step 10."""
+    return f"step_{step:07d}"
+
+
+def rank_file_name(rank: int) -> str:
+    """`rank_00003.pt` for rank 3."""
+    return f"rank_{rank:05d}.pt"
+
+
+def capture_rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Every RNG the run draws from: torch CPU/CUDA, python, numpy and the trainer's generator."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        # numpy arrays are not allowed by torch.load(weights_only=True): store the key as a tensor.
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any], generator: torch.Generator | None = None) -> None:
+    """Inverse of `capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuple(state["python"]))
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None:
+        generator.set_state(state["generator"])
+
+
+def _to_tuple(x: Any) -> Any:
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def _save_file(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_file(path: str | os.PathLike) -> Any:
+    """torch.load with weights_only=True; a broken file is named in the error."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RuntimeError(f"cannot read checkpoint file {path}: {exc}. Delete that checkpoint directory "
+                           "or set training.resume=never (or to another checkpoint path).") from exc
+
+
+class Checkpointer:
+    """Saves and finds checkpoints of one run; every rank calls every method (collective via `barrier`)."""
+
+    def __init__(self, cfg: CheckpointConfig, run_dir: str | os.PathLike, *, rank: int = 0, world_size: int = 1,
+                 barrier: Callable[[], None] | None = None) -> None:
+        self.cfg = cfg
+        self.dir = Path(run_dir) / "checkpoints"
+        self.rank = rank
+        self.world_size = world_size
+        self.barrier = barrier or (lambda: None)
+
+    # -- saving ------------------------------------------------------------------------------------
+    def save(self, step: int, samples_count: int, *, unet_state: Mapping[str, torch.Tensor],
+             optimizer_state: Mapping[str, Any] | None, rank_state: Mapping[str, Any]) -> Path:
+        """Write `step_XXXXXXX/` atomically (all ranks), point `latest` at it, prune old ones; return its path."""
+        name = step_dir_name(step)
+        final, tmp = self.dir / name, self.dir / f".{name}.tmp"
+        if self.rank == 0:
+            if tmp.exists():  # left by a crash during an earlier save of the same step
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        self.barrier()
+        _save_file({**rank_state, "step": step, "samples_count": samples_count, "rank": self.rank,
+                    "world_size": self.world_size}, tmp / rank_file_name(self.rank))
+        if self.rank == 0:
+            cpu_state = {k: v.detach().cpu() for k, v in unet_state.items()}
+            _save_file({"unet": cpu_state, "step": step, "samples_count": samples_count,
+                        "world_size": self.world_size, "format": FORMAT}, tmp / MODEL_FILE)
+            if self.cfg.save_optimizer and optimizer_state is not None:
+                _save_file(dict(optimizer_state), tmp / OPTIMIZER_FILE)
+            if self.cfg.export_ldm_weights:
+                from sd_mlperf.models.checkpoint_io import export_unet_ldm
+
+                export_unet_ldm(cpu_state, tmp / LDM_EXPORT_FILE)
+        self.barrier()
+        if self.rank == 0:
+            self._publish(tmp, final)
+            self._prune()
+        self.barrier()
+        logger.info("saved checkpoint %s (step %d, %d samples)", final, step, samples_count)
+        return final
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        _fsync_dir(tmp)
+        old = final.with_name(f".{final.name}.old")
+        if final.exists():  # the same step saved again (e.g. after a resume): swap, then drop the old one
+            if old.exists():
+                shutil.rmtree(old)
+            final.rename(old)
+        tmp.rename(final)
+        _fsync_dir(self.dir)
+        atomic_write_text(self.dir / LATEST_FILE, final.name + "\n")
+        if old.exists():
+            shutil.rmtree(old)
+
+    def _prune(self) -> None:
+        complete = self.list_complete()
+        for path in complete[: max(len(complete) - self.cfg.keep_last, 0)]:
+            shutil.rmtree(path)
+            logger.debug("removed old checkpoint %s", path)
+
+    # -- finding and loading ---------------------------------------------------------------------------
+    def is_complete(self, path: Path) -> bool:
+        """A published step directory with the model file and one file per rank of this world size."""
+        if not (path / MODEL_FILE).is_file():
+            return False
+        return all((path / rank_file_name(r)).is_file() for r in range(self.world_size))
+
+    def list_complete(self) -> list[Path]:
+        """Published checkpoints, oldest first (directories under a temporary name are ignored)."""
+        if not self.dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
+        return [p for _, p in sorted(found) if (p / MODEL_FILE).is_file()]
+
+    def latest(self) -> Path | None:
+        """The checkpoint `latest` names if it is complete, else the newest complete one."""
+        pointer = self.dir / LATEST_FILE
+        if pointer.is_file():
+            candidate = self.dir / pointer.read_text().strip()
+            if _STEP_RE.match(candidate.name) and self.is_complete(candidate):
+                return candidate
+            logger.warning("%s names %s, which is not a complete checkpoint; using the newest complete one",
+                           pointer, candidate.name)
+        complete = [p for p in self.list_complete() if self.is_complete(p)]
+        return complete[-1] if complete else None
+
+    def resolve(self, resume: str) -> Path | None:
+        """`training.resume`: `auto` (newest complete, or None), `never` (None) or a checkpoint directory."""
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if not (path / MODEL_FILE).is_file():
+            raise ValueError(f"invalid value for 'training.resume': {resume!r} is not a checkpoint directory "
+                             f"(no {MODEL_FILE} in it); use auto, never or a {self.dir}/step_XXXXXXX path.")
+        return path
+
+    def load(self, path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
+        """(model payload, optimizer state or None, this rank's payload) of a checkpoint of the same world size."""
+        path = Path(path)
+        model = load_file(path / MODEL_FILE)
+        saved_world = int(model.get("world_size", 1))
+        if saved_world != self.world_size:
+            raise ValueError(
+                f"checkpoint {path} was written by {saved_world} ranks and this run has {self.world_size}: "
+                "optimizer shards, RNG states and data positions are saved per rank and cannot be resharded. "
+                f"Run with {saved_world} ranks, or set training.resume=never and load {path / MODEL_FILE} "
+                "as initial weights instead.")
+        rank_path = path / rank_file_name(self.rank)
+        if not rank_path.is_file():
+            raise RuntimeError(f"checkpoint {path} lacks {rank_path.name}; it is incomplete. Delete it or set "
+                               "training.resume to another checkpoint.")
+        optimizer_path = path / OPTIMIZER_FILE
+        optimizer = load_file(optimizer_path) if optimizer_path.is_file() else None
+        return model, optimizer, load_file(rank_path)

@@ -1,0 +1,360 @@
+"""The training loop: `Trainer` holds parts that `build_trainer` made; `fit()` reads like a checklist.
+
+No backend or distributed branches live here: data parallelism, precision and the optimizer sit
+behind `dp` (sd_mlperf.parallel), the data behind `loader` + `conditioner`, evaluation behind any
+object with `evaluate(unet, samples_count=, step=) -> result with .fid/.clip`. The loop syncs with the
+device only at log intervals and at checkpoints (marked "host sync").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import yaml
+
+from sd_mlperf.backends import log_resolutions, resolutions_to_dict
+from sd_mlperf.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
+from sd_mlperf.config.load import global_batch_size, learning_rate, save_resolved_config, steps_between_checkpoints
+from sd_mlperf.config.schema import Config
+from sd_mlperf.diffusion.schedule import add_noise, make_alphas_cumprod, sample_timesteps, v_loss, v_target
+from sd_mlperf.mlperf_log import MLPerfLogger
+from sd_mlperf.parallel.distributed import DistInfo
+from sd_mlperf.utils.files import atomic_write_text
+from sd_mlperf.utils.logging import logger
+from sd_mlperf.utils.progress import IntervalMeter, Progress
+
+UNBOUNDED_STEPS = 2**62
+"""max_steps when neither training.max_steps nor training.max_samples is set (stop at the target)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) of an applied step was NaN or inf: training cannot continue."""
+
+
+class EvalResultLike(Protocol):
+    """What an evaluator returns (sd_mlperf.eval.evaluator.EvalResult has these and more)."""
+
+    fid: float
+    clip: float
+
+
+class EvaluatorLike(Protocol):
+    """Anything that can score the UNet; tests inject fakes with given FID/CLIP values."""
+
+    def evaluate(self, unet: torch.nn.Module, *, samples_count: int, step: int) -> EvalResultLike:
+        """Generate, score and return FID and CLIP."""
+        ...
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """The numbers the loop needs, fixed at build time."""
+
+    global_batch_size: int
+    steps_per_block: int
+    """Checkpoint (and evaluate) every this many steps: CEIL(checkpoint_every_samples / GBS)."""
+    max_steps: int
+    log_interval_steps: int
+    num_timesteps: int
+    loss_scaling: bool
+    """fp16 skips overflowing steps (counted); without loss scaling a non-finite loss stops the run."""
+    precision: str
+    target_fid: float
+    target_clip: float
+    stop_at_target: bool
+
+
+@dataclass
+class TrainState:
+    """What advances during training (saved in every checkpoint)."""
+
+    step: int = 0
+    samples_count: int = 0
+    reached_target: bool = False
+    evals: list[dict[str, float]] = field(default_factory=list)
+    last_checkpoint: Path | None = None
+
+
+class Trainer:
+    """Holds the built parts; `train_step` is one optimizer step, `fit` is the run."""
+
+    def __init__(self, *, plan: TrainPlan, dp: Any, loader: Iterable[dict], conditioner: Callable[..., Any],
+                 alphas_cumprod: torch.Tensor, lr_schedule: Any,
+                 autocast: Callable[[], contextlib.AbstractContextManager],
+                 generator: torch.Generator, device: torch.device, checkpointer: Checkpointer, mlperf: MLPerfLogger,
+                 progress: Progress, evaluator: EvaluatorLike | None = None,
+                 reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.plan = plan
+        self.dp = dp
+        self.loader = loader
+        self.conditioner = conditioner
+        self.alphas_cumprod = alphas_cumprod.to(device)
+        self.lr_schedule = lr_schedule
+        self.autocast = autocast
+        self.generator = generator
+        self.device = device
+        self.checkpointer = checkpointer
+        self.mlperf = mlperf
+        self.progress = progress
+        self.evaluator = evaluator
+        self.meter = IntervalMeter(reduce_mean)
+        self.state = TrainState()
+
+    # -- one step ------------------------------------------------------------------------------------
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """v-objective step: noise, v-target, forward under autocast, MSE, backward, sync, AdamW step."""
+        g = self.generator
+        z0, context = self.conditioner(batch, generator=g, device=self.device)  # fresh latent draw each time
+        t = sample_timesteps(z0.shape[0], self.plan.num_timesteps, generator=g, device=g.device).to(self.device)
+        noise = torch.randn(z0.shape, generator=g, device=g.device, dtype=z0.dtype).to(self.device)
+        x_t = add_noise(z0, noise, t, self.alphas_cumprod)
+        v = v_target(z0, noise, t, self.alphas_cumprod)
+        lr = self.lr_schedule.lr_at(self.state.step)
+
+        self.dp.zero_grad()
+        with self.autocast():
+            v_pred = self.dp.module(x_t, t, context)
+        loss = v_loss(v_pred, v)  # fp32: per-sample MSE over C,H,W, then the batch mean
+        self.dp.backward(loss)
+        self.dp.finish_grad_sync()
+        ok, grad_norm = self.dp.step(lr)
+
+        loss = loss.detach()
+        nonfinite = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
+        fatal = nonfinite & (ok | (not self.plan.loss_scaling))  # an fp16 overflow is a skipped step, not fatal
+        return {"loss": loss, "ok": ok, "grad_norm": grad_norm, "fatal": fatal}
+
+    # -- the run ---------------------------------------------------------------------------------------
+    def fit(self) -> TrainState:
+        """Train until the quality target, max steps or max samples; checkpoint and evaluate every block."""
+        s, plan = self.state, self.plan
+        self.mlperf.run_start(s.samples_count)
+        try:
+            self.mlperf.block_start(s.samples_count)
+            batches = self._batches()
+            while s.step < plan.max_steps:
+                metrics = self.train_step(next(batches))
+                s.step += 1
+                s.samples_count += plan.global_batch_size
+                self.meter.add(**metrics)
+                self.progress.tick(s.step)
+                if s.step % plan.log_interval_steps == 0:
+                    self.log_progress()
+                if s.step % plan.steps_per_block == 0 or s.step == plan.max_steps:
+                    self.mlperf.block_stop(s.samples_count)
+                    self.save_checkpoint()
+                    self.evaluate()
+                    if s.reached_target and plan.stop_at_target:
+                        break
+                    if s.step < plan.max_steps:
+                        self.mlperf.block_start(s.samples_count)
+        finally:
+            self.mlperf.run_stop(s.samples_count, success=s.reached_target)
+        logger.info("training finished at step %d (%d samples); target %s", s.step, s.samples_count,
+                    "reached" if s.reached_target else "not reached")
+        return s
+
+    def _batches(self) -> Iterator[dict]:
+        while True:  # the reference samples shards with replacement: no epochs
+            yield from self.loader
+
+    def log_progress(self) -> None:
+        """One progress line + JSON record (host sync)."""
+        self.raise_if_nonfinite()
+        s = self.state
+        metrics = self.meter.pop()
+        to_ckpt = self.plan.steps_per_block - s.step % self.plan.steps_per_block
+        self.progress.log_train(s.step, s.samples_count, metrics, lr=self.lr_schedule.lr_at(max(s.step - 1, 0)),
+                                loss_scale=float(self.dp.loss_scale), steps_to_checkpoint=to_ckpt)
+
+    def raise_if_nonfinite(self) -> None:
+        """Stop with a clear message if an applied step had a NaN/inf loss (host sync, all ranks agree)."""
+        if self.meter.num_fatal() == 0:
+            return
+        last = self.state.last_checkpoint or self.checkpointer.latest()
+        raise NonFiniteLossError(
+            f"the loss or gradient norm became NaN/inf by step {self.state.step} (training.precision="
+            f"{self.plan.precision}, lr {self.lr_schedule.lr_at(self.state.step):.3e}); no checkpoint was written "
+            f"after it. Last good checkpoint: {last or 'none'}. Lower optim.base_lr_per_sample or lengthen "
+            "optim.warmup_steps, or use training.precision=fp16 (dynamic loss scaling) or fp32.")
+
+    # -- evaluation and checkpoints ------------------------------------------------------------------
+    def evaluate(self) -> None:
+        """Score the UNet (if an evaluator was built) and log FID and CLIP; sets reached_target."""
+        if self.evaluator is None:
+            return
+        s = self.state
+        self.mlperf.eval_start(s.samples_count)
+        start = time.perf_counter()
+        result = self.evaluator.evaluate(self.dp.unwrapped, samples_count=s.samples_count, step=s.step)
+        seconds = time.perf_counter() - start
+        fid, clip = float(result.fid), float(result.clip)
+        self.mlperf.eval_result(s.samples_count, fid, clip)
+        self.mlperf.eval_stop(s.samples_count)
+        self.dp.module.train()  # the evaluator may have switched to eval mode
+        s.evals.append({"step": s.step, "samples_count": s.samples_count, "fid": fid, "clip": clip})
+        self.progress.log_eval(s.step, s.samples_count, fid, clip, seconds)
+        if fid <= self.plan.target_fid and clip >= self.plan.target_clip:
+            s.reached_target = True
+
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's part of a checkpoint: RNGs, data position, LR schedule position."""
+        s = self.state
+        return {"rng": capture_rng_state(self.generator),
+                "data": self.loader.state_dict(), "reached_target": s.reached_target,
+                "lr_schedule": {"next_step": s.step, "next_lr": self.lr_schedule.lr_at(s.step)}}
+
+    def save_checkpoint(self) -> Path:
+        """Write a complete checkpoint of the current step (never one with a non-finite loss behind it)."""
+        self.raise_if_nonfinite()
+        s = self.state
+        # Collective: every rank calls it; the state is gathered on rank 0.
+        optimizer_state = self.dp.state_dict() if self.checkpointer.cfg.save_optimizer else None
+        s.last_checkpoint = self.checkpointer.save(s.step, s.samples_count, unet_state=self.dp.unwrapped.state_dict(),
+                                                   optimizer_state=optimizer_state, rank_state=self.rank_state())
+        return s.last_checkpoint
+
+    def restore(self, path: str | Path) -> None:
+        """Resume exactly: weights, optimizer/scaler, RNGs, data position, step and samples_count."""
+        model, optimizer_state, rank = self.checkpointer.load(path)
+        self.dp.unwrapped.load_state_dict(model["unet"])  # weights first: the optimizer may copy them
+        if optimizer_state is not None:
+            self.dp.load_state_dict(optimizer_state)
+        else:
+            logger.warning("checkpoint %s has no optimizer state (checkpoint.save_optimizer=false): AdamW "
+                           "moments restart from zero, so the run will not match an uninterrupted one", path)
+        restore_rng_state(rank["rng"], self.generator)
+        self.loader.load_state_dict(rank["data"])
+        s = self.state
+        s.step, s.samples_count = int(model["step"]), int(model["samples_count"])
+        s.reached_target = bool(rank.get("reached_target", False))
+        s.last_checkpoint = Path(path)
+        self.progress.reset_clock(s.step)
+        logger.info("resumed from %s at step %d (%d samples)", path, s.step, s.samples_count)
+
+    def close(self) -> None:
+        """Close the writers (and the loader, if it holds workers or files)."""
+        self.progress.close()
+        self.mlperf.close()
+        close_loader = getattr(self.loader, "close", None)
+        if callable(close_loader):
+            close_loader()
+
+
+def plan_from_config(cfg: Config) -> TrainPlan:
+    """The loop's numbers: block length from the MLPerf cadence, the stop step from max_steps/max_samples."""
+    tr, gbs = cfg.training, global_batch_size(cfg)
+    limits = [UNBOUNDED_STEPS]
+    if tr.max_steps is not None:
+        limits.append(tr.max_steps)
+    if tr.max_samples is not None:
+        limits.append(math.ceil(tr.max_samples / gbs))
+    return TrainPlan(global_batch_size=gbs, steps_per_block=steps_between_checkpoints(cfg), max_steps=min(limits),
+                     log_interval_steps=cfg.logging.interval_steps, num_timesteps=cfg.diffusion.num_timesteps,
+                     loss_scaling=tr.precision == "fp16", precision=tr.precision, target_fid=tr.target_fid,
+                     target_clip=tr.target_clip, stop_at_target=tr.stop_at_target)
+
+
+def _mean_over_ranks(world_size: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    if world_size == 1:
+        return None
+
+    def reduce_mean(t: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(t)  # SUM then divide: gloo has no AVG
+        return t / world_size
+
+    return reduce_mean
+
+
+def _device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    if device.type == "cpu":
+        return generator
+    # Noise is drawn where it is used; seed the device generator from this rank's stream.
+    seeded = torch.Generator(device=device)
+    seeded.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
+    return seeded
+
+
+def build_trainer(cfg: Config, dist: DistInfo, *, evaluator: EvaluatorLike | None | str = "from_config",
+                  data: tuple[Iterable[dict], Callable[..., Any]] | None = None,
+                  init_time_ms: int | None = None) -> Trainer:
+    """Build every part from the config (MLPerf init events included), then resume per training.resume.
+
+    `evaluator` replaces the configured one (any object with `evaluate`, or None); `data` = (loader,
+    conditioner) replaces the configured data pipeline. Both exist for tests and tools.
+    """
+    from sd_mlperf.models.unet import build_unet
+    from sd_mlperf.parallel.data_parallel import apply_data_parallel
+    from sd_mlperf.parallel.distributed import seed_everything
+    from sd_mlperf.parallel.optimizer import LRSchedule
+    from sd_mlperf.parallel.precision import autocast
+
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    plan = plan_from_config(cfg)
+    mlperf = MLPerfLogger(run_dir / cfg.logging.mlperf_log_file, enabled=dist.is_main)
+    mlperf.init_start(init_time_ms)
+    mlperf.submission(cfg)
+    mlperf.hyperparameters(cfg, global_batch_size=plan.global_batch_size, learning_rate=learning_rate(cfg))
+    if dist.is_main:
+        save_resolved_config(cfg, run_dir)
+
+    torch.manual_seed(cfg.run.seed)  # the same UNet init on every rank, whatever the backend
+    unet = build_unet(cfg.model.unet)
+    generator = _device_generator(seed_everything(cfg.run.seed, dist.rank), dist.device)
+    build_eval = evaluator == "from_config" and cfg.eval.inline
+    vae, text_encoder = _build_frozen(cfg, dist) if (data is None or build_eval) else (None, None)
+    loader, conditioner = data if data is not None else _build_data(cfg, dist, vae, text_encoder)
+    dp = apply_data_parallel(unet, cfg, dist)
+    resolutions = [*unet.backend_resolutions, dp.resolution]
+    log_resolutions(resolutions)
+    if dist.is_main:
+        atomic_write_text(run_dir / "resolved_backends.yaml", yaml.safe_dump(resolutions_to_dict(resolutions)))
+    if evaluator == "from_config":
+        evaluator = _build_evaluator(cfg, dist, vae, text_encoder, run_dir) if cfg.eval.inline else None
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir, rank=dist.rank, world_size=dist.world_size,
+                                barrier=torch.distributed.barrier if dist.world_size > 1 else None)
+    trainer = Trainer(
+        plan=plan, dp=dp, loader=loader, conditioner=conditioner, alphas_cumprod=make_alphas_cumprod(cfg.diffusion),
+        lr_schedule=LRSchedule(cfg.optim, plan.global_batch_size),
+        autocast=lambda: autocast(cfg.training.precision, dist.device), generator=generator, device=dist.device,
+        checkpointer=checkpointer, mlperf=mlperf, evaluator=evaluator, reduce_mean=_mean_over_ranks(dist.world_size),
+        progress=Progress(cfg.logging, run_dir, enabled=dist.is_main, total_steps=plan.max_steps,
+                          global_batch_size=plan.global_batch_size))
+    resume_from = checkpointer.resolve(cfg.training.resume)
+    if resume_from is not None:
+        trainer.restore(resume_from)
+    return trainer
+
+
+def _build_frozen(cfg: Config, dist: DistInfo) -> tuple[Any, Any]:
+    from sd_mlperf.models.checkpoint_io import build_frozen_encoders
+
+    vae, text_encoder = build_frozen_encoders(cfg.model)
+    return vae.to(dist.device).eval(), text_encoder.to(dist.device).eval()
+
+
+def _build_data(cfg: Config, dist: DistInfo, vae: Any, text_encoder: Any) -> tuple[Iterable[dict], Callable[..., Any]]:
+    from sd_mlperf.data.conditioning import build_batch_conditioner
+    from sd_mlperf.data.laion import build_train_loader
+    from sd_mlperf.data.synthetic import ensure_synthetic_data
+
+    ensure_synthetic_data(cfg, vae, text_encoder)  # smoke runs: write + precompute the dataset once
+    loader = build_train_loader(cfg.data, micro_batch_size=cfg.training.micro_batch_size, rank=dist.rank,
+                                world_size=dist.world_size, seed=cfg.run.seed)
+    return loader, build_batch_conditioner(cfg, vae, text_encoder)
+
+
+def _build_evaluator(cfg: Config, dist: DistInfo, vae: Any, text_encoder: Any, run_dir: Path) -> EvaluatorLike:
+    from sd_mlperf.eval.evaluator import build_evaluator
+    from sd_mlperf.eval.fid import ensure_fid_stats
+
+    ensure_fid_stats(cfg)  # smoke runs: reference statistics of the synthetic validation images
+    return build_evaluator(cfg, vae=vae, text_encoder=text_encoder, rank=dist.rank, world_size=dist.world_size,
+                           device=dist.device, run_dir=run_dir)

@@ -1,0 +1,154 @@
+"""Training progress: one log line per interval, a tqdm bar on a terminal, and metrics as JSON lines.
+
+The trainer accumulates metric tensors on the device every step (`IntervalMeter.add`, no host sync)
+and reads them once per log interval (`IntervalMeter.pop`, the only sync point of the loop).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from sd_mlperf.config.schema import LoggingConfig
+from sd_mlperf.utils.logging import logger
+
+
+class IntervalMeter:
+    """Device-side sums of per-step metrics between two log lines.
+
+    `reduce_mean` (built once: identity for one process, an all-reduce mean otherwise) makes every
+    rank see the same numbers, so all ranks take the same decision on a non-finite loss.
+    """
+
+    def __init__(self, reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.reduce_mean = reduce_mean or (lambda t: t)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new interval."""
+        self.sums: torch.Tensor | None = None  # [loss over applied steps, applied steps, fatal steps]
+        self.grad_norm: torch.Tensor | None = None
+        self.num_steps = 0
+
+    def add(self, loss: torch.Tensor, ok: torch.Tensor, grad_norm: torch.Tensor, fatal: torch.Tensor) -> None:
+        """Add one step: the loss counts only when the optimizer applied the step (`ok`)."""
+        loss = loss.detach().float()
+        applied_loss = torch.where(ok, loss, torch.zeros_like(loss))
+        row = torch.stack([applied_loss, ok.float(), fatal.float()])
+        self.sums = row if self.sums is None else self.sums + row
+        self.grad_norm = grad_norm.detach()
+        self.num_steps += 1
+
+    def num_fatal(self) -> int:
+        """Steps with a non-finite loss that must stop the run, on any rank (host sync)."""
+        if self.sums is None:
+            return 0
+        return int(self.reduce_mean(self.sums[2:3].clone()).item() > 0)
+
+    def pop(self) -> dict[str, float]:
+        """Mean loss over applied steps, skipped count, last grad norm; then reset (host sync)."""
+        if self.sums is None:
+            return {}
+        loss_sum, num_ok, _ = self.reduce_mean(self.sums.clone()).tolist()
+        out = {
+            "loss": loss_sum / num_ok if num_ok else math.nan,
+            "skipped_steps": self.num_steps - round(num_ok),
+            "grad_norm": float(self.grad_norm.float().item()),
+        }
+        self.reset()
+        return out
+
+
+class Progress:
+    """Log line every `logging.interval_steps`, a progress bar on a terminal, metrics in `metrics.jsonl`."""
+
+    def __init__(self, cfg: LoggingConfig, run_dir: str | os.PathLike, *, enabled: bool, total_steps: int,
+                 global_batch_size: int, start_step: int = 0, stream: IO[str] | None = None) -> None:
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.global_batch_size = global_batch_size
+        self.metrics_path = Path(run_dir) / "metrics.jsonl"
+        self._file: IO[str] | None = None
+        self._bar: Any = None
+        self._last_time = time.perf_counter()
+        self._last_step = start_step
+        self._step_time_s = math.nan
+        if not enabled:
+            return
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        # Line-buffered append: a resumed run continues the same file.
+        self._file = open(self.metrics_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        stream = stream or sys.stderr
+        self._stream = stream
+        show = cfg.progress_bar == "on" or (cfg.progress_bar == "auto" and stream.isatty())
+        if show:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=stream, dynamic_ncols=True)
+
+    def reset_clock(self, step: int) -> None:
+        """Restart the throughput clock at `step` (after a resume or a pause)."""
+        self._last_time, self._last_step = time.perf_counter(), step
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+
+    def tick(self, step: int) -> None:
+        """Advance the bar by one step (no device sync)."""
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+
+    def log_train(self, step: int, samples_count: int, metrics: dict[str, float], *, lr: float, loss_scale: float,
+                  steps_to_checkpoint: int) -> dict[str, Any]:
+        """Write one progress line and one JSON record; returns the record."""
+        now = time.perf_counter()
+        steps = max(step - self._last_step, 1)
+        self._step_time_s = (now - self._last_time) / steps
+        self._last_time, self._last_step = now, step
+        img_per_s = self.global_batch_size / self._step_time_s if self._step_time_s > 0 else math.nan
+        record = {"kind": "train", "step": step, "samples": samples_count, **metrics, "lr": lr,
+                  "loss_scale": loss_scale, "img_per_s": img_per_s, "step_time_s": self._step_time_s,
+                  "s_to_checkpoint": steps_to_checkpoint * self._step_time_s, "time": time.time()}
+        if self.enabled:
+            line = (f"step {step}/{self.total_steps} samples {samples_count} loss {metrics.get('loss', math.nan):.5f} "
+                    f"lr {lr:.3e} scale {loss_scale:g} {img_per_s:.1f} img/s "
+                    f"next ckpt in {steps_to_checkpoint} steps (~{record['s_to_checkpoint']:.0f} s)")
+            if metrics.get("skipped_steps"):
+                line += f" skipped {metrics['skipped_steps']}"
+            self._write(line, record)
+        return record
+
+    def log_eval(self, step: int, samples_count: int, fid: float, clip: float, seconds: float) -> None:
+        """Write the evaluation result line and record."""
+        if self.enabled:
+            record = {"kind": "eval", "step": step, "samples": samples_count, "fid": fid, "clip": clip,
+                      "seconds": seconds, "time": time.time()}
+            self._write(f"eval at step {step} samples {samples_count}: FID {fid:.3f} CLIP {clip:.4f} "
+                        f"({seconds:.1f} s)", record)
+        # Evaluation time is not training time: restart the throughput clock.
+        self._last_time = time.perf_counter()
+
+    def _write(self, line: str, record: dict[str, Any]) -> None:
+        if self._bar is not None:
+            self._bar.write(line, file=self._stream)
+        else:
+            logger.info(line)
+        assert self._file is not None
+        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+
+    def close(self) -> None:
+        """Close the bar and the metrics file."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,109 @@
+"""Checkpoint files: atomic publish, keep-last-N, resume=auto, RNG capture, ldm export."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from sd_mlperf.checkpoint import (
+    LATEST_FILE,
+    Checkpointer,
+    capture_rng_state,
+    load_file,
+    restore_rng_state,
+    step_dir_name,
+)
+from sd_mlperf.config.schema import CheckpointConfig
+
+
+def _save(ck: Checkpointer, step: int, **kwargs) -> None:
+    ck.save(step, step * 4, unet_state={"w": torch.full((2,), float(step))}, optimizer_state={"opt": step},
+            rank_state={"data": {"pos": step}}, **kwargs)
+
+
+def test_save_layout_latest_and_keep_last(tmp_path):
+    ck = Checkpointer(CheckpointConfig(keep_last=2, export_ldm_weights=False), tmp_path)
+    for step in (10, 20, 30):
+        _save(ck, step)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [LATEST_FILE, "step_0000020", "step_0000030"]
+    assert (root / LATEST_FILE).read_text().strip() == "step_0000030"
+    model = load_file(root / "step_0000030" / "model.pt")
+    assert model["step"] == 30 and model["samples_count"] == 120
+    assert torch.equal(model["unet"]["w"], torch.full((2,), 30.0))
+    _, optimizer, rank = ck.load(root / "step_0000030")
+    assert optimizer == {"opt": 30} and rank["data"] == {"pos": 30} and rank["rank"] == 0
+    assert ck.resolve("auto") == root / "step_0000030"
+    assert ck.resolve("never") is None
+    assert ck.resolve(str(root / "step_0000020")) == root / "step_0000020"
+    with pytest.raises(ValueError, match="training.resume"):
+        ck.resolve(str(tmp_path / "nowhere"))
+
+
+def test_failed_save_leaves_previous_checkpoint_and_pointer(tmp_path, monkeypatch):
+    ck = Checkpointer(CheckpointConfig(export_ldm_weights=True), tmp_path)
+    import sd_mlperf.models.checkpoint_io as cio
+
+    _save(ck, 5)
+    monkeypatch.setattr(cio, "export_unet_ldm", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        _save(ck, 6)
+    root = tmp_path / "checkpoints"
+    assert (root / LATEST_FILE).read_text().strip() == "step_0000005"
+    assert not (root / "step_0000006").exists()  # only a hidden .step_0000006.tmp may remain
+    assert ck.resolve("auto") == root / "step_0000005"
+    monkeypatch.undo()
+    _save(ck, 6)  # the leftover temp dir of the crash is replaced
+    assert ck.resolve("auto") == root / "step_0000006"
+    assert not any(p.name.endswith(".tmp") for p in root.iterdir())
+
+
+def test_auto_skips_an_incomplete_latest(tmp_path):
+    ck = Checkpointer(CheckpointConfig(export_ldm_weights=False), tmp_path)
+    _save(ck, 1)
+    _save(ck, 2)
+    root = tmp_path / "checkpoints"
+    (root / "step_0000002" / "rank_00000.pt").unlink()  # e.g. a copy that lost a file
+    assert ck.latest() == root / "step_0000001"
+    (root / LATEST_FILE).unlink()
+    assert ck.latest() == root / "step_0000001"
+    assert Checkpointer(CheckpointConfig(), tmp_path / "empty").resolve("auto") is None
+
+
+def test_saving_the_same_step_again_replaces_it(tmp_path):
+    ck = Checkpointer(CheckpointConfig(export_ldm_weights=False), tmp_path)
+    _save(ck, 3)
+    ck.save(3, 12, unet_state={"w": torch.zeros(2)}, optimizer_state=None, rank_state={})
+    root = tmp_path / "checkpoints" / step_dir_name(3)
+    assert torch.equal(load_file(root / "model.pt")["unet"]["w"], torch.zeros(2))
+    assert not (root / "optimizer.pt").exists()
+
+
+def test_ldm_export_has_ldm_names(tmp_path):
+    from safetensors.torch import load_file as load_safetensors
+
+    ck = Checkpointer(CheckpointConfig(export_ldm_weights=True), tmp_path)
+    _save(ck, 1)
+    exported = load_safetensors(tmp_path / "checkpoints" / "step_0000001" / "unet_ldm.safetensors")
+    assert list(exported) == ["model.diffusion_model.w"]
+
+
+def test_rng_state_roundtrip(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    state = capture_rng_state(gen)
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=gen))
+    restore_rng_state(load_file(tmp_path / "rng.pt"), gen)
+    again = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=gen))
+    assert torch.equal(expected[0], again[0]) and expected[1] == again[1] and expected[2] == again[2]
+    assert torch.equal(expected[3], again[3])
+
+
+def test_unreadable_file_is_named(tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="model.pt"):
+        load_file(bad)

@@ -1,0 +1,73 @@
+"""Progress lines, the metrics JSONL and the device-side interval meter."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import torch
+
+from sd_mlperf.config.schema import LoggingConfig
+from sd_mlperf.utils.progress import IntervalMeter, Progress
+
+
+def test_meter_averages_applied_steps_only():
+    meter = IntervalMeter()
+    yes, no = torch.tensor(True), torch.tensor(False)
+    meter.add(torch.tensor(1.0), yes, torch.tensor(0.5), no)
+    meter.add(torch.tensor(float("inf")), no, torch.tensor(float("inf")), no)  # an fp16 skip
+    meter.add(torch.tensor(3.0), yes, torch.tensor(0.25), no)
+    assert meter.num_fatal() == 0
+    out = meter.pop()
+    assert out == {"loss": 2.0, "skipped_steps": 1, "grad_norm": 0.25}
+    assert meter.pop() == {}
+
+
+def test_meter_reduces_over_ranks_before_reading():
+    calls = []
+
+    def fake_mean(t):  # as if another rank saw a loss of 5 and a fatal step
+        calls.append(t.clone())
+        other = torch.tensor([5.0, 1.0, 1.0])[: t.numel()] if t.numel() == 3 else torch.tensor([1.0])
+        return (t + other) / 2
+
+    meter = IntervalMeter(fake_mean)
+    meter.add(torch.tensor(1.0), torch.tensor(True), torch.tensor(0.1), torch.tensor(False))
+    assert meter.num_fatal() == 1
+    assert meter.pop()["loss"] == 3.0
+    assert len(calls) == 2
+
+
+def test_progress_writes_line_and_jsonl(tmp_path, caplog):
+    stream = io.StringIO()  # not a terminal: no bar
+    progress = Progress(LoggingConfig(), tmp_path, enabled=True, total_steps=10, global_batch_size=8, stream=stream)
+    assert progress._bar is None
+    rec = progress.log_train(5, 40, {"loss": 0.25, "skipped_steps": 0, "grad_norm": 1.0}, lr=1e-4, loss_scale=1024.0,
+                             steps_to_checkpoint=5)
+    progress.log_eval(5, 40, 123.0, 0.1, 2.0)
+    progress.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["kind"] for x in lines] == ["train", "eval"]
+    assert lines[0]["loss"] == 0.25 and lines[0]["samples"] == 40 and lines[0]["loss_scale"] == 1024.0
+    assert rec["img_per_s"] > 0 and math.isclose(rec["s_to_checkpoint"], 5 * rec["step_time_s"])
+    assert lines[1]["fid"] == 123.0
+
+
+def test_progress_bar_when_forced(tmp_path):
+    stream = io.StringIO()
+    progress = Progress(LoggingConfig(progress_bar="on"), tmp_path, enabled=True, total_steps=4,
+                        global_batch_size=2, stream=stream)
+    for step in range(1, 4):
+        progress.tick(step)
+    progress.log_train(3, 6, {"loss": 1.0}, lr=1.0, loss_scale=1.0, steps_to_checkpoint=1)
+    progress.close()
+    text = stream.getvalue()
+    assert "3/4" in text and "step 3/4" in text
+
+
+def test_disabled_progress_writes_nothing(tmp_path):
+    progress = Progress(LoggingConfig(), tmp_path, enabled=False, total_steps=4, global_batch_size=2)
+    progress.log_train(1, 2, {"loss": 1.0}, lr=1.0, loss_scale=1.0, steps_to_checkpoint=1)
+    progress.close()
+    assert not (tmp_path / "metrics.jsonl").exists()
