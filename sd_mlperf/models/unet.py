@@ -124,11 +124,11 @@ def _resolve_norm(cfg: UNetConfig) -> Resolution:
     res = resolve_backend("norm", cfg.norm_backend)
     if res.name == "apex" and not cfg.channels_last:
         # apex's kernel reads NHWC only; without channels-last every call would fall back to torch.
-        msg = ("apex GroupNorm needs NHWC input but model.unet.channels_last=false; using torch GroupNorm. "
-               "Set model.unet.channels_last=true to use apex.")
         if cfg.norm_backend == "apex":
-            raise ValueError(msg.replace("; using torch GroupNorm", ""))
-        log_once("norm:apex-needs-channels-last", msg)
+            raise ValueError("model.unet.norm_backend=apex needs NHWC activations but model.unet.channels_last=false;"
+                             " set model.unet.channels_last=true (or model.unet.norm_backend=torch).")
+        log_once("norm:apex-needs-channels-last", "apex GroupNorm needs NHWC input but model.unet.channels_last="
+                 "false; using torch GroupNorm. Set model.unet.channels_last=true to use apex.")
         res = dataclasses.replace(res, name="torch", why=res.why + "; apex skipped (model.unet.channels_last=false)")
     return res
 
