@@ -213,6 +213,9 @@ class EvalConfig:
     """val2014_30k.tsv (image_id, id, caption)."""
     fid_stats: str = MISSING
     """val2014_30k_stats.npz with mu (2048,) and sigma (2048, 2048)."""
+    fid_method: Literal["sqrtm", "eigh"] = "sqrtm"
+    """Tr sqrtm(S1 S2) of the FID: `sqrtm` is the reference's scipy sqrtm (slow on the CPU); `eigh` the
+    same trace from symmetric eigenvalues in float64 (GPU when present; agrees to about 1e-9 relative)."""
     inception_weights: str | None = MISSING
     """pt_inception-2015-12-05-6726825d.pth; null = random weights (smoke only)."""
     clip_weights: str | None = MISSING
