@@ -18,6 +18,21 @@ def _env_rank() -> int:
     return 0
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at emit time (pytest and tqdm swap it out)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property wins
+        pass
+
+
 def setup_logging(level: str | int = "INFO", *, rank: int | None = None, all_ranks: bool = False) -> None:
     """Attach one stderr handler to the package logger; ranks other than 0 log warnings only."""
     rank = _env_rank() if rank is None else rank
@@ -28,7 +43,7 @@ def setup_logging(level: str | int = "INFO", *, rank: int | None = None, all_ran
     fmt = f"[%(asctime)s{where} %(levelname)s] %(message)s"
     handler = next((h for h in logger.handlers if getattr(h, "_sd_mlperf", False)), None)
     if handler is None:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler()
         handler._sd_mlperf = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))

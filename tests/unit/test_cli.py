@@ -38,3 +38,17 @@ def test_every_subcommand_has_help_and_runs_something():
     for name, p in sub.choices.items():
         assert p.description, f"subcommand {name} lacks a description"
         assert callable(p.get_default("_run"))
+
+
+def test_overrides_may_follow_options(capsys):
+    assert main(["config", "training.max_steps=4", "--config", str(REPO / "conf/smoke.yaml"),
+                 "training.micro_batch_size=2"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["training"]["max_steps"] == 4 and printed["training"]["micro_batch_size"] == 2
+
+
+def test_unknown_flag_is_still_an_error():
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["config", "--no-such-flag"])
