@@ -12,13 +12,27 @@ from sd_mlperf.utils.logging import LOGGER_NAME, log_once, reset_log_once
 from sd_mlperf.utils.manifest import format_manifest, read_manifest, state_dict_manifest, write_manifest
 
 
-def test_log_once_logs_a_key_once(caplog):
+class _ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_log_once_logs_a_key_once():
     reset_log_once()
-    logging.getLogger(LOGGER_NAME).propagate = True
-    with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
+    log = logging.getLogger(LOGGER_NAME)
+    handler = _ListHandler()
+    log.addHandler(handler)
+    try:
         assert log_once("k", "hello")
         assert not log_once("k", "hello again")
-    assert [r.message for r in caplog.records] == ["hello"]
+        assert log_once("other", "different key")
+    finally:
+        log.removeHandler(handler)
+    assert handler.messages == ["hello", "different key"]
 
 
 def test_importing_the_package_logs_nothing():
