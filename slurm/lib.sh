@@ -1,0 +1,91 @@
+# shellcheck shell=bash
+# Shared helpers of the slurm/, docker/ and examples/ scripts: flag validation with messages that
+# name the flag and the fix, and one way to print (--dry-run) or run a command.
+# Source it; it defines functions only. Each script sets PROG (its name, for messages) first.
+
+# Print an error naming the script and exit 2 (the usual exit status for usage errors).
+die() {
+    echo "${PROG:-sd_mlperf}: error: $*" >&2
+    exit 2
+}
+
+note() {
+    echo "${PROG:-sd_mlperf}: $*" >&2
+}
+
+# need_value FLAG ARGC [VALUE]: a flag that takes a value must have one that is not another flag.
+need_value() {
+    if [ "$2" -lt 2 ] || [ -z "${3-}" ] || [[ "$3" == --* ]]; then
+        die "$1 needs a value (see --help)"
+    fi
+}
+
+# check_positive_int FLAG VALUE [MAX]
+check_positive_int() {
+    [[ "$2" =~ ^[0-9]+$ ]] && [ "$((10#$2))" -gt 0 ] \
+        || die "$1 must be a positive integer, got '$2'"
+    if [ -n "${3-}" ] && [ "$((10#$2))" -gt "$3" ]; then
+        die "$1 must be at most $3, got '$2'"
+    fi
+}
+
+# check_walltime FLAG VALUE: the Slurm forms MM, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (and MM:SS).
+check_walltime() {
+    [[ "$2" =~ ^([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}$ ]] \
+        || die "$1 must be a Slurm time limit such as 04:00:00 or 1-00:00:00, got '$2'"
+}
+
+# check_file FLAG PATH: the file must exist (checked on the submitting host).
+check_file() {
+    [ -f "$2" ] || die "$1 file '$2' does not exist"
+}
+
+check_dir() {
+    [ -d "$2" ] || die "$1 directory '$2' does not exist"
+}
+
+# shell_join ARGS...: one line that a shell reads back as the same words (quotes only where needed).
+shell_join() {
+    local out="" word
+    for word in "$@"; do
+        if [[ "$word" =~ ^[A-Za-z0-9_./:=,@%+#-]+$ ]]; then
+            out+="${word} "
+        else
+            out+="'${word//\'/\'\\\'\'}' "
+        fi
+    done
+    printf '%s\n' "${out% }"
+}
+
+# run_cmd ARGS...: print the command when DRY_RUN=1, else run it.
+run_cmd() {
+    if [ "${DRY_RUN:-0}" = 1 ]; then
+        shell_join "$@"
+    else
+        "$@"
+    fi
+}
+
+# yaml_section_int SECTION KEY FILE: an integer `KEY:` under a top-level `SECTION:` of a flat YAML
+# file (our conf/system overlays), or nothing. Enough to cross-check flags against a config.
+yaml_section_int() {
+    awk -v section="$1" -v key="$2" '
+        /^[A-Za-z_][A-Za-z0-9_]*:/ { in_section = ($1 == section ":") ; next }
+        in_section && $1 == key ":" && $2 ~ /^[0-9]+$/ { print $2; exit }
+    ' "$3"
+}
+
+# check_config_agrees FILE NUM_NODES GPUS_PER_NODE: flags must match what a config file sets, or the
+# global batch (and with it the learning rate and eval cadence) would silently change.
+check_config_agrees() {
+    local key flag_value flag conf_value
+    while read -r key flag_value flag; do
+        conf_value=$(yaml_section_int parallel "$key" "$1")
+        if [ -n "$conf_value" ] && [ "$conf_value" != "$flag_value" ]; then
+            die "$flag $flag_value disagrees with parallel.$key: $conf_value in $1; pass $flag $conf_value or use a config for this system"
+        fi
+    done <<EOF2
+num_nodes $2 --num-nodes
+gpus_per_node $3 --gpus-per-node
+EOF2
+}

@@ -1,0 +1,128 @@
+"""docker/: the Dockerfile installs exactly what README.md's "GPU container" section says; build/launch dry runs."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import pytest
+from deploy_helpers import REPO, run_script
+
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+README_HEADING = "## GPU container"
+# Flags that only change how pip runs in an image layer, not what it installs.
+PIP_NOISE = {"--no-cache-dir", "-q", "--quiet"}
+
+
+def _pip_installs(commands: list[str]) -> list[list[str]]:
+    """Each `pip install ...` among shell commands, as words without noise flags."""
+    found = []
+    for command in commands:
+        for part in re.split(r"&&|;", command):
+            words = shlex.split(part)
+            if words[:2] == ["pip", "install"] or words[:4] == ["python", "-m", "pip", "install"]:
+                found.append([w for w in words if w not in PIP_NOISE])
+    return found
+
+
+def dockerfile_run_commands() -> list[str]:
+    """The RUN instructions of docker/Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    return [line.strip()[4:] for line in text.splitlines() if line.strip().startswith("RUN ")]
+
+
+def readme_gpu_container_section(text: str | None = None) -> str:
+    """The text of README.md under `## GPU container`, up to the next level-2 heading."""
+    text = (REPO / "README.md").read_text() if text is None else text
+    start = text.find(f"\n{README_HEADING}\n")
+    if start < 0:
+        pytest.fail(f"README.md has no '{README_HEADING}' section. Add one holding a ```bash block with the "
+                    "container's install line, exactly: pip install -e '.[gpu]'  (and the base image tag)")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else len(text)]
+
+
+def readme_pip_installs(section: str) -> list[list[str]]:
+    """The pip install lines of the fenced shell blocks in a README section."""
+    blocks = re.findall(r"```(?:bash|sh|shell)?\n(.*?)```", section, flags=re.S)
+    return _pip_installs([line.strip().removeprefix("$ ") for block in blocks for line in block.splitlines()])
+
+
+def test_drift_check_reads_the_section_and_ignores_other_sections():
+    text = ("# x\n\n## CPU\n\n```bash\npip install -e '.[dev]'\n```\n\n## GPU container\n\nIn the image:\n\n"
+            "```bash\n$ pip install -e '.[gpu]' && sd-mlperf backends --fast\n```\n\n## Next\n\n"
+            "```bash\npip install other\n```\n")
+    assert readme_pip_installs(readme_gpu_container_section(text)) == [["pip", "install", "-e", ".[gpu]"]]
+    assert _pip_installs(["pip install --no-cache-dir -e '.[gpu]'"]) == [["pip", "install", "-e", ".[gpu]"]]
+    assert _pip_installs(["pip install -e '.[gpu,bench]'"]) != [["pip", "install", "-e", ".[gpu]"]]
+
+
+def test_dockerfile_installs_what_the_readme_says():
+    readme = readme_pip_installs(readme_gpu_container_section())
+    docker = _pip_installs(dockerfile_run_commands())
+    assert docker, "docker/Dockerfile has no pip install step"
+    assert readme == docker, f"README {README_HEADING} says {readme}, docker/Dockerfile runs {docker}"
+
+
+def test_readme_names_the_dockerfile_base_image():
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", DOCKERFILE.read_text(), flags=re.M).group(1)
+    assert base in readme_gpu_container_section()
+
+
+def test_base_image_is_an_ngc_pytorch_release_with_python_3_12_or_newer():
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", DOCKERFILE.read_text(), flags=re.M).group(1)
+    m = re.fullmatch(r"nvcr\.io/nvidia/pytorch:(\d\d)\.(\d\d)-py3", base)
+    assert m, base
+    # NGC PyTorch moved to Python 3.12 with 25.01; megatron-core after 0.16.1 needs it.
+    assert (int(m.group(1)), int(m.group(2))) >= (25, 1)
+    assert "FROM ${BASE_IMAGE}" in DOCKERFILE.read_text()
+
+
+def test_build_context_leaves_out_the_venv_and_results():
+    ignore = (REPO / "docker" / "Dockerfile.dockerignore").read_text().split()
+    assert ignore[ignore.index("*")] == "*"  # everything is excluded first ...
+    copied = re.findall(r"^COPY (\S+)", DOCKERFILE.read_text(), flags=re.M)
+    for src in copied:  # ... then exactly what the image copies is let back in
+        assert f"!{src.rstrip('/')}" in ignore, f"{src} is copied but excluded from the build context"
+    assert "!.venv" not in ignore and "!results" not in ignore
+
+
+def test_build_dry_run():
+    proc = run_script("docker/build.sh", "--dry-run", "--tag", "reg.example.com/t/sd_mlperf:1", "--base-image",
+                      "nvcr.io/nvidia/pytorch:25.01-py3", "--push", "--sqsh", "/shared/sd.sqsh")
+    assert proc.returncode == 0, proc.stderr
+    build, push, sqsh = (shlex.split(line) for line in proc.stdout.splitlines())
+    assert build == ["docker", "build", "-f", f"{REPO}/docker/Dockerfile", "-t", "reg.example.com/t/sd_mlperf:1",
+                     "--build-arg", "BASE_IMAGE=nvcr.io/nvidia/pytorch:25.01-py3", str(REPO)]
+    assert push == ["docker", "push", "reg.example.com/t/sd_mlperf:1"]
+    assert sqsh == ["enroot", "import", "-o", "/shared/sd.sqsh", "dockerd://reg.example.com/t/sd_mlperf:1"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tag", "Bad Tag"], "not a valid image reference"),
+    (["--push"], "--push needs a tag with a registry"),
+    (["--sqsh", "image.tar"], "--sqsh must name a .sqsh file"),
+    (["--what"], "unknown argument"),
+])
+def test_build_rejects_bad_flags(args, message):
+    proc = run_script("docker/build.sh", "--dry-run", *args)
+    assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_launch_dry_run_mounts_gpu_ipc_and_folders(tmp_path):
+    proc = run_script("docker/launch.sh", "--dry-run", "--dataset-dir", "/lustre/mlc", "--results-dir", "res",
+                      "--", "sd-mlperf", "backends", "--fast", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    words = shlex.split(proc.stdout)
+    assert words[:6] == ["docker", "run", "--rm", "--gpus", "all", "--ipc=host"]
+    mounts = [words[i + 1] for i, w in enumerate(words) if w == "-v"]
+    assert mounts == ["/lustre/mlc:/lustre/mlc", f"{tmp_path}/res:/results", f"{REPO}:/workspace/sd_mlperf"]
+    assert words[-4:] == ["sd_mlperf:latest", "sd-mlperf", "backends", "--fast"]
+    interactive = run_script("docker/launch.sh", "--dry-run", "--code-in-image")
+    words = shlex.split(interactive.stdout)
+    assert words[-3:] == ["-it", "sd_mlperf:latest", "bash"] and f"{REPO}:/workspace/sd_mlperf" not in words
+
+
+def test_launch_checks_the_dataset_folder(tmp_path):
+    proc = run_script("docker/launch.sh", "--dataset-dir", str(tmp_path / "none"))
+    assert proc.returncode != 0 and "--dataset-dir directory" in proc.stderr
