@@ -11,7 +11,7 @@ PROG=05_multi_node_slurm.sh
 . "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 case "${1-}" in -h|--help) sed -n '2,8p' "${BASH_SOURCE[0]}"; exit 0 ;; esac
 
-# The job's output (with the RESULT line) lands in ./logs/JOBID_sd_mlperf_02x08x08.out and the run
+# The job's output (with the RESULT line) lands in ./results/logs/JOBID_sd_mlperf_02x08x08.out and the run
 # folder in ./results/02x08x08_JOBID/ (mlperf.log, checkpoints, metrics).
 exec bash slurm/sbatch.sh --num-nodes 2 --gpus-per-node 8 --config conf/system/02x08x08.yaml \
     --checkpoint /data/mlcommons/sd-checkpoint-3.0/512-base-ema.ckpt "$@"

@@ -21,7 +21,7 @@ Job (sbatch) options:
   -a, --account NAME      Slurm account (default: your default account)
   -p, --partition NAME    Slurm partition (default: the cluster's default)
   -t, --walltime TIME     time limit, e.g. 04:00:00 or 1-00:00:00 (default 04:00:00)
-  -l, --log-dir DIR       where the job's output goes, as DIR/JOBID_JOBNAME.out (default ./logs)
+  -l, --log-dir DIR       where the job's output goes, as DIR/JOBID_JOBNAME.out (default ./results/logs)
   -J, --job-name NAME     job name (default sd_mlperf_CONFIG)
       --sbatch-arg ARG    extra sbatch argument, repeatable (e.g. --sbatch-arg --qos=high)
       --dry-run           print the commands; submit nothing
@@ -37,7 +37,7 @@ EOF
 ACCOUNT=""
 PARTITION=""
 WALLTIME=04:00:00
-LOG_DIR=./logs
+LOG_DIR=./results/logs
 RESULTS_DIR=./results
 JOB_NAME=""
 SBATCH_EXTRA=()

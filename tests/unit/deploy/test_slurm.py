@@ -30,7 +30,7 @@ def test_seed_example_dry_run_prints_the_expected_commands(tmp_path):
     repo = str(REPO)
     assert sbatch == [
         "sbatch", "--job-name=sd_mlperf_02x08x08", "--nodes=2", "--ntasks-per-node=8", "--time=04:00:00",
-        "--exclusive", f"--output={tmp_path}/logs/%j_sd_mlperf_02x08x08.out", f"--chdir={repo}",
+        "--exclusive", f"--output={tmp_path}/results/logs/%j_sd_mlperf_02x08x08.out", f"--chdir={repo}",
         f"--export=ALL,SD_MLPERF_REPO={repo}", f"{repo}/slurm/srun.sh", "--results-dir", f"{tmp_path}/results",
         *SEED_EXAMPLE]
     assert srun == [
@@ -45,7 +45,7 @@ def test_seed_example_dry_run_prints_the_expected_commands(tmp_path):
         "python", "-m", "sd_mlperf", "train", "--config", "conf/sd2_mlperf.yaml", "--config",
         "conf/system/02x08x08.yaml", "parallel.num_nodes=2", "parallel.gpus_per_node=8",
         f"model.frozen_checkpoint={CKPT}", "run.output_dir=/results", "run.name=02x08x08_%j"]
-    assert not (tmp_path / "logs").exists(), "a dry run must not create anything"
+    assert not (tmp_path / "results").exists(), "a dry run must not create anything"
 
 
 def test_dry_run_train_command_is_a_valid_config():
