@@ -12,7 +12,9 @@ and the caller decides whether to drop or replace the sample and counts it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
+import os
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -61,9 +63,10 @@ class PilDecoder:
 
     name = "pil"
 
-    def __init__(self, size: int, image_range: str) -> None:
-        self.size, self.image_range = size, image_range
+    def __init__(self, size: int, image_range: str, num_threads: int = 1) -> None:
+        self.size, self.image_range, self.num_threads = size, image_range, num_threads
         self.device = torch.device("cpu")
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def decode_one(self, data: bytes) -> torch.Tensor:
         """One image as (3, S, S) float32 in [0, 1]; raises on a bad image."""
@@ -76,15 +79,27 @@ class PilDecoder:
         img = img.crop((left, top, left + self.size, top + self.size))
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
 
+    def _try_decode(self, data: bytes) -> torch.Tensor | str:
+        try:
+            return self.decode_one(data)
+        except Exception as exc:  # PIL raises many types for bad files
+            return f"{type(exc).__name__}: {exc}"
+
     def __call__(self, encoded: Sequence[bytes]) -> DecodeResult:
         out = torch.zeros(len(encoded), 3, self.size, self.size)
+        if self.num_threads > 1 and len(encoded) > 1:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads, thread_name_prefix="pil-decode")
+            results = list(self._pool.map(self._try_decode, encoded))  # PIL releases the GIL in decode/resize
+        else:
+            results = [self._try_decode(data) for data in encoded]
         errors: list[str | None] = []
-        for i, data in enumerate(encoded):
-            try:
-                out[i] = self.decode_one(data)
+        for i, result in enumerate(results):
+            if isinstance(result, str):
+                errors.append(result)
+            else:
+                out[i] = result
                 errors.append(None)
-            except Exception as exc:  # PIL raises many types for bad files
-                errors.append(f"{type(exc).__name__}: {exc}")
         return to_range(out, self.image_range), errors
 
 
@@ -225,7 +240,8 @@ def build_decoder(cfg: DataConfig, device: torch.device | str | None = None, *, 
     resolution = resolve_backend("decode", requested, allow_cpu_variant=True)
     name = resolution.name
     if name == "pil":
-        decoder: Decoder = PilDecoder(cfg.image_size, cfg.image_range)
+        # Batched calls (precompute) decode on a few threads; the loader decodes per sample in its workers.
+        decoder: Decoder = PilDecoder(cfg.image_size, cfg.image_range, num_threads=min(8, os.cpu_count() or 1))
     else:
         cuda_ok = torch.cuda.is_available() and not want_cpu
         if name == "nvjpeg" and not cuda_ok:

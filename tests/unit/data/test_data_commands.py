@@ -44,3 +44,23 @@ def test_ensure_synthetic_data_is_idempotent(tmp_path, tiny_vae):
     stamps = {p: p.stat().st_mtime_ns for p in Path(cfg.data.synthetic_dir).rglob("*") if p.is_file()}
     ensure_synthetic_data(cfg, tiny_vae, None)
     assert stamps == {p: p.stat().st_mtime_ns for p in Path(cfg.data.synthetic_dir).rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow  # two processes, each importing torch
+def test_two_ranks_split_shards_like_torchrun(tmp_path):
+    """RANK/WORLD_SIZE as torchrun sets them: each rank writes its shards, the manifest covers all of them."""
+    import os
+    import subprocess
+    import sys
+
+    assert main(["make-synthetic-data", "--out", str(tmp_path / "syn"), "--config", SMOKE, *SMALL]) == 0
+    args = [sys.executable, "-m", "sd_mlperf", "precompute-latents", "--input", str(tmp_path / "syn" / "raw"),
+            "--output", str(tmp_path / "lat"), "--config", SMOKE, *SMALL, "data.train_format=moments",
+            "model.text_encoder.num_layers=2", "run.device=cpu"]
+    procs = [subprocess.Popen(args, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    manifest = json.loads((tmp_path / "lat" / MANIFEST).read_text())
+    assert manifest["num_shards"] == 2 and manifest["samples"] == 6
+    assert sorted(r["shard"] for r in manifest["shards"]) == ["00000.tar", "00001.tar"]

@@ -75,3 +75,11 @@ def test_build_decoder_resolves_the_role():
     if package_available("nvidia.dali"):
         decoder = build_decoder(data_config(decode_backend="dali"), "cpu")
         assert decoder.name == "dali" and decoder.device.type == "cpu"
+
+
+def test_threaded_pil_equals_serial(jpegs):
+    batch = [jpegs[0], b"junk", *jpegs[1:]]
+    serial, serial_errors = PilDecoder(IMAGE_SIZE, "zero_one")(batch)
+    threaded, threaded_errors = PilDecoder(IMAGE_SIZE, "zero_one", num_threads=2)(batch)
+    assert torch.equal(serial, threaded) and [e is None for e in serial_errors] == [e is None for e in threaded_errors]
+    assert serial_errors[1] is not None
