@@ -1,0 +1,134 @@
+"""DDIM sampler: reference timesteps and alphas_prev, a 2-step trajectory against hand-computed values, CFG."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sd_mlperf.config.schema import DiffusionConfig
+from sd_mlperf.diffusion.ddim import (
+    PromptNoise,
+    ddim_sample,
+    ddim_timesteps,
+    guided_v,
+    initial_noise,
+    make_ddim_schedule,
+)
+from sd_mlperf.diffusion.schedule import make_alphas_cumprod
+
+
+def _hand_alphas_cumprod() -> list[float]:
+    """The reference schedule in plain python floats: betas = linspace(sqrt(b0), sqrt(b1), 1000)^2."""
+    lo, hi, n = 0.00085**0.5, 0.012**0.5, 1000
+    out, prod = [], 1.0
+    for i in range(n):
+        beta = (lo + (hi - lo) * i / (n - 1)) ** 2
+        prod *= 1.0 - beta
+        out.append(prod)
+    return out
+
+
+ACP = make_alphas_cumprod(DiffusionConfig())
+
+
+def test_timesteps_are_the_reference_ones():
+    steps = ddim_timesteps(1000, 50)
+    assert steps.tolist() == [1 + 20 * i for i in range(50)]
+    sched = make_ddim_schedule(ACP, 50)
+    assert sched.timesteps[0].item() == 981 and sched.timesteps[-1].item() == 1
+    assert sched.timesteps.tolist() == list(range(981, 0, -20))
+    # alphas_prev: the next (smaller) timestep's alpha; alphas_cumprod[0] for the last step.
+    assert torch.equal(sched.alphas, ACP[sched.timesteps])
+    assert torch.equal(sched.alphas_prev[:-1], sched.alphas[1:])
+    assert sched.alphas_prev[-1].item() == ACP[0].item()
+    assert torch.count_nonzero(sched.sigmas) == 0
+
+
+def test_eta_sigmas_match_the_formula():
+    sched = make_ddim_schedule(ACP, 4, eta=1.0)
+    hand = _hand_alphas_cumprod()
+    for i, t in enumerate([751, 501, 251, 1]):
+        a, ap = hand[t], (hand[t - 250] if t > 1 else hand[0])
+        expected = math.sqrt((1 - ap) / (1 - a) * (1 - a / ap))
+        assert sched.sigmas[i].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_bad_steps_and_eta_raise():
+    for bad in (0, 3, 7, 1001):  # the reference's spacing range(0, T, T // S) + 1 only works when S divides T
+        with pytest.raises(ValueError, match="eval.ddim_steps"):
+            ddim_timesteps(1000, bad)
+    with pytest.raises(ValueError, match="eval.eta"):
+        make_ddim_schedule(ACP, 10, eta=-1.0)
+
+
+def _toy_unet(x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """v = mean(ctx) * x + t / 1000, per sample: simple enough to follow by hand."""
+    scale = ctx.float().mean(dim=(1, 2)).view(-1, 1, 1, 1)
+    return scale * x + t.float().view(-1, 1, 1, 1) / 1000.0
+
+
+def _hand_trajectory(x: float, guidance: float) -> float:
+    """Two DDIM steps (t = 501 then 1) with cond ctx = 1, uncond ctx = 0, in float64 by hand."""
+    hand = _hand_alphas_cumprod()
+    for t, t_prev in ((501, 1), (1, None)):
+        a = hand[t]
+        ap = hand[t_prev] if t_prev is not None else hand[0]
+        v_u = t / 1000.0
+        v_c = x + t / 1000.0
+        v = v_u + guidance * (v_c - v_u)
+        x0 = math.sqrt(a) * x - math.sqrt(1 - a) * v
+        eps = math.sqrt(a) * v + math.sqrt(1 - a) * x
+        x = math.sqrt(ap) * x0 + math.sqrt(1 - ap) * eps
+    return x
+
+
+@pytest.mark.parametrize("guidance", [1.0, 8.0])
+def test_two_step_trajectory_matches_hand_computation(guidance):
+    sched = make_ddim_schedule(ACP, 2)
+    assert sched.timesteps.tolist() == [501, 1]
+    x_T = torch.tensor([0.3, -1.2]).view(2, 1, 1, 1).expand(2, 1, 2, 2).contiguous()
+    cond, uncond = torch.ones(2, 3, 4), torch.zeros(1, 3, 4)
+    out = ddim_sample(_toy_unet, x_T, cond, uncond, sched, guidance_scale=guidance)
+    for row, x in enumerate([0.3, -1.2]):
+        expected = _hand_trajectory(x, guidance)
+        torch.testing.assert_close(out[row], torch.full((1, 2, 2), expected), rtol=2e-5, atol=2e-6)
+
+
+def test_cfg_scale_one_is_the_conditional_model():
+    calls = []
+
+    def unet(x, t, ctx):
+        calls.append(x.shape[0])
+        return _toy_unet(x, t, ctx) + 0.1 * ctx.float().sum(dim=(1, 2)).view(-1, 1, 1, 1)
+
+    x = torch.randn(3, 4, 2, 2)
+    t = torch.full((3,), 501)
+    cond, uncond = torch.randn(3, 5, 6), torch.randn(1, 5, 6)
+    assert torch.equal(guided_v(unet, x, t, cond, uncond, 1.0), unet(x, t, cond))
+    assert calls[0] == 3  # no doubled batch when guidance is 1
+    guided = guided_v(unet, x, t, cond, uncond, 8.0)
+    v_u, v_c = unet(x, t, uncond.expand_as(cond)), unet(x, t, cond)
+    torch.testing.assert_close(guided, v_u + 8.0 * (v_c - v_u))
+    assert not torch.allclose(guided, v_c)
+
+
+def test_noise_depends_only_on_seed_and_prompt_index():
+    full = initial_noise(7, [0, 1, 2, 3], (4, 8, 8))
+    assert torch.equal(initial_noise(7, [2], (4, 8, 8))[0], full[2])
+    assert torch.equal(initial_noise(7, [3, 0], (4, 8, 8)), full[[3, 0]])
+    assert not torch.equal(initial_noise(8, [0], (4, 8, 8))[0], full[0])
+    assert not torch.equal(full[0], full[1])
+
+
+def test_eta_noise_is_per_prompt_and_required():
+    sched = make_ddim_schedule(ACP, 4, eta=1.0)
+    x_T = initial_noise(0, [0, 1, 2], (1, 2, 2))
+    cond, uncond = torch.ones(3, 2, 2), torch.zeros(1, 2, 2)
+    with pytest.raises(ValueError, match="eta"):
+        ddim_sample(_toy_unet, x_T, cond, uncond, sched, guidance_scale=2.0)
+    # Batch [0, 1, 2] vs prompt 1 alone: same image for prompt 1.
+    batch = ddim_sample(_toy_unet, x_T, cond, uncond, sched, guidance_scale=2.0, noise=PromptNoise(5, [0, 1, 2]))
+    alone = ddim_sample(_toy_unet, x_T[1:2], cond[1:2], uncond, sched, guidance_scale=2.0, noise=PromptNoise(5, [1]))
+    torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=1e-6)
