@@ -1,0 +1,71 @@
+"""Splitting prompts over ranks and gathering per-prompt results back in prompt order.
+
+Rank r evaluates the contiguous block [r * N // W, (r + 1) * N // W): no prompt twice, none left out,
+no padding prompt ever generated. Gathering pads each rank's rows to the longest block for the
+collective and trims the padding before anything is counted, so concatenating the blocks in rank
+order gives the rows in prompt order, the same for any world size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def dist_active() -> bool:
+    """True if a torch.distributed process group is initialised with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def shard_bounds(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of rank's contiguous block; block sizes differ by at most one."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    return rank * num_items // world_size, (rank + 1) * num_items // world_size
+
+
+def shard_indices(num_items: int, rank: int, world_size: int) -> range:
+    """The prompt indices rank evaluates."""
+    return range(*shard_bounds(num_items, rank, world_size))
+
+
+def block_counts(num_items: int, world_size: int, limit: int | None = None) -> list[int]:
+    """Per-rank number of indices below `limit` (all of them if None)."""
+    cap = num_items if limit is None else min(limit, num_items)
+    counts = []
+    for r in range(world_size):
+        start, stop = shard_bounds(num_items, r, world_size)
+        counts.append(max(0, min(stop, cap) - start))
+    return counts
+
+
+def gather_rows(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """All ranks' rows concatenated in rank order (every rank gets it); counts[r] rows come from rank r."""
+    if not dist_active():
+        assert len(counts) == 1 and local.shape[0] == counts[0], (counts, local.shape)
+        return local
+    rank = dist.get_rank()
+    assert local.shape[0] == counts[rank], (rank, counts, local.shape)
+    longest = max(counts)
+    if longest == 0:
+        return local
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, counts)])
+
+
+def barrier() -> None:
+    """dist.barrier() when distributed, else nothing."""
+    if dist_active():
+        dist.barrier()
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """The object of rank `src` on every rank (itself when not distributed)."""
+    if not dist_active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,250 @@
+"""The evaluator: prompts -> DDIM with guidance -> VAE decode -> FID Inception + CLIP -> FID and CLIP score.
+
+Every rank generates its contiguous block of prompts (sd_mlperf.eval.distributed); features and
+scores are gathered in prompt order, so the metrics are the same on every rank and for any world
+size. Prompt i always starts from the noise of (eval.seed, i). Rank 0 writes a PNG grid of the first
+eval.num_grid_images prompts with their captions and a JSON with the metrics and timings under
+`run_dir/eval/`. The trainer logs the MLPerf eval_* events; the evaluator does not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sd_mlperf.config.schema import Config, EvalConfig
+from sd_mlperf.diffusion.ddim import DDIMSchedule, PromptNoise, ddim_sample, make_ddim_schedule
+from sd_mlperf.eval.distributed import block_counts, broadcast_object, gather_rows, shard_indices
+from sd_mlperf.eval.inception import FEATURE_DIM
+from sd_mlperf.eval.metrics import FrechetReference, mean_clip_score
+from sd_mlperf.parallel.precision import autocast
+from sd_mlperf.utils.files import atomic_write_text
+from sd_mlperf.utils.logging import logger
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one evaluation (identical on every rank) and where rank 0 wrote its outputs."""
+
+    fid: float
+    clip: float
+    num_images: int
+    seconds: float
+    grid_path: Path | None = None
+    json_path: Path | None = None
+    step: int = 0
+    samples_count: int = 0
+    timings_s: dict[str, float] = field(default_factory=dict)
+    """Seconds of this rank's generation (sampling + decode), inception, clip, and gather/metrics."""
+
+
+@dataclass(frozen=True)
+class _Timer:
+    device: torch.device
+    totals: dict[str, float]
+
+    def lap(self, name: str, since: float) -> float:
+        if self.device.type == "cuda":  # time the GPU work, not the launch
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.totals[name] = self.totals.get(name, 0.0) + now - since
+        return now
+
+
+def encode_prompts(text_encoder: nn.Module, captions: list[str], precision: str,
+                   device: torch.device) -> torch.Tensor:
+    """Cross-attention context (B, 77, D) of captions, under the evaluation's autocast."""
+    with autocast(precision, device):
+        return text_encoder.encode(captions).to(device)
+
+
+def generate_images(unet: Callable, captions: list[str], indices: Sequence[int], *, cfg: EvalConfig,
+                    schedule: DDIMSchedule, uncond: torch.Tensor, text_encoder: nn.Module, vae: nn.Module,
+                    scale_factor: float, latent_shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """Prompts -> DDIM with guidance -> VAE decode -> clamp((x + 1) / 2, 0, 1): float32 images (B, 3, H, W)."""
+    cond = encode_prompts(text_encoder, captions, cfg.precision, device)
+    noise = PromptNoise(cfg.seed, indices)  # prompt i always starts from the noise of (seed, i)
+    x_T = noise.draw(latent_shape, device)
+    z = ddim_sample(unet, x_T, cond, uncond, schedule, guidance_scale=cfg.guidance_scale, noise=noise,
+                    precision=cfg.precision)
+    with autocast(cfg.precision, device):
+        x = vae.decode(z / scale_factor)
+    return torch.clamp((x.float() + 1.0) / 2.0, min=0.0, max=1.0)
+
+
+class Evaluator:
+    """Scores a UNet on the validation prompts; every rank must call `evaluate` together."""
+
+    def __init__(self, cfg: EvalConfig, *, schedule: DDIMSchedule, prompts: Sequence[Any], frechet: FrechetReference,
+                 vae: nn.Module, scale_factor: float, text_encoder: nn.Module, inception: nn.Module,
+                 clip_scorer: Any, latent_shape: tuple[int, int, int], rank: int, world_size: int,
+                 device: torch.device, out_dir: Path, progress_bar: bool = False) -> None:
+        self.cfg = cfg
+        self.schedule = schedule
+        self.prompts = list(prompts)
+        self.frechet = frechet
+        self.vae, self.scale_factor, self.text_encoder = vae, scale_factor, text_encoder
+        self.inception, self.clip_scorer = inception, clip_scorer
+        self.latent_shape = latent_shape
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.out_dir = out_dir
+        self.progress_bar = progress_bar
+        self.local = shard_indices(len(self.prompts), rank, world_size)
+        self._uncond: torch.Tensor | None = None
+        self._clip_text: torch.Tensor | None = None  # the frozen CLIP's caption features, computed once
+
+    def generate(self, unet: Callable, indices: Sequence[int]) -> torch.Tensor:
+        """Float [0, 1] images (B, 3, H, W), fp32, for the given prompt indices."""
+        if self._uncond is None:
+            self._uncond = encode_prompts(self.text_encoder, [""], self.cfg.precision, self.device)
+        captions = [self.prompts[i].caption for i in indices]
+        return generate_images(unet, captions, indices, cfg=self.cfg, schedule=self.schedule, uncond=self._uncond,
+                               text_encoder=self.text_encoder, vae=self.vae, scale_factor=self.scale_factor,
+                               latent_shape=self.latent_shape, device=self.device)
+
+    # -- the whole evaluation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, unet: Callable, *, samples_count: int, step: int) -> EvalResult:
+        """Generate the images of this rank's prompts, gather, and compute FID and CLIP (all ranks)."""
+        start = time.perf_counter()
+        module = unet if isinstance(unet, nn.Module) else None
+        was_training = bool(module is not None and module.training)
+        if module is not None:
+            module.eval()
+        if self._clip_text is None:
+            captions = [self.prompts[i].caption for i in self.local]
+            self._clip_text = self.clip_scorer.text_features(captions) if captions else None
+        timer = _Timer(self.device, {})
+        feats, scores, grid = [], [], []
+        bar = self._progress()
+        bs = self.cfg.batch_size
+        for lo in range(0, len(self.local), bs):
+            indices = list(self.local[lo: lo + bs])
+            t = time.perf_counter()
+            images = self.generate(unet, indices)
+            t = timer.lap("generation", t)
+            with autocast(self.cfg.precision, self.device):
+                feats.append(self.inception(images).float())
+            t = timer.lap("inception", t)
+            scores.append(self.clip_scorer.scores(images, self._clip_text[lo: lo + bs]))
+            timer.lap("clip", t)
+            keep = [j for j, i in enumerate(indices) if i < self.cfg.num_grid_images]
+            if keep:
+                grid.append(images[keep].mul(255).to(torch.uint8))
+            if bar is not None:
+                bar.update(len(indices))
+        if bar is not None:
+            bar.close()
+        if module is not None and was_training:
+            module.train()
+        t = time.perf_counter()
+        result = self._finish(feats, scores, grid, samples_count, step)
+        timer.lap("gather_and_metrics", t)
+        result.seconds = time.perf_counter() - start
+        result.timings_s = dict(timer.totals)
+        if self.rank == 0:
+            result.json_path = self._write_json(result)
+            logger.info("eval step %d: FID %.4f CLIP %.4f, %d images in %.1f s (%.2f img/s over %d rank(s))", step,
+                        result.fid, result.clip, result.num_images, result.seconds,
+                        result.num_images / max(result.seconds, 1e-9), self.world_size)
+        return result
+
+    def _finish(self, feats: list, scores: list, grid: list, samples_count: int, step: int) -> EvalResult:
+        n = len(self.prompts)
+        counts = block_counts(n, self.world_size)
+        local_feats = torch.cat(feats) if feats else torch.zeros(0, FEATURE_DIM, device=self.device)
+        local_scores = torch.cat(scores) if scores else torch.zeros(0, device=self.device)
+        # Rows come back in prompt order whatever the world size; padding is trimmed before any use.
+        all_feats = gather_rows(local_feats.contiguous(), counts).cpu()
+        all_scores = gather_rows(local_scores.contiguous(), counts).cpu()
+        metrics = None
+        if self.rank == 0:  # one rank does the (CPU-heavy with sqrtm) linear algebra; the others wait
+            metrics = (self.frechet.distance(all_feats), mean_clip_score(all_scores))
+        fid, clip = broadcast_object(metrics)
+        grid_counts = block_counts(n, self.world_size, limit=self.cfg.num_grid_images)
+        h, w = self.latent_shape[1] * self._vae_factor(), self.latent_shape[2] * self._vae_factor()
+        local_grid = torch.cat(grid) if grid else torch.zeros(0, 3, h, w, dtype=torch.uint8, device=self.device)
+        grid_images = gather_rows(local_grid.contiguous(), grid_counts).cpu()
+        result = EvalResult(fid=fid, clip=clip, num_images=n, seconds=math.nan, step=step, samples_count=samples_count)
+        if self.rank == 0 and grid_images.shape[0] > 0:
+            from sd_mlperf.eval.grid import save_grid
+
+            captions = [self.prompts[i].caption for i in range(grid_images.shape[0])]
+            result.grid_path = save_grid(self.out_dir / f"step_{step:07d}.png", grid_images, captions)
+        return result
+
+    def _vae_factor(self) -> int:
+        return 2 ** (len(self.vae.cfg.channel_mult) - 1) if hasattr(self.vae, "cfg") else 8
+
+    def _write_json(self, result: EvalResult) -> Path:
+        path = self.out_dir / f"step_{result.step:07d}.json"
+        record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
+        record.update({"images_per_s": result.num_images / max(result.seconds, 1e-9), "world_size": self.world_size,
+                       "ddim_steps": self.schedule.num_steps, "guidance_scale": self.cfg.guidance_scale,
+                       "eta": self.cfg.eta, "seed": self.cfg.seed, "precision": self.cfg.precision,
+                       "prompts_file": self.cfg.prompts_file, "fid_stats": self.cfg.fid_stats,
+                       "inception_weights": self.cfg.inception_weights, "clip_weights": self.cfg.clip_weights,
+                       "time": time.time()})
+        record["json_path"] = str(path)
+        atomic_write_text(path, json.dumps(record, indent=2, allow_nan=True) + "\n")
+        return path
+
+    def _progress(self) -> Any:
+        if not self.progress_bar or self.rank != 0:
+            return None
+        from tqdm import tqdm
+
+        # Each rank runs its block at the same pace: this rank's rate x world size is the total rate.
+        return tqdm(total=len(self.local), unit="img", desc=f"eval x{self.world_size} ranks", file=sys.stderr,
+                    dynamic_ncols=True, unit_scale=self.world_size)
+
+
+def _show_progress(mode: str) -> bool:
+    return mode == "on" or (mode == "auto" and sys.stderr.isatty())
+
+
+def build_evaluator(cfg: Config, *, vae: nn.Module, text_encoder: nn.Module, rank: int, world_size: int,
+                    device: torch.device | str, run_dir: str | Path, out_subdir: str = "eval") -> Evaluator:
+    """Load prompts, reference statistics, the FID Inception and CLIP; return the evaluator of this rank."""
+    from sd_mlperf.data.coco import read_fid_stats, read_prompts
+    from sd_mlperf.diffusion.schedule import make_alphas_cumprod
+    from sd_mlperf.eval.clip_score import ClipScorer, load_clip
+    from sd_mlperf.eval.fid import ensure_fid_stats
+    from sd_mlperf.eval.inception import load_fid_inception
+
+    e = cfg.eval
+    device = torch.device(device)
+    prompts = read_prompts(e.prompts_file)
+    if len(prompts) < e.num_prompts:
+        raise ValueError(f"invalid value for 'eval.num_prompts': {e.num_prompts}; {e.prompts_file} holds only "
+                         f"{len(prompts)} prompts. Lower eval.num_prompts (or --num-prompts) or use the full file.")
+    prompts = prompts[: e.num_prompts]
+    if len(prompts) < 2:
+        raise ValueError(f"invalid value for 'eval.num_prompts': {e.num_prompts}; FID needs at least 2 images")
+    inception = load_fid_inception(e.inception_weights, device, seed=e.seed)
+    mu, sigma = read_fid_stats(ensure_fid_stats(cfg, inception), FEATURE_DIM)
+    clip = load_clip(e.clip_weights, tiny=e.clip_tiny, device=device, seed=e.seed)
+    factor = 2 ** (len(cfg.model.vae.channel_mult) - 1)
+    if cfg.data.image_size % factor:
+        raise ValueError(f"invalid value for 'data.image_size': {cfg.data.image_size}; must be a multiple of {factor}")
+    side = cfg.data.image_size // factor
+    schedule = make_ddim_schedule(make_alphas_cumprod(cfg.diffusion), e.ddim_steps, e.eta)
+    logger.info("evaluator: %d prompts over %d rank(s) (%d here), DDIM %d steps, guidance %g, eta %g, %s, %dx%d px",
+                len(prompts), world_size, len(shard_indices(len(prompts), rank, world_size)), e.ddim_steps,
+                e.guidance_scale, e.eta, e.precision, cfg.data.image_size, cfg.data.image_size)
+    return Evaluator(e, schedule=schedule, prompts=prompts, frechet=FrechetReference(mu, sigma, method=e.fid_method,
+                                                                                     device=device), vae=vae,
+                     scale_factor=cfg.model.vae.scale_factor, text_encoder=text_encoder, inception=inception,
+                     clip_scorer=ClipScorer(clip, device=device, precision=e.precision),
+                     latent_shape=(cfg.model.vae.embed_dim, side, side), rank=rank, world_size=world_size,
+                     device=device, out_dir=Path(run_dir) / out_subdir,
+                     progress_bar=_show_progress(cfg.logging.progress_bar))

@@ -1,0 +1,102 @@
+"""Frechet distance and CLIP-score arithmetic against independent float64 implementations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sd_mlperf.eval import metrics
+from sd_mlperf.eval.metrics import FrechetReference, feature_statistics, frechet_distance, mean_clip_score
+
+
+def _eig_reference(mu1, sigma1, mu2, sigma2) -> float:
+    """Independent formula: Tr sqrtm(S1 S2) = sum of sqrt of the eigenvalues of S1 S2 (float64 numpy)."""
+    diff = mu1 - mu2
+    eig = np.linalg.eigvals(sigma1 @ sigma2)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(eig.astype(complex)).real.sum())
+
+
+def _random_stats(rng, n, d, shift=0.0, scale=1.0):
+    feats = rng.standard_normal((n, d)) * scale + shift
+    return feats, np.mean(feats, axis=0), np.cov(feats, rowvar=False)
+
+
+@pytest.mark.parametrize("d", [16, 96])
+def test_frechet_distance_matches_float64_reference(d):
+    rng = np.random.default_rng(d)
+    _, mu1, s1 = _random_stats(rng, 4 * d, d)
+    _, mu2, s2 = _random_stats(rng, 3 * d, d, shift=0.3, scale=1.4)
+    ours = frechet_distance(mu1, s1, mu2, s2)
+    assert ours == pytest.approx(_eig_reference(mu1, s1, mu2, s2), rel=1e-6)
+    # torchmetrics' formula, a third implementation, in float64.
+    from torchmetrics.image.fid import _compute_fid
+
+    tm = _compute_fid(*(torch.from_numpy(a) for a in (mu1, s1, mu2, s2))).item()
+    assert ours == pytest.approx(tm, rel=1e-6)
+    # Tensors are accepted as well as arrays.
+    assert frechet_distance(torch.from_numpy(mu1), torch.from_numpy(s1), mu2, s2) == pytest.approx(ours, rel=1e-12)
+
+
+def test_fid_is_zero_for_identical_sets():
+    rng = np.random.default_rng(0)
+    feats, mu, sigma = _random_stats(rng, 200, 32)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+    assert abs(FrechetReference(mu, sigma, method="eigh").distance(feats)) < 1e-8
+    assert abs(FrechetReference(mu, sigma, method="sqrtm").distance(feats)) < 1e-8
+
+
+def test_feature_statistics_is_numpy_mean_and_cov():
+    feats = np.random.default_rng(1).standard_normal((50, 8)).astype(np.float32)
+    mu, sigma = feature_statistics(torch.from_numpy(feats))
+    np.testing.assert_array_equal(mu, np.mean(feats.astype(np.float64), axis=0))
+    np.testing.assert_array_equal(sigma, np.cov(feats.astype(np.float64), rowvar=False))
+    with pytest.raises(ValueError, match="at least 2"):
+        feature_statistics(feats[:1])
+
+
+@pytest.mark.parametrize("n", [6, 40, 200])  # fewer and more images than dimensions
+def test_eigh_method_agrees_with_sqrtm(n):
+    rng = np.random.default_rng(n)
+    _, mu1, s1 = _random_stats(rng, 300, 48)
+    gen, mu2, s2 = _random_stats(rng, n, 48, shift=0.2, scale=0.8)
+    ref = frechet_distance(mu1, s1, mu2, s2)
+    fast = FrechetReference(mu1, s1, method="eigh")
+    assert fast.distance(gen) == pytest.approx(ref, rel=1e-6)
+    assert fast.distance(torch.from_numpy(gen).float()) == pytest.approx(ref, rel=1e-5)  # float32 features
+    assert FrechetReference(mu1, s1, method="sqrtm").distance(gen) == ref
+
+
+def test_singular_product_gets_the_diagonal_offset(monkeypatch):
+    calls = []
+    real_sqrtm = metrics.linalg.sqrtm
+
+    def flaky_sqrtm(a):
+        calls.append(a.copy())
+        return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
+
+    monkeypatch.setattr(metrics.linalg, "sqrtm", flaky_sqrtm)
+    rng = np.random.default_rng(3)
+    _, mu1, s1 = _random_stats(rng, 60, 6)
+    _, mu2, s2 = _random_stats(rng, 60, 6)
+    value = frechet_distance(mu1, s1, mu2, s2, eps=1e-3)
+    assert len(calls) == 2
+    off = np.eye(6) * 1e-3
+    np.testing.assert_allclose(calls[1], (s1 + off) @ (s2 + off))
+    assert np.isfinite(value)
+
+
+def test_bad_shapes_and_methods_are_errors():
+    with pytest.raises(ValueError, match="mean vectors"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="eval.fid_method"):
+        FrechetReference(np.zeros(3), np.eye(3), method="svd")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="dimension 3"):
+        FrechetReference(np.zeros(3), np.eye(3), method="eigh").distance(np.zeros((5, 4)))
+
+
+def test_clip_score_is_plain_mean():
+    scores = torch.tensor([0.25, -0.05, 0.4])
+    assert mean_clip_score(scores) == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        mean_clip_score(np.zeros(0))
