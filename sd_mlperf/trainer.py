@@ -353,8 +353,7 @@ def _build_data(cfg: Config, dist: DistInfo, vae: Any, text_encoder: Any) -> tup
 
 def _build_evaluator(cfg: Config, dist: DistInfo, vae: Any, text_encoder: Any, run_dir: Path) -> EvaluatorLike:
     from sd_mlperf.eval.evaluator import build_evaluator
-    from sd_mlperf.eval.fid import ensure_fid_stats
 
-    ensure_fid_stats(cfg)  # smoke runs: reference statistics of the synthetic validation images
+    # It also writes the FID reference statistics of the synthetic validation images (smoke runs).
     return build_evaluator(cfg, vae=vae, text_encoder=text_encoder, rank=dist.rank, world_size=dist.world_size,
                            device=dist.device, run_dir=run_dir)
