@@ -15,6 +15,8 @@ entries), so only rank 0 saves it. `load_state_dict(sd)` is called on EVERY rank
 (each rank reads the one file); each rank keeps its own shard. Resume needs the same backend and the
 same world size, and is then bit-exact on the CPU. Model weights are not included: save
 `dp.unwrapped.state_dict()` (plain ldm names) beside it, and load them BEFORE `load_state_dict`.
+With mcore those weight tensors are views into megatron's contiguous parameter buffer: clone them
+before writing safetensors (which refuses tensors that share storage).
 """
 
 from __future__ import annotations

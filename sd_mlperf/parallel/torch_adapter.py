@@ -41,7 +41,8 @@ class TorchDataParallel(DataParallelModel):
             raise ValueError("the torch backend keeps fp32 parameters as the master weights; build the model in fp32 "
                              "(training.precision selects the autocast dtype, not the parameter dtype).")
         if dist.world_size > 1:
-            ddp_kwargs: dict[str, Any] = {"gradient_as_bucket_view": True, "broadcast_buffers": False}
+            # Buffers: the UNet has none, so DDP's per-forward buffer broadcast is a no-op (default kept).
+            ddp_kwargs: dict[str, Any] = {"gradient_as_bucket_view": True}
             if cfg.parallel.bucket_size is not None:
                 ddp_kwargs["bucket_cap_mb"] = cfg.parallel.bucket_size * 4 / 2**20  # fp32 elements -> MiB
             if dist.device.type == "cuda":

@@ -7,6 +7,7 @@ run on the same global batch, ranks hold identical parameters, and resume is bit
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -147,8 +148,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         resumed.load_state_dict(state[0])
         _run(resumed, cfg, SPLIT, STEPS - SPLIT, rank, WORLD)
         results["resumed"] = [p.detach().clone() for p in resumed.parameters()]
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        del dp, resumed
+        gc.collect()
+        torch.distributed.barrier()  # no rank tears down while the other still communicates
     destroy_distributed()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.slow

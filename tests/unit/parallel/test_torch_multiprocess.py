@@ -5,6 +5,7 @@ One spawned job runs every check (process start-up costs about 10 s); the parent
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -79,9 +80,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         resumed.load_state_dict(obj[0])
         losses, _, _ = _run(resumed, cfg, rank, WORLD, SPLIT, STEPS - SPLIT)
         results["resumed"] = {"params": _params(resumed), "losses": losses}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        del dp, resumed  # DDP reducers hold the process group: free them before it goes
+        gc.collect()
+        torch.distributed.barrier()  # no rank tears down while the other still communicates
     finally:
         destroy_distributed()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.slow
