@@ -91,7 +91,8 @@ def test_precompute_on_cuda_matches_cpu(tmp_path):
 
     def moments(folder):
         parser = SampleParser(cfg, BadSampleCounter(0.0), decode_images=True)
-        return torch.stack([parser.parse(r)["moments"] for r in index_shard(str(folder / "00000.tar")).samples])
+        refs = index_shard(str(folder / "00000.tar")).samples
+        return torch.stack([torch.from_numpy(parser.parse(r)["moments"]) for r in refs])
 
     torch.testing.assert_close(moments(tmp_path / "gpu"), moments(tmp_path / "cpu"), rtol=1e-3, atol=1e-3)
 

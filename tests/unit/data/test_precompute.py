@@ -28,7 +28,9 @@ def _read_all(folder, cfg):
     from sd_mlperf.data.bad_samples import BadSampleCounter
 
     parser = SampleParser(cfg, BadSampleCounter(0.0), decode_images=True)
-    return {ref.key: parser.parse(ref) for p in sorted(folder.glob("*.tar")) for ref in index_shard(str(p)).samples}
+    samples = {ref.key: parser.parse(ref) for p in sorted(folder.glob("*.tar")) for ref in index_shard(str(p)).samples}
+    return {key: {k: torch.as_tensor(v, dtype=torch.float32) if isinstance(v, np.ndarray) else v
+                  for k, v in sample.items()} for key, sample in samples.items()}
 
 
 def test_output_equals_online_encoding(tmp_path, synthetic_cfg, tiny_vae, tiny_text_encoder):
