@@ -135,6 +135,9 @@ class Trainer:
     def fit(self) -> TrainState:
         """Train until the quality target, max steps or max samples; checkpoint and evaluate every block."""
         s, plan = self.state, self.plan
+        if s.step >= plan.max_steps:
+            logger.info("nothing to train: step %d already reached the stop step %d", s.step, plan.max_steps)
+            return s
         self.mlperf.run_start(s.samples_count)
         try:
             self.mlperf.block_start(s.samples_count)
@@ -325,8 +328,8 @@ def build_trainer(cfg: Config, dist: DistInfo, *, evaluator: EvaluatorLike | Non
         lr_schedule=LRSchedule(cfg.optim, plan.global_batch_size),
         autocast=lambda: autocast(cfg.training.precision, dist.device), generator=generator, device=dist.device,
         checkpointer=checkpointer, mlperf=mlperf, evaluator=evaluator, reduce_mean=_mean_over_ranks(dist.world_size),
-        progress=Progress(cfg.logging, run_dir, enabled=dist.is_main, total_steps=plan.max_steps,
-                          global_batch_size=plan.global_batch_size))
+        progress=Progress(cfg.logging, run_dir, enabled=dist.is_main, global_batch_size=plan.global_batch_size,
+                          total_steps=plan.max_steps if plan.max_steps < UNBOUNDED_STEPS else None))
     resume_from = checkpointer.resolve(cfg.training.resume)
     if resume_from is not None:
         trainer.restore(resume_from)

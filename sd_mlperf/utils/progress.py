@@ -7,6 +7,7 @@ and reads them once per log interval (`IntervalMeter.pop`, the only sync point o
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -70,7 +71,7 @@ class IntervalMeter:
 class Progress:
     """Log line every `logging.interval_steps`, a progress bar on a terminal, metrics in `metrics.jsonl`."""
 
-    def __init__(self, cfg: LoggingConfig, run_dir: str | os.PathLike, *, enabled: bool, total_steps: int,
+    def __init__(self, cfg: LoggingConfig, run_dir: str | os.PathLike, *, enabled: bool, total_steps: int | None,
                  global_batch_size: int, start_step: int = 0, stream: IO[str] | None = None) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
@@ -118,7 +119,8 @@ class Progress:
                   "loss_scale": loss_scale, "img_per_s": img_per_s, "step_time_s": self._step_time_s,
                   "s_to_checkpoint": steps_to_checkpoint * self._step_time_s, "time": time.time()}
         if self.enabled:
-            line = (f"step {step}/{self.total_steps} samples {samples_count} loss {metrics.get('loss', math.nan):.5f} "
+            total = self.total_steps or "?"
+            line = (f"step {step}/{total} samples {samples_count} loss {metrics.get('loss', math.nan):.5f} "
                     f"lr {lr:.3e} scale {loss_scale:g} {img_per_s:.1f} img/s "
                     f"next ckpt in {steps_to_checkpoint} steps (~{record['s_to_checkpoint']:.0f} s)")
             if metrics.get("skipped_steps"):
@@ -131,16 +133,17 @@ class Progress:
         if self.enabled:
             record = {"kind": "eval", "step": step, "samples": samples_count, "fid": fid, "clip": clip,
                       "seconds": seconds, "time": time.time()}
+            # The evaluator logs its own result line; this one only goes to the JSON lines.
             self._write(f"eval at step {step} samples {samples_count}: FID {fid:.3f} CLIP {clip:.4f} "
-                        f"({seconds:.1f} s)", record)
+                        f"({seconds:.1f} s)", record, level=logging.DEBUG)
         # Evaluation time is not training time: restart the throughput clock.
         self._last_time = time.perf_counter()
 
-    def _write(self, line: str, record: dict[str, Any]) -> None:
-        if self._bar is not None:
+    def _write(self, line: str, record: dict[str, Any], level: int = logging.INFO) -> None:
+        if self._bar is not None and level >= logging.INFO:
             self._bar.write(line, file=self._stream)
         else:
-            logger.info(line)
+            logger.log(level, line)
         assert self._file is not None
         self._file.write(json.dumps(record, allow_nan=True) + "\n")
 

@@ -70,7 +70,8 @@ def make_batches(n: int, batch_size: int = 2, seed: int = 1) -> list[dict]:
 
 def conditioner(batch: dict, generator: torch.Generator | None = None, device=None):
     """Like the real one, draws fresh noise per sample from the trainer's generator (latent sampling)."""
-    z0 = batch["z0"] + 0.1 * torch.randn(batch["z0"].shape, generator=generator)
+    where = generator.device if generator is not None else None
+    z0 = batch["z0"] + 0.1 * torch.randn(batch["z0"].shape, generator=generator, device=where).to(batch["z0"].device)
     return z0.to(device), batch["context"].to(device)
 
 
