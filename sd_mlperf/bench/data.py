@@ -102,10 +102,13 @@ def bench_decode(cfg: DataConfig, backend: str, *, steps: int, warmup: int, batc
     if images.is_cuda:
         torch.cuda.synchronize()
     rate = steps * batch / (time.perf_counter() - start)
-    cores = 1 if decoder.device.type == "cpu" else DGX_CORES_PER_GPU  # GPU decode: no per-core scaling
     row = {"bench": f"decode {decoder.name}", "device": str(decoder.device), "batch": batch,
            "image_size": cfg.image_size, "samples_s": rate}
-    row.update(_ratios(rate, cores) if decoder.device.type == "cpu" else {"x_gpu_demand": rate / GPU_DEMAND_IMG_S})
+    if decoder.device.type == "cpu":  # per-core rate over the cores its threads could use here
+        cores = min(getattr(decoder, "num_threads", 1), os.cpu_count() or 1)
+        row.update(workers=cores, **_ratios(rate, cores))
+    else:  # GPU decode does not scale with host cores
+        row["x_gpu_demand"] = rate / GPU_DEMAND_IMG_S
     return row
 
 

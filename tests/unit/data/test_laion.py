@@ -8,8 +8,10 @@ import pytest
 import torch
 from data_helpers import EMB_DIM, IMAGE_SIZE, LATENT, batch_ids, data_config, write_moment_shards
 
+from sd_mlperf.backends import package_available
 from sd_mlperf.data.laion import build_train_loader
-from sd_mlperf.data.synthetic import make_synthetic_dataset
+from sd_mlperf.data.shards import write_shard
+from sd_mlperf.data.synthetic import make_synthetic_dataset, make_train_sample
 
 
 def _loader(shards, *, rank=0, seed=7, batch=4, **overrides):
@@ -90,3 +92,18 @@ def test_resume_with_other_workers_warns_and_does_not_replay(tmp_path, sd_log):
     tail = [batch_ids(b) for b in _take(resumed, 3)]
     assert tail != head and resumed.state_dict()["batches"] == 6
     assert "data order differs" in sd_log.text
+
+
+@pytest.mark.skipif(not package_available("nvidia.dali"), reason="nvidia-dali-cuda120 is not installed")
+def test_batch_decoder_path_replaces_bad_images(tmp_path, sd_log):
+    """decode_backend=dali (CPU variant here) decodes whole batches in the main process, as on the GPU."""
+    jpg = make_train_sample(0, 1, IMAGE_SIZE)[0]
+    write_shard(tmp_path / "00000.tar", [("good0", {"jpg": jpg, "txt": b"a"}), ("bad", {"jpg": b"junk", "txt": b"b"}),
+                                         ("good1", {"jpg": jpg, "txt": b"c"}), ("good2", {"jpg": jpg, "txt": b"d"})])
+    loader = _loader(tmp_path, batch=4, train_format="images", decode_backend="dali", shuffle_buffer_samples=0,
+                     max_bad_fraction=0.5)
+    assert loader.decoder is not None and loader.decoder.name == "dali"
+    batch = _take(loader, 1)[0]
+    assert batch["images"].shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE) and "bad" not in batch["keys"]
+    assert torch.equal(batch["images"][1], batch["images"][0])  # the bad slot holds a good image of the batch
+    assert "corrupt_image" in sd_log.text
