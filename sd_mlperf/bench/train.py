@@ -1,0 +1,293 @@
+"""`sd-mlperf bench train`: images/s, ms/step, TFLOP/s and MFU of the UNet training step.
+
+What is timed is one optimizer step as the trainer runs it, minus data loading: timesteps and
+noise drawn on the device, noisy latents and v-target (diffusion/schedule.py), forward under
+autocast, v-loss, backward, gradient sync, the loss-scaled fused AdamW step of the data-parallel
+backend (parallel/), all on synthetic latents and context of the configured shape. The bench runs
+one process (world size 1), so no gradient reduce happens; multi-GPU scaling is not measured here.
+
+Each variant (the config itself, or the config plus dotted overrides) builds a fresh UNet and
+optimizer, runs warmup steps that change no weights (fastpath.cuda_graph), then times each of
+`steps` steps (CUDA events on the GPU) and reports medians. Model FLOPs per image are counted on
+the real model (bench/flops.py); MFU is against the dense 16-bit peak of the device.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sd_mlperf.backends import backend_names, resolve_backend
+from sd_mlperf.bench.table import add_ratios
+from sd_mlperf.config.load import load_config
+from sd_mlperf.config.schema import Config
+from sd_mlperf.utils.logging import logger
+
+# The bench is one process: these are appended to every variant's overrides.
+SINGLE_PROCESS = ("parallel.num_nodes=1", "parallel.gpus_per_node=1", "training.grad_accumulation_steps=1")
+COMPARE_GROUPS = ("attention", "norm", "channels_last", "compile", "cuda_graph", "precision")
+CONTEXT_LENGTH = 77  # text tokens (REFERENCE.md: OpenCLIP context 77)
+COLUMNS = ("variant", "device", "precision", "attention", "norm", "channels_last", "compile", "cuda_graph", "batch",
+           "latent", "ms_per_step", "ms_min", "images_per_s", "speedup", "tflop_per_image", "tflop_per_s", "mfu",
+           "peak_mem_gib", "loss", "status")
+"""Column order of the train table (`speedup` is images/s relative to the first row)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named set of dotted overrides applied on top of the bench's config."""
+
+    name: str
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainBenchSettings:
+    """How long to measure."""
+
+    steps: int = 20
+    warmup_steps: int = 5
+
+
+def parse_variant(spec: str) -> Variant:
+    """`NAME: key=value key=value` (overrides separated by spaces) -> Variant."""
+    name, sep, rest = spec.partition(":")
+    if not sep or not name.strip():
+        raise ValueError(f"--variant {spec!r}: expected 'NAME: key=value ...', e.g. 'graph: training.cuda_graph=true'")
+    overrides = tuple(rest.split())
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ValueError(f"--variant {spec!r}: {bad} are not dotted key=value overrides")
+    return Variant(name.strip(), overrides)
+
+
+def pick_device(cfg: Config) -> torch.device:
+    """run.device: `auto` takes CUDA when present."""
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but torch sees no CUDA device; set run.device=cpu (or auto)")
+    if cfg.run.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def device_name(device: torch.device) -> str:
+    """A short name for the table: the GPU's name, or the CPU with its thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu {platform.machine()} x{torch.get_num_threads()}"
+
+
+def compare_variants(cfg: Config, groups: Sequence[str] = COMPARE_GROUPS) -> list[Variant]:
+    """One-at-a-time alternatives to `cfg` for `--compare`: each flips a single fast-path choice."""
+    unknown = sorted(set(groups) - set(COMPARE_GROUPS))
+    if unknown:
+        raise ValueError(f"--compare: unknown group(s) {unknown}; choose from {', '.join(COMPARE_GROUPS)}")
+    u, tr = cfg.model.unet, cfg.training
+    variants = [Variant("config")]
+    if "attention" in groups:
+        chosen = resolve_backend("attention", u.attention_backend).name
+        variants += [Variant(f"attention={n}", (f"model.unet.attention_backend={n}",))
+                     for n in backend_names("attention") if n != chosen]
+    if "norm" in groups:
+        chosen = resolve_backend("norm", u.norm_backend).name
+        # apex's kernel reads NHWC only, so its variant turns channels-last on as well.
+        variants += [Variant(f"norm={n}", (f"model.unet.norm_backend={n}",)
+                             + (("model.unet.channels_last=true",) if n == "apex" else ()))
+                     for n in backend_names("norm") if n != chosen]
+    for group, key, value in (("channels_last", "model.unet.channels_last", u.channels_last),
+                              ("compile", "model.unet.compile", u.compile),
+                              ("cuda_graph", "training.cuda_graph", tr.cuda_graph)):
+        if group in groups:
+            variants.append(Variant(f"{group}={str(not value).lower()}", (f"{key}={str(not value).lower()}",)))
+    if "precision" in groups:
+        others = ("bf16", "fp32") if pick_device(cfg).type == "cpu" else ("fp16", "bf16")
+        variants += [Variant(f"precision={p}", (f"training.precision={p}",)) for p in others if p != tr.precision]
+    return variants
+
+
+def synthetic_batch(cfg: Config, device: torch.device, *, generator: torch.Generator | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Latents (B, C, H/8, W/8) and a text context (B, 77, context_dim) of the configured shape."""
+    u, b, size = cfg.model.unet, cfg.training.micro_batch_size, cfg.data.image_size // 8
+    latents = torch.randn(b, u.in_channels, size, size, generator=generator)
+    context = torch.randn(b, CONTEXT_LENGTH, u.context_dim, generator=generator)
+    if u.channels_last:
+        latents = latents.contiguous(memory_format=torch.channels_last)
+    return {"latents": latents.to(device), "context": context.to(device)}
+
+
+def make_train_step(dp: Any, alphas_cumprod: torch.Tensor, *, precision: str, device: torch.device,
+                    num_timesteps: int, lr: float) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The trainer's step on a ready batch, with every draw on the device (no host sync: graph-capturable)."""
+    from sd_mlperf.diffusion.schedule import add_noise, sample_timesteps, v_loss, v_target
+    from sd_mlperf.parallel.precision import autocast
+
+    def step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        z0, context = batch["latents"], batch["context"]
+        t = sample_timesteps(z0.shape[0], num_timesteps, device=z0.device)
+        noise = torch.randn_like(z0)
+        x_t = add_noise(z0, noise, t, alphas_cumprod)
+        v = v_target(z0, noise, t, alphas_cumprod)
+        dp.zero_grad()
+        with autocast(precision, device):
+            v_pred = dp(x_t, t, context)
+        loss = v_loss(v_pred, v)
+        dp.backward(loss)
+        dp.finish_grad_sync()
+        ok, grad_norm = dp.step(lr)
+        return {"loss": loss.detach(), "ok": ok, "grad_norm": grad_norm}
+
+    return step
+
+
+def time_steps(runner: Callable[[dict[str, torch.Tensor]], Any], batch: dict[str, torch.Tensor], steps: int,
+               device: torch.device) -> tuple[list[float], Any]:
+    """Seconds of each of `steps` calls (CUDA events on the GPU, wall clock on the CPU) and the last output."""
+    out = None
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for start, end in events:
+            start.record()
+            out = runner(batch)
+            end.record()
+        torch.cuda.synchronize(device)  # host sync: once, after all timed steps
+        return [start.elapsed_time(end) / 1e3 for start, end in events], out
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = runner(batch)
+        times.append(time.perf_counter() - t0)
+    return times, out
+
+
+class _FlopCache:
+    """Model FLOPs per trained image, counted once per UNet shape."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, float] = {}
+
+    def per_image(self, cfg: Config) -> float:
+        from sd_mlperf.bench.flops import unet_train_flops
+
+        key = repr((cfg.model.unet, cfg.data.image_size))
+        if key not in self._cache:
+            self._cache[key] = float(unet_train_flops(cfg.model.unet, latent_size=cfg.data.image_size // 8,
+                                                      context_length=CONTEXT_LENGTH))
+        return self._cache[key]
+
+
+def build_runner(cfg: Config, device: torch.device, batch: dict[str, torch.Tensor], warmup_steps: int,
+                 unet: torch.nn.Module | None = None) -> tuple[Any, Any, Callable]:
+    """UNet (fast path applied), data-parallel wrapper with its optimizer, and the warmed-up step runner.
+
+    `unet` replaces our UNet with another model of the same forward signature (the diffusers
+    comparison); it must already live on `device`.
+    """
+    from sd_mlperf.config.load import learning_rate
+    from sd_mlperf.diffusion.schedule import make_alphas_cumprod
+    from sd_mlperf.fastpath.compile import compile_available
+    from sd_mlperf.fastpath.cuda_graph import build_step_runner, tensor_attributes
+    from sd_mlperf.fastpath.optim import make_capturable
+    from sd_mlperf.models.unet import build_unet
+    from sd_mlperf.parallel.data_parallel import apply_data_parallel
+    from sd_mlperf.parallel.distributed import DistInfo
+
+    if cfg.training.cuda_graph and device.type != "cuda":
+        raise RuntimeError("training.cuda_graph=true needs a CUDA device")
+    if cfg.model.unet.compile:
+        ok, why = compile_available(device)
+        if not ok:
+            raise RuntimeError(why)
+    if unet is None:
+        with torch.device(device):  # initialise the weights where they will live
+            unet = build_unet(cfg.model.unet)  # applies channels-last and compile from the config
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device, backend="none")
+    dp = apply_data_parallel(unet, cfg, dist)
+    if cfg.training.cuda_graph:
+        make_capturable(dp.optimizer)
+    step = make_train_step(dp, make_alphas_cumprod(cfg.diffusion).to(device), precision=cfg.training.precision,
+                           device=device, num_timesteps=cfg.diffusion.num_timesteps, lr=learning_rate(cfg))
+    scaler = getattr(dp, "scaler", None)
+    runner = build_step_runner(step, batch, model=unet, optimizer=dp.optimizer, cuda_graph=cfg.training.cuda_graph,
+                               warmup_steps=warmup_steps,
+                               extra_tensors=tensor_attributes(scaler) if scaler is not None else ())
+    return unet, dp, runner
+
+
+def measure(cfg: Config, device: torch.device, settings: TrainBenchSettings, flops: _FlopCache) -> dict[str, Any]:
+    """One row: build, warm up, time `settings.steps` steps of `cfg` on `device`."""
+    from sd_mlperf.bench.flops import peak_tflops
+
+    u, tr = cfg.model.unet, cfg.training
+    row: dict[str, Any] = {"device": device_name(device), "precision": tr.precision, "attention": u.attention_backend,
+                           "norm": u.norm_backend, "channels_last": u.channels_last, "compile": u.compile,
+                           "cuda_graph": tr.cuda_graph, "batch": tr.micro_batch_size,
+                           "latent": cfg.data.image_size // 8}
+    torch.manual_seed(cfg.run.seed)
+    batch = synthetic_batch(cfg, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    unet, dp, runner = build_runner(cfg, device, batch, settings.warmup_steps)
+    chosen = {r.role: r.name for r in unet.backend_resolutions}
+    row["attention"], row["norm"] = chosen["attention"], chosen["norm"]
+    times, out = time_steps(runner, batch, settings.steps, device)
+    loss = float(out["loss"])  # host sync, after timing
+    seconds = statistics.median(times)
+    images_per_s = tr.micro_batch_size / seconds
+    flop_per_image = flops.per_image(cfg)
+    tflop_per_s = flop_per_image * images_per_s / 1e12
+    peak = peak_tflops(row["device"], tr.precision)
+    row.update({
+        "ms_per_step": seconds * 1e3,
+        "ms_min": min(times) * 1e3,
+        "images_per_s": images_per_s,
+        "tflop_per_image": flop_per_image / 1e12,
+        "tflop_per_s": tflop_per_s,
+        "mfu": tflop_per_s / peak if peak else None,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "loss": loss,
+        "status": "ok" if math.isfinite(loss) else "failed: non-finite loss",
+    })
+    del unet, dp, runner, batch
+    return row
+
+
+def _release(device: torch.device, compiled: bool) -> None:
+    gc.collect()
+    if compiled:
+        torch._dynamo.reset()  # each variant compiles a fresh model; do not pile up guards
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_train(config_files: Sequence[str], overrides: Sequence[str], variants: Sequence[Variant],
+                settings: TrainBenchSettings | None = None) -> list[dict[str, Any]]:
+    """Measure each variant in this process; a variant that cannot run here gets a `skipped:` row."""
+    settings = settings or TrainBenchSettings()
+    from sd_mlperf.fastpath.runtime import configure_device
+
+    flops = _FlopCache()
+    rows: list[dict[str, Any]] = []
+    for variant in variants:
+        cfg = load_config(config_files, [*overrides, *variant.overrides, *SINGLE_PROCESS])
+        device = pick_device(cfg)
+        configure_device(device)
+        logger.info("bench train: %s (%s)", variant.name, " ".join(variant.overrides) or "as configured")
+        try:
+            row = {"variant": variant.name, **measure(cfg, device, settings, flops)}
+        except (RuntimeError, ValueError) as exc:  # unavailable backend, no CUDA, out of memory
+            status = ("failed: out of memory" if isinstance(exc, torch.OutOfMemoryError)
+                      else "skipped: " + " ".join(str(exc).split())[:200])
+            logger.warning("bench train: %s %s", variant.name, status)
+            row = {"variant": variant.name, "device": device_name(device), "status": status}
+        rows.append(row)
+        _release(device, cfg.model.unet.compile)
+    return add_ratios(rows, "images_per_s", name="speedup")

@@ -1,0 +1,97 @@
+"""`sd-mlperf bench {train,data,eval}`: measure a part of the pipeline and print a table of rows.
+
+`train` times the UNet training step (images/s, ms/step, TFLOP/s, MFU, peak memory) for the
+config and, with --compare / --variant, for alternatives in the same process; --diffusers adds
+the same step on diffusers' UNet2DConditionModel of the same shape (an optional dependency).
+`data` and `eval` run the loader and evaluation benches of sd_mlperf.bench.data / .eval.
+The table goes to stdout (text, markdown or JSON); --output also saves the rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sd_mlperf.commands._common import add_config_arguments
+
+NAME = "bench"
+HELP = "measure the training step (train), the data loader (data) or evaluation (eval); prints a table"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
+    train = modes.add_parser("train", help="time the UNet training step of the config (and alternatives)")
+    train.add_argument("--compare", nargs="?", const="all", default=None, metavar="GROUPS",
+                       help="also time one-at-a-time alternatives: comma-separated groups among attention, norm, "
+                            "channels_last, compile, cuda_graph, precision (default: all)")
+    train.add_argument("--variant", action="append", default=[], metavar="'NAME: KEY=VALUE ...'",
+                       help="also time this named set of overrides (repeatable)")
+    train.add_argument("--no-base", action="store_true", help="time only the --variant rows, not the config itself")
+    train.add_argument("--diffusers", action="store_true",
+                       help="also time diffusers' UNet2DConditionModel of the same shape (pip install diffusers)")
+    for mode, text in (("data", "time the training data loader"), ("eval", "time evaluation (sampling + metrics)")):
+        modes.add_parser(mode, help=text)
+    for p in modes.choices.values():
+        p.add_argument("--steps", type=int, default=20, help="timed steps (batches) per row")
+        p.add_argument("--warmup", type=int, default=5, help="untimed warmup steps (batches) per row")
+        p.add_argument("--format", choices=("text", "markdown", "json"), default="text", help="table format")
+        p.add_argument("--output", metavar="FILE", help="also write the rows as JSON here")
+        add_config_arguments(p)
+
+
+def _train_rows(args: argparse.Namespace) -> tuple[list[dict], list[str] | None]:
+    from sd_mlperf.bench.train import (
+        COLUMNS,
+        COMPARE_GROUPS,
+        SINGLE_PROCESS,
+        TrainBenchSettings,
+        Variant,
+        bench_train,
+        compare_variants,
+        parse_variant,
+    )
+    from sd_mlperf.config import load_config
+
+    settings = TrainBenchSettings(steps=args.steps, warmup_steps=args.warmup)
+    variants = [] if args.no_base else [Variant("config")]
+    if args.compare:
+        groups = COMPARE_GROUPS if args.compare == "all" else [g.strip() for g in args.compare.split(",")]
+        base = load_config(args.config, [*args.overrides, *SINGLE_PROCESS])
+        variants = variants + compare_variants(base, groups)[1:]
+    variants += [parse_variant(spec) for spec in args.variant]
+    if not variants and not args.diffusers:
+        raise ValueError("nothing to measure: --no-base needs at least one --variant (or --diffusers)")
+    rows = bench_train(args.config, args.overrides, variants, settings) if variants else []
+    columns = list(COLUMNS)
+    if args.diffusers:
+        from sd_mlperf.bench.diffusers_compare import COLUMNS as DIFFUSERS_COLUMNS
+        from sd_mlperf.bench.diffusers_compare import compare_with_diffusers
+
+        rows += compare_with_diffusers(args.config, args.overrides, settings)
+        columns += [c for c in DIFFUSERS_COLUMNS if c not in columns]
+    return rows, columns
+
+
+def run(args: argparse.Namespace) -> int:
+    from sd_mlperf.bench.table import format_table, write_rows
+    from sd_mlperf.config import load_config
+    from sd_mlperf.utils.logging import logger
+
+    if args.steps < 1 or args.warmup < 0:
+        raise ValueError(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
+    columns: list[str] | None = None
+    if args.mode == "train":
+        rows, columns = _train_rows(args)
+    elif args.mode == "data":
+        from sd_mlperf.bench.data import run_data_bench
+
+        rows = run_data_bench(load_config(args.config, args.overrides), args)
+    else:
+        from sd_mlperf.bench.eval import run_eval_bench
+
+        rows = run_eval_bench(load_config(args.config, args.overrides), args)
+    sys.stdout.write(format_table(rows, fmt=args.format, columns=columns))
+    if args.output:
+        write_rows(args.output, rows)
+        logger.info("bench %s: wrote %d rows to %s", args.mode, len(rows), args.output)
+    return 0

@@ -1,0 +1,156 @@
+"""The whole training step (forward, backward, gradient reduce, optimizer step) in one CUDA graph.
+
+MLPerf allows warming up on synthetic data before `run_start` as long as no weights change.
+`build_step_runner` therefore snapshots every tensor the step mutates, runs the warmup steps on a
+side stream (lazy state such as Adam moments and the loss-scale tensors gets allocated there),
+captures one step into a graph, and writes the snapshot back in place: addresses stay the ones
+the graph recorded, values return to their initial state. Each training step then copies the
+batch into static input buffers and replays the graph; outputs are static tensors (read them
+only at the log interval: reading is a host sync).
+
+Requirements on `step_fn` for capture: no host syncs (`.item()`, `.cpu()`, data-dependent
+Python branches), device-resident constants (e.g. alphas_cumprod already on the GPU), an
+optimizer made capturable (`fastpath.optim.make_capturable`), and gradients set to None (not
+zeroed) at its start, so backward writes them rather than accumulating. Random draws
+(timesteps, noise) are fine: the default CUDA generator advances its offset on each replay.
+
+The CPU twin is `EagerStepRunner`: same interface, eager calls, the same side-effect-free warmup.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+
+import torch
+
+from sd_mlperf.utils.logging import log_once, logger
+
+Batch = dict[str, torch.Tensor]
+StepFn = Callable[[Batch], dict[str, torch.Tensor]]
+
+
+class TrainingStateSnapshot:
+    """Copies of the tensors a training step mutates; `restore()` writes them back in place.
+
+    Covers the model's parameters and buffers, the optimizer's per-parameter state, and
+    `extra_tensors`: a loss scaler's scale and counters (`tensor_attributes(scaler)`), a distributed
+    optimizer's fp32 main shards. Optimizer state created after the snapshot (Adam's lazily
+    allocated moments and step) is zeroed on restore, which is exactly Adam(W)'s initial state.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 extra_tensors: Iterable[torch.Tensor] = ()) -> None:
+        self.optimizer = optimizer
+        tensors = itertools.chain(model.parameters(), model.buffers(), extra_tensors)
+        self._saved = [(t, t.detach().clone()) for t in tensors]
+        self._saved_state = {(id(p), key): value.detach().clone()
+                             for p, state in optimizer.state.items()
+                             for key, value in state.items() if torch.is_tensor(value)}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write the saved values back into the same tensors (so captured addresses stay valid)."""
+        for tensor, saved in self._saved:
+            tensor.copy_(saved)
+        for p, state in self.optimizer.state.items():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    saved = self._saved_state.get((id(p), key))
+                    if saved is None:
+                        value.zero_()
+                    else:
+                        value.copy_(saved)
+
+
+def tensor_attributes(obj: object) -> list[torch.Tensor]:
+    """The tensors held directly as attributes of `obj` (a loss scaler's scale and counters)."""
+    return [value for value in vars(obj).values() if torch.is_tensor(value)]
+
+
+def warmup_without_side_effects(step_fn: StepFn, batch: Batch, *, model: torch.nn.Module,
+                                optimizer: torch.optim.Optimizer, steps: int = 3,
+                                extra_tensors: Iterable[torch.Tensor] = ()) -> None:
+    """Run `steps` training steps on `batch`, then restore every weight, optimizer state and extra tensor."""
+    snapshot = TrainingStateSnapshot(model, optimizer, extra_tensors)
+    for _ in range(steps):
+        step_fn(batch)
+    optimizer.zero_grad(set_to_none=True)
+    snapshot.restore()
+
+
+class EagerStepRunner:
+    """The CPU twin of `CudaGraphStepRunner`: calls `step_fn` directly."""
+
+    graphed = False
+
+    def __init__(self, step_fn: StepFn) -> None:
+        self.step_fn = step_fn
+
+    def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Run one training step on `batch`."""
+        return self.step_fn(batch)
+
+
+class CudaGraphStepRunner:
+    """One training step captured in a CUDA graph; calling it copies the batch in and replays."""
+
+    graphed = True
+
+    def __init__(self, step_fn: StepFn, example_batch: Batch, *, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, warmup_steps: int = 3,
+                 extra_tensors: Iterable[torch.Tensor] = ()) -> None:
+        devices = {t.device.type for t in example_batch.values()}
+        if devices != {"cuda"}:
+            raise RuntimeError(f"CUDA graph capture needs the batch on a CUDA device, got {sorted(devices)}; "
+                               "set training.cuda_graph=false on this machine")
+        if warmup_steps < 1:
+            raise ValueError(f"CUDA graph capture needs at least one warmup step, got {warmup_steps}")
+        extra_tensors = list(extra_tensors)
+        # Static inputs: the graph reads these addresses on every replay.
+        self.static_batch = {k: v.detach().clone() for k, v in example_batch.items()}
+        # A graph must not keep weight casts that autocast cached outside it; each UNet weight is cast
+        # once per step anyway, so the cache saves nothing. Applies to every autocast entered later.
+        torch.set_autocast_cache_enabled(False)
+        snapshot = TrainingStateSnapshot(model, optimizer, extra_tensors)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warmup off the default stream, as capture requires
+            for _ in range(warmup_steps):
+                step_fn(self.static_batch)
+        torch.cuda.current_stream().wait_stream(side)
+        optimizer.zero_grad(set_to_none=True)  # backward in the graph allocates grads from its pool
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: a pin-memory or loader thread touching CUDA during capture is not an error.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.static_out = step_fn(self.static_batch)
+        snapshot.restore()  # capture ran no kernels, but warmup did: weights back to their start
+        torch.cuda.synchronize()
+        logger.info("cuda_graph: training step captured after %d warmup steps (weights restored)", warmup_steps)
+
+    def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Copy `batch` into the static inputs and replay the step; returns the static outputs."""
+        for key, value in batch.items():
+            self.static_batch[key].copy_(value, non_blocking=True)
+        self.graph.replay()
+        return self.static_out
+
+
+def build_step_runner(step_fn: StepFn, example_batch: Batch, *, model: torch.nn.Module,
+                      optimizer: torch.optim.Optimizer, cuda_graph: bool = False, warmup_steps: int = 3,
+                      extra_tensors: Iterable[torch.Tensor] = ()) -> EagerStepRunner | CudaGraphStepRunner:
+    """The step runner for training.cuda_graph: captured on CUDA, eager elsewhere (warned once).
+
+    Either way `warmup_steps` steps run first on `example_batch` (synthetic data) and change no
+    weights, so cuDNN autotuning and lazy allocations happen before `run_start`.
+    """
+    on_cuda = all(t.device.type == "cuda" for t in example_batch.values())
+    if cuda_graph and on_cuda:
+        return CudaGraphStepRunner(step_fn, example_batch, model=model, optimizer=optimizer,
+                                   warmup_steps=warmup_steps, extra_tensors=extra_tensors)
+    if cuda_graph:
+        log_once("cuda_graph_cpu", "training.cuda_graph=true has no effect without a CUDA device; running eager")
+    if warmup_steps > 0:
+        warmup_without_side_effects(step_fn, example_batch, model=model, optimizer=optimizer,
+                                    steps=warmup_steps, extra_tensors=extra_tensors)
+    return EagerStepRunner(step_fn)

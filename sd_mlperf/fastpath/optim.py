@@ -1,0 +1,38 @@
+"""Which AdamW kernel to use: fused (one launch for all tensors) and, for CUDA graphs, capturable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def adamw_kernel_options(device: torch.device, *, capturable: bool = False) -> dict[str, Any]:
+    """Keyword arguments for torch.optim.AdamW: fused kernels everywhere, capturable under a CUDA graph.
+
+    `fused=True` also makes GradScaler hand `grad_scale`/`found_inf` to the kernel as tensors,
+    so an fp16 step with dynamic loss scaling has no host sync (needed inside a CUDA graph).
+    `capturable=True` keeps the step counter on the device; eager steps pay for it, so it is set
+    only when the step will be captured.
+    """
+    options: dict[str, Any] = {"fused": True}
+    if capturable and device.type == "cuda":
+        options["capturable"] = True
+    return options
+
+
+def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Mark every param group capturable, so `step()` may run inside a CUDA graph capture; returns it.
+
+    Only for fused AdamW/Adam, whose step counters already live on the parameters' device; an
+    optimizer whose existing state holds CPU step counters cannot be captured.
+    """
+    for group in optimizer.param_groups:
+        if not group.get("fused"):
+            raise ValueError("CUDA graph capture of the optimizer step needs fused AdamW (fused=True); "
+                             "build it with fastpath.optim.adamw_kernel_options() or set training.cuda_graph=false")
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            assert step is None or step.device == p.device, "fused AdamW keeps its step on the parameter's device"
+        group["capturable"] = True
+    return optimizer

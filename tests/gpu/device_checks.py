@@ -1,0 +1,199 @@
+"""One-shot device checks: the UNet's GPU fast paths against the CPU twin, the CUDA-graph step against eager.
+
+Run by tests/gpu/run_device_checks.sh on a machine with one NVIDIA GPU:
+
+    python tests/gpu/device_checks.py [--out DIR] [--with-compile]
+    python tests/gpu/device_checks.py --cpu-dry-run     # the same code on the CPU, tiny; GPU-only checks skip
+
+Checks (each a row: check, status ok/FAIL/skipped, measured error, tolerance, detail):
+- unet[...]: forward output and all parameter gradients of a small UNet with real channel counts
+  (128/256, so apex's kernel list covers them) on the device, per fast-path combination, against
+  the reference twin (CPU, fp32, math attention, torch GroupNorm, NCHW) with the same weights.
+- step_no_host_sync: one eager training step under torch.cuda.set_sync_debug_mode("error").
+- cuda_graph_*: the bench's training step (fp16, loss scaling, fused AdamW) captured in a graph:
+  weights unchanged by the warmup + capture, and 3 replayed steps matching 3 eager steps.
+Exit status 1 if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sd_mlperf.bench.table import format_table
+from sd_mlperf.bench.train import SINGLE_PROCESS, build_runner, synthetic_batch
+from sd_mlperf.config import load_config
+from sd_mlperf.config.schema import UNetConfig
+from sd_mlperf.models.unet import build_unet
+from sd_mlperf.parallel.precision import autocast
+
+SMALL = ["model.unet.model_channels=128", "model.unet.channel_mult=[1,2]", "model.unet.attention_levels=[0,1]",
+         "model.unet.head_channels=64", "model.unet.context_dim=256", "model.unet.resblock_norm_groups=16",
+         "model.unet.transformer_norm_groups=32", "data.image_size=128", "training.micro_batch_size=4"]
+TINY = ["model.unet.model_channels=32", "model.unet.channel_mult=[1,2]", "model.unet.attention_levels=[1]",
+        "model.unet.head_channels=16", "model.unet.context_dim=32", "model.unet.resblock_norm_groups=4",
+        "model.unet.transformer_norm_groups=8", "data.image_size=64", "training.micro_batch_size=2"]
+# Relative L2 error allowed against the fp32 CPU reference. fp32 on the GPU may use TF32 convolutions
+# (cuDNN's default), hence not 1e-6; bf16 keeps 8 mantissa bits, fp16 11.
+TOLERANCE = {"fp32": 5e-3, "fp16": 2e-2, "bf16": 6e-2}
+UNET_VARIANTS = [  # (name, precision, UNetConfig changes)
+    ("fp32 sdpa nchw", "fp32", {"attention_backend": "sdpa", "norm_backend": "torch"}),
+    ("fp16 sdpa nhwc", "fp16", {"attention_backend": "sdpa", "norm_backend": "torch", "channels_last": True}),
+    ("bf16 sdpa nhwc", "bf16", {"attention_backend": "sdpa", "norm_backend": "torch", "channels_last": True}),
+    ("fp16 te nhwc", "fp16", {"attention_backend": "te", "norm_backend": "torch", "channels_last": True}),
+    ("fp16 apex nhwc", "fp16", {"attention_backend": "sdpa", "norm_backend": "apex", "channels_last": True}),
+    ("fp16 auto nhwc", "fp16", {"attention_backend": "auto", "norm_backend": "auto", "channels_last": True}),
+]
+COMPILE_VARIANT = ("fp16 auto nhwc compile", "fp16", {"attention_backend": "auto", "norm_backend": "auto",
+                                                      "channels_last": True, "compile": True})
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in fp32 on the CPU."""
+    a, b = a.detach().float().cpu(), b.detach().float().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _row(check: str, status: str, error: float | None = None, tol: float | None = None, detail: str = "") -> dict:
+    return {"check": check, "status": status, "rel_err": error, "tolerance": tol, "detail": detail}
+
+
+def _forward_backward(unet: torch.nn.Module, batch: dict, precision: str, device: torch.device):
+    x = batch["latents"].to(device)
+    t = torch.arange(x.shape[0], device=device) * 997 % 1000
+    ctx = batch["context"].to(device)
+    unet.zero_grad(set_to_none=True)
+    with autocast(precision, device):
+        out = unet(x, t, ctx)
+    out.float().square().mean().backward()
+    grads = torch.cat([p.grad.detach().float().flatten().cpu() for p in unet.parameters()])
+    return out.detach().float().cpu(), grads
+
+
+def check_unet(base: UNetConfig, batch: dict, device: torch.device, variants: list) -> list[dict]:
+    """Each fast-path combination on `device` against the CPU fp32 reference twin, same weights."""
+    ref_cfg = dataclasses.replace(base, attention_backend="math", norm_backend="torch", channels_last=False,
+                                  compile=False)
+    torch.manual_seed(0)
+    ref = build_unet(ref_cfg)
+    with torch.no_grad():  # the zero-initialised output layers would make most gradients 0
+        for p in ref.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02)
+    ref_out, ref_grads = _forward_backward(ref, batch, "fp32", torch.device("cpu"))
+    rows = []
+    for name, precision, changes in variants:
+        try:
+            cfg = dataclasses.replace(base, **changes)
+            with torch.device(device):
+                unet = build_unet(cfg)
+            unet.load_state_dict(ref.state_dict())
+            used = ", ".join(f"{r.role}={r.name}" for r in unet.backend_resolutions)
+            out, grads = _forward_backward(unet, batch, precision, device)
+        except (RuntimeError, ValueError) as exc:
+            rows.append(_row(f"unet[{name}]", "skipped", detail=" ".join(str(exc).split())[:120]))
+            continue
+        err = max(rel_err(out, ref_out), rel_err(grads, ref_grads))
+        tol = TOLERANCE[precision]
+        rows.append(_row(f"unet[{name}]", "ok" if err <= tol else "FAIL", err, tol, used))
+        del unet
+    return rows
+
+
+def check_no_host_sync(cfg, device: torch.device) -> dict:
+    """One eager training step with CUDA's sync debug mode raising on any host sync."""
+    if device.type != "cuda":
+        return _row("step_no_host_sync", "skipped", detail="needs CUDA")
+    batch = synthetic_batch(cfg, device)
+    _, _, runner = build_runner(cfg, device, batch, warmup_steps=1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        runner(batch)
+        status, detail = "ok", "eager step ran with set_sync_debug_mode('error')"
+    except RuntimeError as exc:
+        status, detail = "FAIL", " ".join(str(exc).split())[:160]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return _row("step_no_host_sync", status, detail=detail)
+
+
+def check_cuda_graph(cfg, device: torch.device) -> list[dict]:
+    """Warmup + capture change no weights; 3 replays match 3 eager steps from the same state and seed.
+
+    On the CPU (dry run) both runs are eager: that checks this harness and the eager twin's warmup.
+    """
+    batch = synthetic_batch(cfg, device)
+    results = {}
+    for graphed in (False, True):
+        use_graph = graphed and device.type == "cuda"
+        run_cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, cuda_graph=use_graph))
+        torch.manual_seed(1)
+        with torch.device(device):
+            unet = build_unet(cfg.model.unet)
+        start = {k: v.clone() for k, v in unet.state_dict().items()}
+        unet, _, runner = build_runner(run_cfg, device, batch, warmup_steps=2, unet=unet)
+        restored = max((unet.state_dict()[k] - v).abs().max().item() for k, v in start.items())
+        torch.manual_seed(7)  # seeds the CUDA generator too
+        losses = [runner(batch)["loss"].clone() for _ in range(3)]
+        weights = torch.cat([p.detach().float().flatten() for p in unet.parameters()])
+        delta = weights - torch.cat([start[k].float().flatten() for k, _ in unet.named_parameters()])
+        results[graphed] = (restored, torch.stack(losses).cpu(), delta)
+        del unet, runner
+    restored = results[True][0]
+    loss_err = rel_err(results[True][1], results[False][1])
+    delta_err = rel_err(results[True][2], results[False][2])
+    tol = TOLERANCE["fp16"]
+    dry = "" if device.type == "cuda" else " (dry run: eager twin both times)"
+    detail = f"3 steps: loss rel err {loss_err:.2e}, weight-update rel err {delta_err:.2e}" + dry
+    return [
+        _row("cuda_graph_warmup_restores", "ok" if restored == 0 else "FAIL", restored, 0.0,
+             "max abs(w - w0) after warmup + capture" + dry),
+        _row("cuda_graph_matches_eager", "ok" if max(loss_err, delta_err) <= tol else "FAIL",
+             max(loss_err, delta_err), tol, detail),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the checks, print the table (and write it as JSON under --out); 1 if any check failed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-dry-run", action="store_true", help="run on the CPU at tiny size (no GPU needed)")
+    parser.add_argument("--with-compile", action="store_true", help="also check the torch.compile'd UNet")
+    parser.add_argument("--out", type=Path, help="write device_checks.json here")
+    args = parser.parse_args(argv)
+
+    if not args.cpu_dry_run and not torch.cuda.is_available():
+        sys.stderr.write("device_checks: no CUDA device visible (use --cpu-dry-run to test the script on a CPU)\n")
+        return 2
+    device = torch.device("cpu") if args.cpu_dry_run else torch.device("cuda", 0)
+    shape = TINY if args.cpu_dry_run else SMALL
+    precision = "fp32" if args.cpu_dry_run else "fp16"
+    cfg = load_config(["conf/smoke.yaml"], [*shape, *SINGLE_PROCESS, f"run.device={device.type}",
+                                            f"training.precision={precision}", "parallel.backend=torch"])
+    torch.manual_seed(0)
+    batch = synthetic_batch(cfg, torch.device("cpu"))
+    variants = UNET_VARIANTS + ([COMPILE_VARIANT] if args.with_compile else [])
+    if args.cpu_dry_run:  # CPU fp16 autocast is slow and not what these checks are about: use bf16
+        variants = [(n.replace("fp16", "bf16"), "bf16" if p == "fp16" else p, c) for n, p, c in variants]
+        variants = list({name: (name, p, c) for name, p, c in variants}.values())
+    t0 = time.perf_counter()
+    rows = check_unet(cfg.model.unet, batch, device, variants)
+    rows.append(check_no_host_sync(cfg, device))
+    rows += check_cuda_graph(cfg, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
+    sys.stdout.write(f"device checks on {name}, torch {torch.__version__}, {time.perf_counter() - t0:.0f} s\n")
+    sys.stdout.write(format_table(rows))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "device_checks.json").write_text(json.dumps(rows, indent=1))
+    return 1 if any(r["status"] == "FAIL" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
