@@ -1,9 +1,12 @@
 """Splitting prompts over ranks and gathering per-prompt results back in prompt order.
 
-Rank r evaluates the contiguous block [r * N // W, (r + 1) * N // W): no prompt twice, none left out,
-no padding prompt ever generated. Gathering pads each rank's rows to the longest block for the
-collective and trims the padding before anything is counted, so concatenating the blocks in rank
-order gives the rows in prompt order, the same for any world size.
+Prompts are cut into global batches of `batch_size` ([0, B), [B, 2B), ...) and rank r takes the
+contiguous run of batches [r * nb // W, (r + 1) * nb // W), so every batch holds the same prompts
+for any world size: per-image results are then bitwise the same for 1 or N processes, not only
+equal up to rounding (kernels may round differently for another batch size). No prompt twice, none
+left out, no padding prompt generated. Gathering pads each rank's rows to the longest block for
+the collective and trims the padding before anything is counted, so concatenating the blocks in
+rank order gives the rows in prompt order.
 """
 
 from __future__ import annotations
@@ -17,24 +20,28 @@ def dist_active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def shard_bounds(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, stop) of rank's contiguous block; block sizes differ by at most one."""
+def shard_bounds(num_items: int, rank: int, world_size: int, batch_size: int = 1) -> tuple[int, int]:
+    """[start, stop) of rank's contiguous block of whole global batches; block sizes differ by at most a batch."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-    return rank * num_items // world_size, (rank + 1) * num_items // world_size
+    if batch_size < 1:
+        raise ValueError(f"batch size must be positive, got {batch_size} (eval.batch_size)")
+    num_batches = -(-num_items // batch_size)
+    first, last = rank * num_batches // world_size, (rank + 1) * num_batches // world_size
+    return min(first * batch_size, num_items), min(last * batch_size, num_items)
 
 
-def shard_indices(num_items: int, rank: int, world_size: int) -> range:
+def shard_indices(num_items: int, rank: int, world_size: int, batch_size: int = 1) -> range:
     """The prompt indices rank evaluates."""
-    return range(*shard_bounds(num_items, rank, world_size))
+    return range(*shard_bounds(num_items, rank, world_size, batch_size))
 
 
-def block_counts(num_items: int, world_size: int, limit: int | None = None) -> list[int]:
+def block_counts(num_items: int, world_size: int, batch_size: int = 1, limit: int | None = None) -> list[int]:
     """Per-rank number of indices below `limit` (all of them if None)."""
     cap = num_items if limit is None else min(limit, num_items)
     counts = []
     for r in range(world_size):
-        start, stop = shard_bounds(num_items, r, world_size)
+        start, stop = shard_bounds(num_items, r, world_size, batch_size)
         counts.append(max(0, min(stop, cap) - start))
     return counts
 

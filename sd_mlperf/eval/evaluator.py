@@ -98,9 +98,9 @@ class Evaluator:
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.out_dir = out_dir
         self.progress_bar = progress_bar
-        self.local = shard_indices(len(self.prompts), rank, world_size)
+        self.local = shard_indices(len(self.prompts), rank, world_size, cfg.batch_size)
         self._uncond: torch.Tensor | None = None
-        self._clip_text: torch.Tensor | None = None  # the frozen CLIP's caption features, computed once
+        self._clip_text: dict[int, torch.Tensor] = {}  # batch start -> the frozen CLIP's caption features
 
     def generate(self, unet: Callable, indices: Sequence[int]) -> torch.Tensor:
         """Float [0, 1] images (B, 3, H, W), fp32, for the given prompt indices."""
@@ -120,9 +120,6 @@ class Evaluator:
         was_training = bool(module is not None and module.training)
         if module is not None:
             module.eval()
-        if self._clip_text is None:
-            captions = [self.prompts[i].caption for i in self.local]
-            self._clip_text = self.clip_scorer.text_features(captions) if captions else None
         timer = _Timer(self.device, {})
         feats, scores, grid = [], [], []
         bar = self._progress()
@@ -135,7 +132,9 @@ class Evaluator:
             with autocast(self.cfg.precision, self.device):
                 feats.append(self.inception(images).float())
             t = timer.lap("inception", t)
-            scores.append(self.clip_scorer.scores(images, self._clip_text[lo: lo + bs]))
+            if lo not in self._clip_text:  # captions are fixed: encode each batch's once per run
+                self._clip_text[lo] = self.clip_scorer.text_features([self.prompts[i].caption for i in indices])
+            scores.append(self.clip_scorer.scores(images, self._clip_text[lo]))
             timer.lap("clip", t)
             keep = [j for j, i in enumerate(indices) if i < self.cfg.num_grid_images]
             if keep:
@@ -160,7 +159,7 @@ class Evaluator:
 
     def _finish(self, feats: list, scores: list, grid: list, samples_count: int, step: int) -> EvalResult:
         n = len(self.prompts)
-        counts = block_counts(n, self.world_size)
+        counts = block_counts(n, self.world_size, self.cfg.batch_size)
         local_feats = torch.cat(feats) if feats else torch.zeros(0, FEATURE_DIM, device=self.device)
         local_scores = torch.cat(scores) if scores else torch.zeros(0, device=self.device)
         # Rows come back in prompt order whatever the world size; padding is trimmed before any use.
@@ -170,7 +169,7 @@ class Evaluator:
         if self.rank == 0:  # one rank does the (CPU-heavy with sqrtm) linear algebra; the others wait
             metrics = (self.frechet.distance(all_feats), mean_clip_score(all_scores))
         fid, clip = broadcast_object(metrics)
-        grid_counts = block_counts(n, self.world_size, limit=self.cfg.num_grid_images)
+        grid_counts = block_counts(n, self.world_size, self.cfg.batch_size, limit=self.cfg.num_grid_images)
         h, w = self.latent_shape[1] * self._vae_factor(), self.latent_shape[2] * self._vae_factor()
         local_grid = torch.cat(grid) if grid else torch.zeros(0, 3, h, w, dtype=torch.uint8, device=self.device)
         grid_images = gather_rows(local_grid.contiguous(), grid_counts).cpu()
@@ -238,9 +237,10 @@ def build_evaluator(cfg: Config, *, vae: nn.Module, text_encoder: nn.Module, ran
         raise ValueError(f"invalid value for 'data.image_size': {cfg.data.image_size}; must be a multiple of {factor}")
     side = cfg.data.image_size // factor
     schedule = make_ddim_schedule(make_alphas_cumprod(cfg.diffusion), e.ddim_steps, e.eta)
+    here = len(shard_indices(len(prompts), rank, world_size, e.batch_size))
     logger.info("evaluator: %d prompts over %d rank(s) (%d here), DDIM %d steps, guidance %g, eta %g, %s, %dx%d px",
-                len(prompts), world_size, len(shard_indices(len(prompts), rank, world_size)), e.ddim_steps,
-                e.guidance_scale, e.eta, e.precision, cfg.data.image_size, cfg.data.image_size)
+                len(prompts), world_size, here, e.ddim_steps, e.guidance_scale, e.eta, e.precision,
+                cfg.data.image_size, cfg.data.image_size)
     return Evaluator(e, schedule=schedule, prompts=prompts, frechet=FrechetReference(mu, sigma, method=e.fid_method,
                                                                                      device=device), vae=vae,
                      scale_factor=cfg.model.vae.scale_factor, text_encoder=text_encoder, inception=inception,

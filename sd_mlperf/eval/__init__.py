@@ -1,0 +1,1 @@
+"""Evaluation: DDIM generation, FID (Inception) and CLIP score, distributed and offline (MLPerf rules)."""

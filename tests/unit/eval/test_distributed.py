@@ -1,0 +1,38 @@
+"""Prompt sharding: contiguous blocks, no duplicates, nothing dropped, no padding; gathering in order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sd_mlperf.eval.distributed import block_counts, gather_rows, shard_bounds, shard_indices
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 30000, 30001])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_shards_cover_every_prompt_once(n, world, batch):
+    seen = [i for r in range(world) for i in shard_indices(n, r, world, batch)]
+    assert seen == list(range(n))  # in rank order, so concatenating blocks restores prompt order
+    sizes = [len(shard_indices(n, r, world, batch)) for r in range(world)]
+    assert max(sizes) - min(sizes) <= batch
+    assert block_counts(n, world, batch) == sizes
+    # Every rank's block starts on a global batch boundary: the batches are the same for any world size.
+    assert all(shard_bounds(n, r, world, batch)[0] % batch == 0 or sizes[r] == 0 for r in range(world))
+
+
+def test_block_counts_below_a_limit():
+    # 10 prompts over 3 ranks: blocks [0,3) [3,6) [6,10); the first 4 prompts are 3 on rank 0, 1 on rank 1.
+    assert [shard_bounds(10, r, 3) for r in range(3)] == [(0, 3), (3, 6), (6, 10)]
+    assert block_counts(10, 3, limit=4) == [3, 1, 0]
+    assert block_counts(10, 3, limit=100) == [3, 3, 4]
+    # Batches of 4: [0,4) [4,8) [8,10) -> one batch per rank.
+    assert [shard_bounds(10, r, 3, 4) for r in range(3)] == [(0, 4), (4, 8), (8, 10)]
+    assert block_counts(10, 3, 4, limit=5) == [4, 1, 0]
+
+
+def test_gather_single_process_is_identity_and_bad_rank_raises():
+    rows = torch.arange(6.0).view(3, 2)
+    assert gather_rows(rows, [3]) is rows
+    with pytest.raises(ValueError):
+        shard_bounds(4, 2, 2)

@@ -1,0 +1,93 @@
+"""The evaluator end to end on tiny models: outputs, determinism, and 1 vs 2 processes (gloo) identical.
+
+One spawned job runs the 2-process evaluation (process start-up costs about 10 s); the parent runs
+the 1-process one and compares bit for bit: whole global batches ({0,1,2} and {3,4}) go to the
+ranks, so each image is computed in the same batch either way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from eval_helpers import build_parts, free_port, make_cfg
+
+from sd_mlperf.data.synthetic import make_synthetic_dataset
+from sd_mlperf.eval.evaluator import build_evaluator
+from sd_mlperf.eval.fid import ensure_fid_stats
+
+
+def _prepare(tmp_path):
+    cfg = make_cfg(tmp_path)
+    make_synthetic_dataset(cfg.data.synthetic_dir, cfg.data.synthetic)
+    ensure_fid_stats(cfg)
+    return cfg
+
+
+def _evaluate(cfg, rank, world, out_subdir):
+    unet, vae, text_encoder = build_parts(cfg)
+    evaluator = build_evaluator(cfg, vae=vae, text_encoder=text_encoder, rank=rank, world_size=world,
+                                device="cpu", run_dir=os.path.join(cfg.run.output_dir, cfg.run.name),
+                                out_subdir=out_subdir)
+    result = evaluator.evaluate(unet, samples_count=40, step=10)
+    return {"fid": result.fid, "clip": result.clip, "num_images": result.num_images,
+            "grid": str(result.grid_path) if result.grid_path else None}
+
+
+def _worker(rank: int, port: int, tmp_path: str, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    from pathlib import Path
+
+    from sd_mlperf.parallel.distributed import destroy_distributed, init_distributed
+
+    cfg = make_cfg(Path(tmp_path), "parallel.gpus_per_node=2")
+    init_distributed(cfg.run, cfg.parallel)
+    try:
+        torch.save(_evaluate(cfg, rank, 2, "eval_x2"), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_give_identical_metrics(tmp_path):
+    cfg = _prepare(tmp_path)
+    single = _evaluate(cfg, 0, 1, "eval")
+    again = _evaluate(cfg, 0, 1, "eval_again")
+    assert single == {**again, "grid": single["grid"]}  # deterministic: same seed, same images
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r in ranks:
+        assert r["num_images"] == 5  # 3 + 2 prompts, no padding counted
+        assert r["fid"] == single["fid"] and r["clip"] == single["clip"], (r, single)
+    assert ranks[0]["grid"] and ranks[1]["grid"] is None  # only rank 0 writes
+
+
+def test_outputs_grid_and_json(tmp_path):
+    cfg = _prepare(tmp_path)
+    unet, vae, text_encoder = build_parts(cfg)
+    evaluator = build_evaluator(cfg, vae=vae, text_encoder=text_encoder, rank=0, world_size=1, device="cpu",
+                                run_dir=tmp_path / "run")
+    unet.train()
+    result = evaluator.evaluate(unet, samples_count=40, step=10)
+    assert unet.training  # restored
+    assert result.num_images == 5 and result.seconds > 0
+    assert set(result.timings_s) == {"generation", "inception", "clip", "gather_and_metrics"}
+    assert result.grid_path == tmp_path / "run" / "eval" / "step_0000010.png" and result.grid_path.is_file()
+    record = json.loads(result.json_path.read_text())
+    assert record["fid"] == result.fid and record["clip"] == result.clip and record["samples_count"] == 40
+    assert record["ddim_steps"] == 2 and record["guidance_scale"] == 8.0
+    assert -1.0 <= result.clip <= 1.0 and result.fid >= 0
+
+
+def test_too_few_prompts_is_a_config_error(tmp_path):
+    cfg = _prepare(tmp_path)
+    cfg.eval.num_prompts = 50
+    _, vae, text_encoder = build_parts(cfg)
+    with pytest.raises(ValueError, match="eval.num_prompts"):
+        build_evaluator(cfg, vae=vae, text_encoder=text_encoder, rank=0, world_size=1, device="cpu",
+                        run_dir=tmp_path)
