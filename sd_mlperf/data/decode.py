@@ -15,7 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -163,11 +163,12 @@ class TorchvisionDecoder:
 
 
 class DaliDecoder:
-    """`dali`: a DALI pipeline fed the encoded bytes: decoders.image (`mixed` on GPU, `cpu` otherwise),
-    resize shorter side bicubic (antialiased), centre crop, CHW float in [0, 1].
+    """`dali`: decoders.image (`mixed` on GPU, `cpu` otherwise), resize shorter side bicubic (antialiased),
+    centre crop, CHW float in [0, 1]: one DALI graph fed either with encoded bytes (external_source, the
+    loader's path) or by DALI's own webdataset reader over a whole shard (`read_shard`, precompute's path).
 
     The GPU and CPU variants differ only in device placement (`device_id`, decoder device).
-    The pipeline is built on first use, so a decoder can be made before worker processes fork.
+    Pipelines are built on first use, so a decoder can be made before worker processes fork.
     """
 
     name = "dali"
@@ -178,23 +179,40 @@ class DaliDecoder:
         self.max_batch_size, self.num_threads = max_batch_size, num_threads
         self._pipe = None
 
-    def _build(self):
-        from nvidia.dali import fn, pipeline_def, types
+    def _process(self, encoded):
+        """The decode graph shared by both sources (call inside a pipeline definition)."""
+        from nvidia.dali import fn, types
+
+        images = fn.decoders.image(encoded, device="mixed" if self.device.type == "cuda" else "cpu",
+                                   output_type=types.RGB)
+        images = fn.resize(images, resize_shorter=self.size, interp_type=types.INTERP_CUBIC, antialias=True)
+        return fn.crop_mirror_normalize(images, crop=(self.size, self.size), mean=0.0, std=255.0,
+                                        output_layout="CHW", dtype=types.FLOAT)
+
+    def _pipeline(self, define):
+        from nvidia.dali import pipeline_def
 
         gpu = self.device.type == "cuda"
-
-        @pipeline_def(batch_size=self.max_batch_size, num_threads=self.num_threads,
-                      device_id=(self.device.index or 0) if gpu else None, prefetch_queue_depth=1, exec_dynamic=True)
-        def pipe():
-            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
-            images = fn.resize(images, resize_shorter=self.size, interp_type=types.INTERP_CUBIC, antialias=True)
-            return fn.crop_mirror_normalize(images, crop=(self.size, self.size), mean=0.0, std=255.0,
-                                            output_layout="CHW", dtype=types.FLOAT)
-
-        p = pipe()
+        p = pipeline_def(define, batch_size=self.max_batch_size, num_threads=self.num_threads,
+                         device_id=(self.device.index or 0) if gpu else None, prefetch_queue_depth=1,
+                         exec_dynamic=True)()
         p.build()
         return p
+
+    def _build(self):
+        from nvidia.dali import fn, types
+
+        return self._pipeline(lambda: self._process(fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)))
+
+    def _to_torch(self, out) -> torch.Tensor:
+        tensor = out.as_tensor()
+        if self.device.type == "cuda":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            result = torch.empty(tensor.shape(), dtype=torch.float32, device=self.device)
+            feed_ndarray(tensor, result, cuda_stream=torch.cuda.current_stream(self.device))
+            return result
+        return torch.from_numpy(np.array(tensor))
 
     def _run(self, encoded: Sequence[bytes]) -> torch.Tensor:
         if self._pipe is None:
@@ -205,14 +223,28 @@ class DaliDecoder:
         except RuntimeError:
             self._pipe = None  # a failed run can leave the pipeline invalid: rebuild it next time
             raise
-        tensor = out.as_tensor()
-        if self.device.type == "cuda":
-            from nvidia.dali.plugin.pytorch import feed_ndarray
+        return self._to_torch(out)
 
-            result = torch.empty(tensor.shape(), dtype=torch.float32, device=self.device)
-            feed_ndarray(tensor, result, cuda_stream=torch.cuda.current_stream(self.device))
-            return result
-        return torch.from_numpy(np.array(tensor))
+    def read_shard(self, shard: str, image_exts: Sequence[str]) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """(keys, images in the configured range) batches of every sample of `shard` that has an image,
+        read by fn.readers.webdataset in file order; raises RuntimeError on any bad image or tar
+        (the caller then decodes that shard through the byte path, which isolates bad samples)."""
+        from nvidia.dali import fn
+
+        def define():
+            encoded = fn.readers.webdataset(paths=[shard], ext=[";".join(image_exts)], random_shuffle=False,
+                                            missing_component_behavior="skip", pad_last_batch=True, name="reader")
+            return self._process(encoded), encoded
+
+        pipe = self._pipeline(define)
+        remaining = pipe.epoch_size("reader")
+        while remaining > 0:
+            images, encoded = pipe.run()
+            n = min(remaining, len(images))
+            # source_info is "path:offset:KEY.ext"; the key rule is webdataset's (up to the first dot).
+            keys = [encoded[i].source_info().rsplit(":", 1)[-1].split(".", 1)[0] for i in range(n)]
+            yield keys, to_range(self._to_torch(images)[:n], self.image_range)
+            remaining -= n
 
     def __call__(self, encoded: Sequence[bytes]) -> DecodeResult:
         out = torch.zeros(len(encoded), 3, self.size, self.size, device=self.device)

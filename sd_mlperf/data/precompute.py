@@ -19,17 +19,17 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from sd_mlperf.config.schema import DataConfig
 from sd_mlperf.data.bad_samples import BadSampleCounter
-from sd_mlperf.data.laion import CAPTION_EXT, EMBEDDING_EXT, MOMENTS_EXT, find_image_ext
-from sd_mlperf.data.shards import SampleRef, ShardReader, expand_shards, index_shard, write_shard
+from sd_mlperf.data.laion import CAPTION_EXT, EMBEDDING_EXT, IMAGE_EXTS, MOMENTS_EXT, find_image_ext
+from sd_mlperf.data.shards import SampleRef, ShardIndex, ShardReader, expand_shards, index_shard, write_shard
 from sd_mlperf.utils.files import atomic_write_text
-from sd_mlperf.utils.logging import logger
+from sd_mlperf.utils.logging import log_once, logger
 
 MANIFEST = "manifest.json"
 RECORDS_DIR = ".precompute"
@@ -64,6 +64,11 @@ def _module_device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+class _Bad(NamedTuple):
+    kind: str
+    detail: str = ""
+
+
 class ShardEncoder:
     """Encodes the samples of one input shard into output samples (fp32 VAE, fp16 text embeddings)."""
 
@@ -77,50 +82,38 @@ class ShardEncoder:
         self.decoder = build_decoder(data_cfg, self.device, max_batch_size=batch_size)
         self.reader = ShardReader()
 
-    def _read(self, ref: SampleRef, shard_counts: dict[str, int]) -> tuple[bytes, str, bytes | None] | None:
-        def bad(kind: str, detail: str = "") -> None:
-            shard_counts[kind] = shard_counts.get(kind, 0) + 1
-            self.counter.bad(kind, ref.shard, ref.key, detail)
-
+    def _read(self, ref: SampleRef, with_image: bool = True) -> tuple[bytes | None, str, bytes | None] | _Bad:
+        """(image bytes, caption, json bytes) of a sample, or why it is bad."""
         ext = find_image_ext(ref)
         if ext is None:
-            bad("missing_image")
-            return None
+            return _Bad("missing_image")
         if CAPTION_EXT not in ref.members:
-            bad("missing_caption")
-            return None
+            return _Bad("missing_caption")
         try:
-            image = self.reader.read(ref, ext)
+            image = self.reader.read(ref, ext) if with_image else None
             caption = self.reader.read(ref, CAPTION_EXT).decode("utf-8").strip()
             meta = self.reader.read(ref, "json") if "json" in ref.members else None
         except EOFError as exc:
-            bad("truncated_tar", str(exc))
-            return None
+            return _Bad("truncated_tar", str(exc))
         except UnicodeDecodeError as exc:
-            bad("bad_caption", str(exc))
-            return None
+            return _Bad("bad_caption", str(exc))
         return image, caption, meta
 
+    def _count(self, ref: SampleRef, bad: _Bad, counts: dict[str, int]) -> None:
+        counts[bad.kind] = counts.get(bad.kind, 0) + 1
+        self.counter.bad(bad.kind, ref.shard, ref.key, bad.detail)
+
     @torch.no_grad()
-    def encode_batch(self, items: list[tuple[SampleRef, bytes, str, bytes | None]],
-                     shard_counts: dict[str, int]) -> list[tuple[str, dict[str, bytes]]]:
-        """Decode, VAE-encode and (for moments_embeddings) text-encode one batch; drop bad images."""
-        images, errors = self.decoder([it[1] for it in items])
-        keep = [i for i, e in enumerate(errors) if e is None]
-        for i, err in enumerate(errors):
-            if err is not None:
-                shard_counts["corrupt_image"] = shard_counts.get("corrupt_image", 0) + 1
-                self.counter.bad("corrupt_image", items[i][0].shard, items[i][0].key, err)
-        if not keep:
-            return []
-        items = [items[i] for i in keep]
+    def encode_decoded(self, items: list[tuple[SampleRef, str, bytes | None]],
+                       images: torch.Tensor) -> list[tuple[str, dict[str, bytes]]]:
+        """VAE-encode decoded images (fp32) and, for moments_embeddings, text-encode the captions (stored fp16)."""
         with torch.autocast(device_type=self.device.type, enabled=False):  # fp32: cached == online latents
-            moments = self.vae.encode_moments(images[keep].to(self.device, torch.float32)).float().cpu().numpy()
+            moments = self.vae.encode_moments(images.to(self.device, torch.float32)).float().cpu().numpy()
         contexts = None
         if self.format == "moments_embeddings":
-            contexts = self.text_encoder.encode([it[2] for it in items]).to(torch.float16).cpu().numpy()
+            contexts = self.text_encoder.encode([it[1] for it in items]).to(torch.float16).cpu().numpy()
         out = []
-        for i, (ref, _, caption, meta) in enumerate(items):
+        for i, (ref, caption, meta) in enumerate(items):
             parts = {MOMENTS_EXT: _npy_bytes(moments[i:i + 1]), CAPTION_EXT: caption.encode("utf-8")}
             if contexts is not None:
                 parts[EMBEDDING_EXT] = _npy_bytes(contexts[i])
@@ -129,19 +122,73 @@ class ShardEncoder:
             out.append((ref.key, parts))
         return out
 
+    def encode_batch(self, items: list[tuple[SampleRef, bytes, str, bytes | None]],
+                     shard_counts: dict[str, int]) -> list[tuple[str, dict[str, bytes]]]:
+        """Decode then encode one batch; bad images are dropped and counted."""
+        images, errors = self.decoder([it[1] for it in items])
+        keep = [i for i, e in enumerate(errors) if e is None]
+        for i, err in enumerate(errors):
+            if err is not None:
+                self._count(items[i][0], _Bad("corrupt_image", err), shard_counts)
+        if not keep:
+            return []
+        return self.encode_decoded([(items[i][0], items[i][2], items[i][3]) for i in keep], images[keep])
+
+    def _encode_with_reader(self, index: ShardIndex, on_samples: Callable[[int], None]):
+        """DALI's own webdataset reader over the whole shard (the fast GPU path); None if it cannot be used
+        or DALI reports a bad image, in which case nothing has been counted and the byte path redoes the shard."""
+        from sd_mlperf.data.decode import DaliDecoder
+
+        by_key = {ref.key: ref for ref in index.samples}
+        if not isinstance(self.decoder, DaliDecoder) or index.truncated or index.error or \
+                len(by_key) != len(index.samples):
+            return None
+        bad: list[tuple[SampleRef, _Bad]] = [(r, _Bad("missing_image")) for r in index.samples
+                                              if find_image_ext(r) is None]  # DALI skips those samples
+        samples: list[tuple[str, dict[str, bytes]]] = []
+        try:
+            for keys, images in self.decoder.read_shard(index.shard, IMAGE_EXTS):
+                items, keep = [], []
+                for i, key in enumerate(keys):
+                    ref = by_key[key]
+                    item = self._read(ref, with_image=False)
+                    if isinstance(item, _Bad):
+                        bad.append((ref, item))
+                    else:
+                        items.append((ref, item[1], item[2]))
+                        keep.append(i)
+                if items:
+                    samples += self.encode_decoded(items, images[keep])
+                on_samples(len(keys))
+        except RuntimeError as exc:
+            log_once("precompute-dali-reader", f"precompute: DALI's webdataset reader failed on {index.shard} "
+                     f"({str(exc).splitlines()[0][:120]}); such shards are decoded sample by sample instead")
+            return None
+        counts: dict[str, int] = {}
+        for ref, b in bad:
+            self._count(ref, b, counts)
+        self.counter.good(len(samples))
+        return samples, counts
+
     def encode_shard(self, shard: str, on_samples: Callable[[int], None]) -> tuple[list, dict[str, Any]]:
         """All output samples of `shard` and its record (counts, skips by kind)."""
         index = index_shard(shard)
-        counts: dict[str, int] = {}
+        fast = self._encode_with_reader(index, on_samples)
+        if fast is not None:
+            samples, counts = fast
+            return samples, {"input": shard, "samples": len(samples), "skipped": counts}
+        counts = {}
         if index.truncated or (index.error and not index.samples):
             kind = "truncated_tar" if index.truncated else "unreadable_shard"
             counts[kind] = 1
             self.counter.bad(kind, shard, "(shard)", index.error or "tar ends early")
-        samples: list[tuple[str, dict[str, bytes]]] = []
+        samples = []
         pending: list[tuple[SampleRef, bytes, str, bytes | None]] = []
         for n, ref in enumerate(index.samples, start=1):
-            item = self._read(ref, counts)
-            if item is not None:
+            item = self._read(ref)
+            if isinstance(item, _Bad):
+                self._count(ref, item, counts)
+            else:
                 pending.append((ref, *item))
             if len(pending) == self.batch_size or (n == len(index.samples) and pending):
                 encoded = self.encode_batch(pending, counts)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from data_helpers import EMB_DIM, IMAGE_SIZE, LATENT, data_config
 
+from sd_mlperf.backends import package_available
 from sd_mlperf.data.bad_samples import BadDataError
 from sd_mlperf.data.decode import PilDecoder
 from sd_mlperf.data.laion import SampleParser, build_train_loader
@@ -134,3 +135,25 @@ def test_threshold_stops_and_keeps_finished_shards(tmp_path, tiny_vae):
         precompute_shards(str(tmp_path / "in"), tmp_path / "out", data_cfg=data_config(max_bad_fraction=0.2),
                           vae=tiny_vae, text_encoder=None)
     assert (tmp_path / "out" / "00000.tar").exists()  # nothing already written is lost
+
+
+@pytest.mark.skipif(not package_available("nvidia.dali"), reason="nvidia-dali-cuda120 is not installed")
+def test_dali_webdataset_reader_path_equals_byte_path(tmp_path, synthetic_cfg, tiny_vae, monkeypatch):
+    """decode_backend=dali reads whole shards with fn.readers.webdataset; a bad image falls back to the byte path."""
+    from sd_mlperf.data.decode import DaliDecoder
+
+    jpg = make_train_sample(0, 0, IMAGE_SIZE)[0]
+    _raw_shard_with_bad_samples(tmp_path / "in" / "00000.tar", 5, [{"txt": b"no image"}, {"jpg": jpg}])
+    _raw_shard_with_bad_samples(tmp_path / "in" / "00001.tar", 3, [{"jpg": b"junk", "txt": b"x"}])
+    cfg = data_config(decode_backend="dali", max_bad_fraction=0.5)
+    reads = []
+    original = DaliDecoder.read_shard
+    monkeypatch.setattr(DaliDecoder, "read_shard", lambda self, s, e: reads.append(s) or original(self, s, e))
+    fast = precompute_shards(str(tmp_path / "in"), tmp_path / "fast", data_cfg=cfg, vae=tiny_vae, text_encoder=None,
+                             batch_size=4)
+    assert [os.path.basename(s) for s in reads] == ["00000.tar", "00001.tar"]  # both tried with the reader
+    assert fast["skipped"] == {"missing_image": 1, "missing_caption": 1, "corrupt_image": 1} and fast["samples"] == 8
+    monkeypatch.setattr(ShardEncoder, "_encode_with_reader", lambda self, index, cb: None)
+    slow = precompute_shards(str(tmp_path / "in"), tmp_path / "slow", data_cfg=cfg, vae=tiny_vae, text_encoder=None,
+                             batch_size=4)
+    assert _outputs(tmp_path / "fast") == _outputs(tmp_path / "slow") and slow["skipped"] == fast["skipped"]
