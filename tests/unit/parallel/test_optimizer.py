@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from sd_mlperf.config.schema import OptimConfig
+from sd_mlperf.config.load import ConfigError, validate
+from sd_mlperf.config.schema import Config, OptimConfig
 from sd_mlperf.parallel.optimizer import LRSchedule, adamw_kwargs
 
 
@@ -47,3 +48,17 @@ def test_no_warmup_and_bad_input():
 def test_adamw_kwargs():
     kw = adamw_kwargs(OptimConfig(), 1e-4)
     assert kw == {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
+
+
+@pytest.mark.parametrize(("key", "value"), [("beta1", 0.95), ("beta2", 0.99), ("eps", 1e-6), ("weight_decay", 0.1)])
+def test_closed_division_fixes_adamw(key, value):
+    cfg = Config()
+    setattr(cfg.optim, key, value)
+    with pytest.raises(ConfigError, match=rf"optim\.{key}.*run\.division=open"):
+        validate(cfg)
+    cfg.run.division = "open"
+    validate(cfg)
+    kw = adamw_kwargs(cfg.optim, 1.0)  # the open-division value reaches the optimizer
+    assert (kw["betas"], kw["eps"], kw["weight_decay"]) == (
+        (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps, cfg.optim.weight_decay)
+    assert getattr(cfg.optim, key) == value

@@ -70,6 +70,21 @@ def test_nonfinite_gradients_skip_the_step_and_back_off():
     assert int(dp.num_skipped_steps.item()) == 1
 
 
+def test_bf16_nan_step_is_skipped_without_scaling():
+    cfg = make_cfg(precision="bf16")
+    dp = apply_data_parallel(tiny_model(), cfg, cpu_dist())
+    before = [p.detach().clone() for p in dp.parameters()]
+    x, y = global_batch(0)
+    dp.zero_grad()
+    with autocast("bf16", torch.device("cpu")):
+        loss = loss_fn(dp(x), y) * float("nan")
+    dp.backward(loss)
+    ok, _ = dp.step(1e-3)
+    assert not bool(ok) and int(dp.num_skipped_steps.item()) == 1
+    assert dp.loss_scale.item() == 1.0  # no loss scaling outside fp16
+    assert all(torch.equal(a, b) for a, b in zip(before, dp.parameters()))  # nothing corrupt to save
+
+
 def test_loss_scale_is_applied_in_backward():
     cfg = make_cfg(precision="fp16")
     cfg.training.initial_loss_scale = 1024.0

@@ -1,4 +1,4 @@
-"""2 gloo processes (torch backend) give the 1-process result on the same global batch; resume is exact.
+"""2 gloo processes (torch backend, Slurm-style launch) equal 1 process on the same global batch; exact resume.
 
 One spawned job runs every check (process start-up costs about 10 s); the parent compares.
 """
@@ -42,8 +42,9 @@ def _params(dp):
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    # Launched "by Slurm": rank, world and MASTER_ADDR (first host of the node list) come from SLURM_* variables.
+    os.environ.update({"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(WORLD), "SLURM_LOCALID": str(rank),
+                       "SLURM_JOB_NODELIST": "127.0.0.1", "MASTER_PORT": str(port)})
     results = {}
     cfg = make_cfg(world_size=WORLD)
     cfg.run.device = "cpu"
