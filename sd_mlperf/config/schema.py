@@ -31,6 +31,9 @@ class RunConfig:
     """Organisation name written to the MLPerf log."""
     submission_platform: str = "unknown"
     """System name written to the MLPerf log (the system configs set it)."""
+    num_threads: int | None = None
+    """CPU intra-op threads per process (torch.set_num_threads); null keeps torch's default (one per
+    core). Tiny models on a shared CPU run several times faster with 1."""
 
 
 @dataclass
