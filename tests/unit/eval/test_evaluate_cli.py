@@ -1,0 +1,76 @@
+"""`sd-mlperf evaluate` on a checkpoint of a smoke training run that also evaluated inline.
+
+The same checkpoint, prompts and seed must give the same FID and CLIP offline as inline, and the
+offline run appends eval_start / eval_accuracy (FID, CLIP) / eval_stop with the checkpoint's
+samples_count to the run's MLPerf log.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from eval_helpers import SMOKE, TINY_EVAL, make_cfg
+
+from sd_mlperf.cli import main
+from sd_mlperf.models.checkpoint_io import TEXT_PREFIX, VAE_PREFIX
+from sd_mlperf.models.text_encoder import build_text_encoder
+from sd_mlperf.models.vae import build_vae
+
+TRAIN = ["training.max_steps=2", "training.checkpoint_every_samples=8", "training.micro_batch_size=4",
+         "checkpoint.export_ldm_weights=true", "logging.interval_steps=1"]
+
+
+def _frozen_checkpoint(tmp_path):
+    """A 512-base-ema.ckpt-format file (Lightning-style `state_dict`) with the smoke VAE and text tower."""
+    cfg = make_cfg(tmp_path)
+    torch.manual_seed(5)
+    state = {VAE_PREFIX + k: v for k, v in build_vae(cfg.model.vae).state_dict().items()}
+    state.update({TEXT_PREFIX + k: v for k, v in build_text_encoder(cfg.model.text_encoder).state_dict().items()})
+    path = tmp_path / "frozen.ckpt"
+    torch.save({"state_dict": state, "global_step": 0}, path)
+    return path
+
+
+def _mlperf_events(path):
+    events = []
+    for line in path.read_text().splitlines():
+        if line.startswith(":::MLLOG "):
+            events.append(json.loads(line[len(":::MLLOG "):]))
+    return events
+
+
+@pytest.mark.slow
+def test_evaluate_cli_on_a_smoke_checkpoint(tmp_path, capsys):
+    # The frozen parts come from a file, as in the benchmark, so training and evaluation share them.
+    overrides = [f"run.output_dir={tmp_path}", "run.name=smoke", *TINY_EVAL, *TRAIN,
+                 f"model.frozen_checkpoint={_frozen_checkpoint(tmp_path)}"]
+    assert main(["train", "--config", str(SMOKE), *overrides]) == 0
+    run_dir = tmp_path / "smoke"
+    ckpt = run_dir / "checkpoints" / "step_0000002"
+    inline = json.loads((run_dir / "eval" / "step_0000002.json").read_text())
+    log = run_dir / "mlperf.log"
+    before = _mlperf_events(log)
+    assert [e["key"] for e in before].count("eval_accuracy") == 2  # the inline evaluation
+
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--config", str(SMOKE), *overrides]) == 0
+    line = capsys.readouterr().out
+    assert "step 2 samples 8" in line and "FID" in line
+    offline = json.loads((run_dir / "eval_offline" / "step_0000002.json").read_text())
+    assert offline["fid"] == inline["fid"] and offline["clip"] == inline["clip"]
+    after = _mlperf_events(log)
+    assert after[: len(before)] == before  # appended, nothing rewritten
+    added = after[len(before):]
+    assert [e["key"] for e in added] == ["eval_start", "eval_accuracy", "eval_accuracy", "eval_stop"]
+    assert [e["metadata"].get("metric") for e in added[1:3]] == ["FID", "CLIP"]
+    assert all(e["metadata"]["samples_count"] == 8 for e in added)
+    assert added[1]["value"] == pytest.approx(inline["fid"])
+
+    # The ldm export of the same weights, a quick look at 2 prompts, without MLPerf lines.
+    assert main(["evaluate", "--checkpoint", str(ckpt / "unet_ldm.safetensors"), "--num-prompts", "3",
+                 "--no-mlperf-log", "--config", str(SMOKE), *overrides]) == 0
+    assert "FID" in capsys.readouterr().out
+    assert _mlperf_events(log) == after
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "nope"), "--config", str(SMOKE), *overrides]) == 1
