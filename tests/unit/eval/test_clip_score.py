@@ -100,3 +100,11 @@ def test_scores_are_cosines_of_normalised_features(tiny_clip_file):
     assert torch.all(scores.abs() <= 1.0)
     # The score is not scaled by 100 nor clipped at 0.
     assert float(np.mean(scores.numpy())) == pytest.approx(float(expected.mean()), abs=1e-6)
+
+
+def test_inspect_command_lists_the_real_keys(tmp_path, fixtures_dir, capsys):
+    from sd_mlperf.cli import main
+
+    assert main(["inspect", "clip", "--keys", str(tmp_path / "keys.tsv")]) == 0
+    assert "986,109,441 parameters" in capsys.readouterr().out
+    assert read_manifest(tmp_path / "keys.tsv") == read_manifest(fixtures_dir / "open_clip_vit_h_14_keys.tsv")

@@ -99,3 +99,11 @@ def test_pool_branches_follow_tensorflow():
     e_max = FIDInceptionE(64, max_pool=True).eval()
     y = torch.rand(1, 64, 5, 5)
     torch.testing.assert_close(e_max(y)[:, -192:], e_max.branch_pool(F.max_pool2d(y, 3, stride=1, padding=1)))
+
+
+def test_inspect_command_lists_the_real_keys(tmp_path, fixtures_dir, capsys):
+    from sd_mlperf.cli import main
+
+    assert main(["inspect", "inception", "--keys", str(tmp_path / "keys.tsv")]) == 0
+    assert "566 tensors" in capsys.readouterr().out
+    assert read_manifest(tmp_path / "keys.tsv") == read_manifest(fixtures_dir / "pt_inception_2015_12_05_keys.tsv")
