@@ -26,6 +26,9 @@ CLOSED_DIVISION_FIXED = {
 }
 
 
+_YAML11_BOOL_WORDS = {"on", "off", "yes", "no", "y", "n"}
+
+
 class ConfigError(ValueError):
     """A user-facing configuration error; the message names the key and the fix."""
 
@@ -60,6 +63,11 @@ def merge_config(config_files: Sequence[str | os.PathLike] = (), overrides: Sequ
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form dotted.key=value (e.g. training.max_steps=10).")
+        key, value = item.split("=", 1)
+        if value.lower() in _YAML11_BOOL_WORDS:
+            # YAML 1.1 reads on/off/yes/no as booleans; keep them strings so `logging.progress_bar=on`
+            # works. Boolean fields still accept these strings (omegaconf converts them).
+            item = f"{key}='{value}'"
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:

@@ -139,3 +139,9 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config([path])
     assert again == cfg
     assert "${" not in path.read_text()  # interpolations resolved in the saved copy
+
+
+def test_yaml11_bool_words_stay_strings_for_string_fields_and_work_for_bools():
+    cfg = merge_config([], ["logging.progress_bar=on", "eval.inline=no", "model.unet.channels_last=yes"])
+    assert cfg.logging.progress_bar == "on"
+    assert cfg.eval.inline is False and cfg.model.unet.channels_last is True
