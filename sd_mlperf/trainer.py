@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,6 +58,7 @@ class TrainPlan:
     """The numbers the loop needs, fixed at build time."""
 
     global_batch_size: int
+    grad_accumulation_steps: int
     steps_per_block: int
     """Checkpoint (and evaluate) every this many steps: CEIL(checkpoint_every_samples / GBS)."""
     max_steps: int
@@ -108,25 +109,33 @@ class Trainer:
         self.state = TrainState()
 
     # -- one step ------------------------------------------------------------------------------------
-    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        """v-objective step: noise, v-target, forward under autocast, MSE, backward, sync, AdamW step."""
+    def forward_backward(self, batch: dict) -> torch.Tensor:
+        """One micro-batch: noise, v-target, forward under autocast, v-MSE, backward; returns the loss."""
         g = self.generator
         z0, context = self.conditioner(batch, generator=g, device=self.device)  # fresh latent draw each time
         t = sample_timesteps(z0.shape[0], self.plan.num_timesteps, generator=g, device=g.device).to(self.device)
         noise = torch.randn(z0.shape, generator=g, device=g.device, dtype=z0.dtype).to(self.device)
         x_t = add_noise(z0, noise, t, self.alphas_cumprod)
         v = v_target(z0, noise, t, self.alphas_cumprod)
-        lr = self.lr_schedule.lr_at(self.state.step)
-
-        self.dp.zero_grad()
         with self.autocast():
             v_pred = self.dp.module(x_t, t, context)
         loss = v_loss(v_pred, v)  # fp32: per-sample MSE over C,H,W, then the batch mean
-        self.dp.backward(loss)
+        self.dp.backward(loss)  # x loss scale, / grad_accumulation_steps
+        return loss.detach()
+
+    def train_step(self, micro_batches: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """One optimizer step: forward/backward per micro-batch, finish the gradient sync, AdamW at this lr."""
+        lr = self.lr_schedule.lr_at(self.state.step)
+        self.dp.zero_grad()
+        losses = []
+        for batch in micro_batches[:-1]:
+            with self.dp.accumulating():  # no gradient reduction before the last micro-batch
+                losses.append(self.forward_backward(batch))
+        losses.append(self.forward_backward(micro_batches[-1]))
         self.dp.finish_grad_sync()
         ok, grad_norm = self.dp.step(lr)
 
-        loss = loss.detach()
+        loss = torch.stack(losses).mean()
         nonfinite = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
         fatal = nonfinite & (ok | (not self.plan.loss_scaling))  # an fp16 overflow is a skipped step, not fatal
         return {"loss": loss, "ok": ok, "grad_norm": grad_norm, "fatal": fatal}
@@ -143,7 +152,7 @@ class Trainer:
             self.mlperf.block_start(s.samples_count)
             batches = self._batches()
             while s.step < plan.max_steps:
-                metrics = self.train_step(next(batches))
+                metrics = self.train_step([next(batches) for _ in range(plan.grad_accumulation_steps)])
                 s.step += 1
                 s.samples_count += plan.global_batch_size
                 self.meter.add(**metrics)
@@ -239,7 +248,7 @@ class Trainer:
         s.step, s.samples_count = int(model["step"]), int(model["samples_count"])
         s.reached_target = bool(rank.get("reached_target", False))
         s.last_checkpoint = Path(path)
-        self.progress.reset_clock(s.step)
+        self.progress.log_resume(s.step, s.samples_count, str(path))
         logger.info("resumed from %s at step %d (%d samples)", path, s.step, s.samples_count)
 
     def close(self) -> None:
@@ -259,7 +268,8 @@ def plan_from_config(cfg: Config) -> TrainPlan:
         limits.append(tr.max_steps)
     if tr.max_samples is not None:
         limits.append(math.ceil(tr.max_samples / gbs))
-    return TrainPlan(global_batch_size=gbs, steps_per_block=steps_between_checkpoints(cfg), max_steps=min(limits),
+    return TrainPlan(global_batch_size=gbs, grad_accumulation_steps=tr.grad_accumulation_steps,
+                     steps_per_block=steps_between_checkpoints(cfg), max_steps=min(limits),
                      log_interval_steps=cfg.logging.interval_steps, num_timesteps=cfg.diffusion.num_timesteps,
                      loss_scaling=tr.precision == "fp16", precision=tr.precision, target_fid=tr.target_fid,
                      target_clip=tr.target_clip, stop_at_target=tr.stop_at_target)

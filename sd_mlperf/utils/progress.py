@@ -139,6 +139,13 @@ class Progress:
         # Evaluation time is not training time: restart the throughput clock.
         self._last_time = time.perf_counter()
 
+    def log_resume(self, step: int, samples_count: int, checkpoint: str) -> None:
+        """Mark a resume in the metrics: records after it supersede those of later steps before it."""
+        if self.enabled:
+            self._write(f"resumed from {checkpoint} at step {step}", {"kind": "resume", "step": step,
+                        "samples": samples_count, "checkpoint": checkpoint, "time": time.time()}, level=logging.DEBUG)
+        self.reset_clock(step)
+
     def _write(self, line: str, record: dict[str, Any], level: int = logging.INFO) -> None:
         if self._bar is not None and level >= logging.INFO:
             self._bar.write(line, file=self._stream)

@@ -38,12 +38,12 @@ def _trainer(cfg, batches, fail_at=None):
 def test_train_step_never_waits_for_the_gpu(tmp_path):
     cfg = make_cfg(tmp_path, "run.device=cuda", "training.precision=fp16", "parallel.backend=torch")
     trainer = _trainer(cfg, _gpu_batches(3))
-    trainer.train_step(trainer.loader.batches[0])  # warm-up: allocations, cuDNN autotuning
+    trainer.train_step(trainer.loader.batches[:1])  # warm-up: allocations, cuDNN autotuning
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for batch in trainer.loader.batches[1:]:
-            out = trainer.train_step(batch)
+            out = trainer.train_step([batch])
             trainer.meter.add(**out)
     finally:
         torch.cuda.set_sync_debug_mode("default")

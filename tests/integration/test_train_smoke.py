@@ -51,6 +51,7 @@ def test_smoke_train_then_resume(tmp_path):
     assert (ckpts / "latest").read_text().strip() == "step_0000006"
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if r["kind"] == "resume"] == [4]
     log = (run / "mlperf.log").read_text()
     assert log.count('"key": "run_start"') == 1 and '"samples_count": 16' in log
     assert len(list(run.glob("mlperf.log.*"))) == 1  # the first run's log is kept beside it

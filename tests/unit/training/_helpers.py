@@ -106,8 +106,8 @@ def record_losses(trainer: Trainer) -> list[float]:
     losses: list[float] = []
     step = trainer.train_step
 
-    def recording(batch):
-        out = step(batch)
+    def recording(micro_batches):
+        out = step(micro_batches)
         losses.append(out["loss"].item())
         return out
 

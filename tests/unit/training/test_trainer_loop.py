@@ -47,40 +47,70 @@ def _python_alphas_cumprod() -> list[float]:
     return out
 
 
-def test_one_step_loss_and_update_match_hand_computation(tmp_path):
-    cfg = make_cfg(tmp_path)
+def _scale_trainer(cfg, tmp_path, w=0.5, seed=7):
     from sd_mlperf.diffusion.schedule import make_alphas_cumprod
 
-    dp = apply_data_parallel(ScaleModel(0.5), cfg, cpu_dist())
+    dp = apply_data_parallel(ScaleModel(w), cfg, cpu_dist())
     trainer = Trainer(plan=plan_from_config(cfg), dp=dp, loader=[], conditioner=conditioner,
                       alphas_cumprod=make_alphas_cumprod(cfg.diffusion), lr_schedule=LRSchedule(cfg.optim, 2),
-                      autocast=contextlib.nullcontext, generator=torch.Generator().manual_seed(7),
+                      autocast=contextlib.nullcontext, generator=torch.Generator().manual_seed(seed),
                       device=torch.device("cpu"), checkpointer=Checkpointer(cfg.checkpoint, tmp_path),
                       mlperf=MLPerfLogger(None), progress=Progress(cfg.logging, tmp_path, enabled=False,
                                                                    total_steps=1, global_batch_size=2))
-    batch = make_batches(1)[0]
-    out = trainer.train_step(batch)
+    return trainer, dp
 
-    # Replay the draws in the documented order: latent noise (conditioner), t, eps.
-    g = torch.Generator().manual_seed(7)
-    z = (batch["z0"] + 0.1 * torch.randn(batch["z0"].shape, generator=g)).double().numpy()
-    t = torch.randint(0, 1000, (2,), generator=g).tolist()
-    eps = torch.randn(batch["z0"].shape, generator=g).double().numpy()
+
+def _by_hand(micro_batches, w=0.5, seed=7):
+    """Replay the draws in the documented order per micro-batch (latent noise, t, eps) in float64."""
+    g = torch.Generator().manual_seed(seed)
     ac = _python_alphas_cumprod()
-    per_sample, grads = [], []
-    for i in range(2):
-        sa, s1a = math.sqrt(ac[t[i]]), math.sqrt(1 - ac[t[i]])
-        x_t = sa * z[i] + s1a * eps[i]
-        v = sa * eps[i] - s1a * z[i]
-        per_sample.append(np.mean((0.5 * x_t - v) ** 2))
-        grads.append(np.mean(2 * (0.5 * x_t - v) * x_t))
-    assert out["loss"].item() == pytest.approx(np.mean(per_sample), rel=1e-5)
+    losses, grads = [], []
+    for batch in micro_batches:
+        n = batch["z0"].shape[0]
+        z = (batch["z0"] + 0.1 * torch.randn(batch["z0"].shape, generator=g)).double().numpy()
+        t = torch.randint(0, 1000, (n,), generator=g).tolist()
+        eps = torch.randn(batch["z0"].shape, generator=g).double().numpy()
+        per_sample, per_grad = [], []
+        for i in range(n):
+            sa, s1a = math.sqrt(ac[t[i]]), math.sqrt(1 - ac[t[i]])
+            x_t = sa * z[i] + s1a * eps[i]
+            v = sa * eps[i] - s1a * z[i]
+            per_sample.append(np.mean((w * x_t - v) ** 2))
+            per_grad.append(np.mean(2 * (w * x_t - v) * x_t))
+        losses.append(np.mean(per_sample))
+        grads.append(np.mean(per_grad))
+    return np.mean(losses), np.mean(grads)  # accumulation: the mean over micro-batches
+
+
+def test_one_step_loss_and_update_match_hand_computation(tmp_path):
+    cfg = make_cfg(tmp_path)
+    trainer, dp = _scale_trainer(cfg, tmp_path)
+    batch = make_batches(1)[0]
+    out = trainer.train_step([batch])
+    loss, grad = _by_hand([batch])
+    assert out["loss"].item() == pytest.approx(loss, rel=1e-5)
     assert bool(out["ok"]) and not bool(out["fatal"])
-    assert out["grad_norm"].item() == pytest.approx(abs(np.mean(grads)), rel=1e-4)
+    assert out["grad_norm"].item() == pytest.approx(abs(grad), rel=1e-4)
     # First AdamW step: m_hat / sqrt(v_hat) = sign(g); decoupled decay first; lr = 1e-6 x peak.
     lr = 1e-6 * cfg.optim.base_lr_per_sample * 2
-    expected_w = 0.5 * (1 - lr * 0.01) - lr * np.sign(np.mean(grads))
+    expected_w = 0.5 * (1 - lr * 0.01) - lr * np.sign(grad)
     assert dp.unwrapped.w.item() == pytest.approx(expected_w, rel=1e-7)
+
+
+def test_gradient_accumulation_averages_micro_batches(tmp_path):
+    cfg = make_cfg(tmp_path, "training.grad_accumulation_steps=2", "training.micro_batch_size=1")
+    trainer, _ = _scale_trainer(cfg, tmp_path)
+    micro = [{k: v[:1] for k, v in b.items()} for b in make_batches(2)]
+    out = trainer.train_step(micro)
+    loss, grad = _by_hand(micro)
+    assert out["loss"].item() == pytest.approx(loss, rel=1e-5)
+    assert out["grad_norm"].item() == pytest.approx(abs(grad), rel=1e-4)
+    # In the loop, one step consumes grad_accumulation_steps batches and counts the global batch.
+    trainer, loader = make_trainer(make_cfg(tmp_path / "loop", "training.grad_accumulation_steps=2",
+                                            "training.micro_batch_size=1", "training.max_steps=3"), micro)
+    state = trainer.fit()
+    trainer.close()
+    assert loader.pos == 6 and state.samples_count == 6
 
 
 def test_lr_follows_the_warmup_curve(tmp_path):
