@@ -232,3 +232,19 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000003"
     with pytest.raises(ValueError, match="written by 1 ranks and this run has 2"):
         Checkpointer(cfg.checkpoint, tmp_path / "run", world_size=2).load(ckpt)
+
+
+def test_benchmark_plan_follows_the_mlperf_cadence():
+    from sd_mlperf.config import load_config
+    from tests.unit.training._helpers import REPO
+
+    plans = {}
+    for system, gbs in (("01x08x08", 64), ("32x08x02", 512), ("32x08x08", 2048)):
+        cfg = load_config([REPO / "conf" / "sd2_mlperf.yaml", REPO / "conf" / "system" / f"{system}.yaml"])
+        plans[system] = plan = plan_from_config(cfg)
+        assert plan.global_batch_size == gbs
+        assert plan.steps_per_block == math.ceil(512_000 / gbs)  # checkpoint + FID/CLIP every 512,000 images
+        assert plan.max_steps == math.ceil(cfg.training.max_samples / gbs)
+        assert plan.loss_scaling and plan.precision == "fp16" and plan.grad_accumulation_steps == 1
+        assert (plan.target_fid, plan.target_clip) == (90.0, 0.15)
+    assert plans["01x08x08"].steps_per_block == 8000 and plans["32x08x02"].steps_per_block == 1000
