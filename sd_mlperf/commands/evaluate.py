@@ -102,12 +102,19 @@ def run(args: argparse.Namespace) -> int:
     from sd_mlperf.parallel.distributed import destroy_distributed, init_distributed
     from sd_mlperf.utils.logging import logger, setup_logging
 
-    overrides = list(args.overrides)
+    # `--checkpoint A B key=value` hands the overrides to --checkpoint (nargs="+"): take back every entry
+    # that looks like an override and is not an existing path (Lightning names such as epoch=1.ckpt exist).
+    checkpoints = [c for c in args.checkpoint if "=" not in c or Path(c).exists()]
+    overrides = [c for c in args.checkpoint if c not in checkpoints] + list(args.overrides)
+    if not checkpoints:
+        raise ValueError("--checkpoint needs at least one checkpoint path")
     if args.num_prompts is not None:
         if args.num_prompts < 2:
             raise ValueError(f"--num-prompts must be at least 2 (FID needs 2 images), got {args.num_prompts}")
         overrides.append(f"eval.num_prompts={args.num_prompts}")
     cfg = load_config(args.config, overrides)
+    if cfg.run.num_threads:
+        torch.set_num_threads(cfg.run.num_threads)
     dist = init_distributed(cfg.run, cfg.parallel)
     setup_logging(cfg.logging.level, rank=dist.rank)
     try:
@@ -121,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         evaluator = build_evaluator(cfg, vae=vae, text_encoder=text_encoder, rank=dist.rank,
                                     world_size=dist.world_size, device=dist.device, run_dir=default_run_dir,
                                     out_subdir="eval_offline")
-        for spec in args.checkpoint:
+        for spec in checkpoints:
             info = checkpoint_info(spec, args.samples_count)
             check_state_dict(unet, info["state"], source=str(info["path"]))
             unet.load_state_dict(info["state"], strict=True)

@@ -60,6 +60,7 @@ class _Timer:
         return now
 
 
+@torch.no_grad()
 def encode_prompts(text_encoder: nn.Module, captions: list[str], precision: str,
                    device: torch.device) -> torch.Tensor:
     """Cross-attention context (B, 77, D) of captions, under the evaluation's autocast."""
@@ -67,6 +68,7 @@ def encode_prompts(text_encoder: nn.Module, captions: list[str], precision: str,
         return text_encoder.encode(captions).to(device)
 
 
+@torch.no_grad()
 def generate_images(unet: Callable, captions: list[str], indices: Sequence[int], *, cfg: EvalConfig,
                     schedule: DDIMSchedule, uncond: torch.Tensor, text_encoder: nn.Module, vae: nn.Module,
                     scale_factor: float, latent_shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:

@@ -69,8 +69,9 @@ def test_evaluate_cli_on_a_smoke_checkpoint(tmp_path, capsys):
     assert added[1]["value"] == pytest.approx(inline["fid"])
 
     # The ldm export of the same weights, a quick look at 2 prompts, without MLPerf lines.
-    assert main(["evaluate", "--checkpoint", str(ckpt / "unet_ldm.safetensors"), "--num-prompts", "3",
-                 "--no-mlperf-log", "--config", str(SMOKE), *overrides]) == 0
+    # Overrides may follow the checkpoint list directly.
+    assert main(["evaluate", "--num-prompts", "3", "--no-mlperf-log", "--config", str(SMOKE),
+                 "--checkpoint", str(ckpt / "unet_ldm.safetensors"), *overrides]) == 0
     assert "FID" in capsys.readouterr().out
     assert _mlperf_events(log) == after
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nope"), "--config", str(SMOKE), *overrides]) == 1
