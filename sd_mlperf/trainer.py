@@ -158,10 +158,10 @@ class Trainer:
                 self.meter.add(**metrics)
                 self.progress.tick(s.step)
                 if s.step % plan.log_interval_steps == 0:
-                    self.log_progress()
+                    self.log_progress()  # host sync
                 if s.step % plan.steps_per_block == 0 or s.step == plan.max_steps:
                     self.mlperf.block_stop(s.samples_count)
-                    self.save_checkpoint()
+                    self.save_checkpoint()  # host sync (finite check, state to CPU)
                     self.evaluate()
                     if s.reached_target and plan.stop_at_target:
                         break
