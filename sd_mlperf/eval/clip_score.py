@@ -5,7 +5,7 @@ then applies open_clip's eval transform: Resize(224, bicubic) on the PIL image (
 bicubic), CenterCrop(224), ToTensor, OpenAI mean/std. The score of an image is the cosine of the
 normalised image and text features; the metric is their plain mean (not x100, not clipped).
 torch's uint8 bicubic resize differs from PIL's by up to one grey level, so the resize stays in PIL
-(about 1 ms per image on one core, small next to sampling).
+(about 5 ms per 512x512 image per CPU core, small next to sampling).
 """
 
 from __future__ import annotations
@@ -60,13 +60,11 @@ def load_clip(weights: str | os.PathLike | None, *, tiny: bool = False, device: 
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"eval.clip_weights={weights} does not exist; download ViT-H-14 "
                                     "laion2b_s32b_b79k open_clip_pytorch_model.bin (see README) or set the path")
-        from sd_mlperf.eval.inception import _strict_load
-        from sd_mlperf.models.checkpoint_io import safe_load_state_dict
+        from sd_mlperf.eval.inception import strict_load
 
         model = build_clip(tiny)
-        _strict_load(model, safe_load_state_dict(weights), weights,
-                     "OpenCLIP ViT-H-14 laion2b_s32b_b79k open_clip_pytorch_model.bin (a plain state dict); "
-                     "with eval.clip_tiny=true, a tiny CLIP state dict")
+        strict_load(model, weights, "OpenCLIP ViT-H-14 laion2b_s32b_b79k open_clip_pytorch_model.bin (a plain state "
+                    "dict); with eval.clip_tiny=true, a tiny CLIP state dict")
     return model.to(device).eval().requires_grad_(False)
 
 

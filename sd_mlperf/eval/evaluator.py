@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from sd_mlperf.config.schema import Config, EvalConfig
+from sd_mlperf.data.coco import Prompt
 from sd_mlperf.diffusion.ddim import DDIMSchedule, PromptNoise, ddim_sample, make_ddim_schedule
+from sd_mlperf.eval.clip_score import ClipScorer
 from sd_mlperf.eval.distributed import block_counts, broadcast_object, gather_rows, shard_indices
 from sd_mlperf.eval.inception import FEATURE_DIM
 from sd_mlperf.eval.metrics import FrechetReference, mean_clip_score
@@ -86,9 +88,9 @@ def generate_images(unet: Callable, captions: list[str], indices: Sequence[int],
 class Evaluator:
     """Scores a UNet on the validation prompts; every rank must call `evaluate` together."""
 
-    def __init__(self, cfg: EvalConfig, *, schedule: DDIMSchedule, prompts: Sequence[Any], frechet: FrechetReference,
+    def __init__(self, cfg: EvalConfig, *, schedule: DDIMSchedule, prompts: Sequence[Prompt], frechet: FrechetReference,
                  vae: nn.Module, scale_factor: float, text_encoder: nn.Module, inception: nn.Module,
-                 clip_scorer: Any, latent_shape: tuple[int, int, int], rank: int, world_size: int,
+                 clip_scorer: ClipScorer, latent_shape: tuple[int, int, int], rank: int, world_size: int,
                  device: torch.device, out_dir: Path, progress_bar: bool = False) -> None:
         self.cfg = cfg
         self.schedule = schedule
@@ -218,7 +220,7 @@ def build_evaluator(cfg: Config, *, vae: nn.Module, text_encoder: nn.Module, ran
     """Load prompts, reference statistics, the FID Inception and CLIP; return the evaluator of this rank."""
     from sd_mlperf.data.coco import read_fid_stats, read_prompts
     from sd_mlperf.diffusion.schedule import make_alphas_cumprod
-    from sd_mlperf.eval.clip_score import ClipScorer, load_clip
+    from sd_mlperf.eval.clip_score import load_clip
     from sd_mlperf.eval.fid import ensure_fid_stats
     from sd_mlperf.eval.inception import load_fid_inception
 

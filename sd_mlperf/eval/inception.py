@@ -113,26 +113,15 @@ def _randomize_for_smoke(model: FIDInceptionV3, seed: int) -> None:
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
 
 
-def load_inception_state_dict(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load pt_inception-2015-12-05 weights strictly; a mismatch names the file, the keys and the fix."""
-    from sd_mlperf.models.checkpoint_io import safe_load_state_dict
+def strict_load(model: nn.Module, path: str | os.PathLike, expected: str) -> None:
+    """Load a weights file into `model` with strict=True; a mismatch names the file, the keys and `expected`."""
+    from sd_mlperf.models.checkpoint_io import check_state_dict, safe_load_state_dict
 
     state = safe_load_state_dict(path)
-    _strict_load(model, state, path, "the FID Inception weights pt_inception-2015-12-05-6726825d.pth "
-                 "(pytorch-fid release fid_weights)")
-
-
-def _strict_load(model: nn.Module, state: dict, path: str | os.PathLike, expected: str) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    bad_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                 for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or bad_shape:
-        raise ValueError(
-            f"{path}: does not match {type(model).__name__} ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(bad_shape)} wrong shape; first ones: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-            f"shapes {bad_shape[:3]}). Expected {expected}.")
+    try:
+        check_state_dict(model, state, source=str(path))
+    except ValueError as exc:
+        raise ValueError(f"{exc} Expected {expected}.") from exc
     model.load_state_dict(state, strict=True)
 
 
@@ -148,5 +137,6 @@ def load_fid_inception(weights: str | os.PathLike | None, device: torch.device |
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"eval.inception_weights={weights} does not exist; download "
                                     "pt_inception-2015-12-05-6726825d.pth (see README) or set the path")
-        load_inception_state_dict(model, weights)
+        strict_load(model, weights, "the FID Inception weights pt_inception-2015-12-05-6726825d.pth "
+                    "(pytorch-fid release fid_weights)")
     return model.to(device).eval().requires_grad_(False)

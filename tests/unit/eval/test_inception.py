@@ -51,9 +51,9 @@ def test_strict_load_from_file(inception_file):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda s: s.pop("Mixed_7c.branch_pool.conv.weight"), "1 missing"),
-    (lambda s: s.__setitem__("AuxLogits.fc.weight", torch.zeros(1)), "1 unexpected"),
-    (lambda s: s.__setitem__("fc.weight", torch.zeros(1000, 2048)), "1 wrong shape"),
+    (lambda s: s.pop("Mixed_7c.branch_pool.conv.weight"), r"missing: Mixed_7c\.branch_pool\.conv\.weight"),
+    (lambda s: s.__setitem__("AuxLogits.fc.weight", torch.zeros(1)), r"unexpected: AuxLogits\.fc\.weight"),
+    (lambda s: s.__setitem__("fc.weight", torch.zeros(1000, 2048)), r"wrong shape: fc\.weight"),
 ])
 def test_strict_load_names_the_problem(inception_file, tmp_path, edit, message):
     _, state = inception_file
