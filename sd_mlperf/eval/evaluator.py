@@ -103,28 +103,18 @@ class Evaluator:
         self.out_dir = out_dir
         self.progress_bar = progress_bar
         self.local = shard_indices(len(self.prompts), rank, world_size, cfg.batch_size)
+        self.park_device = torch.device("cpu") if self.device.type == "cuda" else self.device
+        self._metric_models_to(self.park_device)
         self._uncond: torch.Tensor | None = None
         self._clip_text: dict[int, torch.Tensor] = {}  # batch start -> the frozen CLIP's caption features
 
-    def generate(self, unet: Callable, indices: Sequence[int]) -> torch.Tensor:
-        """Float [0, 1] images (B, 3, H, W), fp32, for the given prompt indices."""
-        if self._uncond is None:
-            self._uncond = encode_prompts(self.text_encoder, [""], self.cfg.precision, self.device)
-        captions = [self.prompts[i].caption for i in indices]
-        return generate_images(unet, captions, indices, cfg=self.cfg, schedule=self.schedule, uncond=self._uncond,
-                               text_encoder=self.text_encoder, vae=self.vae, scale_factor=self.scale_factor,
-                               latent_shape=self.latent_shape, device=self.device)
+    def _metric_models_to(self, device: torch.device) -> None:
+        # On a GPU the FID Inception and CLIP (about 4 GB for ViT-H-14 in fp32) wait in host memory between
+        # evaluations, leaving the memory to training; moving them takes well under a second.
+        self.inception.to(device)
+        self.clip_scorer.model.to(device)
 
-    # -- the whole evaluation -----------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, unet: Callable, *, samples_count: int, step: int) -> EvalResult:
-        """Generate the images of this rank's prompts, gather, and compute FID and CLIP (all ranks)."""
-        start = time.perf_counter()
-        module = unet if isinstance(unet, nn.Module) else None
-        was_training = bool(module is not None and module.training)
-        if module is not None:
-            module.eval()
-        timer = _Timer(self.device, {})
+    def _generate_and_score(self, unet: Callable, timer: _Timer) -> tuple[list, list, list]:
         feats, scores, grid = [], [], []
         bar = self._progress()
         bs = self.cfg.batch_size
@@ -147,8 +137,34 @@ class Evaluator:
                 bar.update(len(indices))
         if bar is not None:
             bar.close()
-        if module is not None and was_training:
-            module.train()
+        return feats, scores, grid
+
+    def generate(self, unet: Callable, indices: Sequence[int]) -> torch.Tensor:
+        """Float [0, 1] images (B, 3, H, W), fp32, for the given prompt indices."""
+        if self._uncond is None:
+            self._uncond = encode_prompts(self.text_encoder, [""], self.cfg.precision, self.device)
+        captions = [self.prompts[i].caption for i in indices]
+        return generate_images(unet, captions, indices, cfg=self.cfg, schedule=self.schedule, uncond=self._uncond,
+                               text_encoder=self.text_encoder, vae=self.vae, scale_factor=self.scale_factor,
+                               latent_shape=self.latent_shape, device=self.device)
+
+    # -- the whole evaluation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, unet: Callable, *, samples_count: int, step: int) -> EvalResult:
+        """Generate the images of this rank's prompts, gather, and compute FID and CLIP (all ranks)."""
+        start = time.perf_counter()
+        module = unet if isinstance(unet, nn.Module) else None
+        was_training = bool(module is not None and module.training)
+        timer = _Timer(self.device, {})
+        try:
+            if module is not None:
+                module.eval()
+            self._metric_models_to(self.device)
+            feats, scores, grid = self._generate_and_score(unet, timer)
+        finally:
+            self._metric_models_to(self.park_device)
+            if module is not None and was_training:
+                module.train()
         t = time.perf_counter()
         result = self._finish(feats, scores, grid, samples_count, step)
         timer.lap("gather_and_metrics", t)
@@ -233,9 +249,10 @@ def build_evaluator(cfg: Config, *, vae: nn.Module, text_encoder: nn.Module, ran
     prompts = prompts[: e.num_prompts]
     if len(prompts) < 2:
         raise ValueError(f"invalid value for 'eval.num_prompts': {e.num_prompts}; FID needs at least 2 images")
-    inception = load_fid_inception(e.inception_weights, device, seed=e.seed)
+    # Loaded into host memory: the evaluator moves them to `device` only while it evaluates.
+    inception = load_fid_inception(e.inception_weights, "cpu", seed=e.seed)
     mu, sigma = read_fid_stats(ensure_fid_stats(cfg, inception), FEATURE_DIM)
-    clip = load_clip(e.clip_weights, tiny=e.clip_tiny, device=device, seed=e.seed)
+    clip = load_clip(e.clip_weights, tiny=e.clip_tiny, device="cpu", seed=e.seed)
     factor = 2 ** (len(cfg.model.vae.channel_mult) - 1)
     if cfg.data.image_size % factor:
         raise ValueError(f"invalid value for 'data.image_size': {cfg.data.image_size}; must be a multiple of {factor}")
