@@ -133,8 +133,8 @@ class Evaluator:
             keep = [j for j, i in enumerate(indices) if i < self.cfg.num_grid_images]
             if keep:
                 grid.append(images[keep].mul(255).to(torch.uint8))
-            if bar is not None:
-                bar.update(len(indices))
+            if bar is not None:  # the ranks run their blocks at the same pace: rank 0's count x world size
+                bar.update(min(len(indices) * self.world_size, bar.total - bar.n))
         if bar is not None:
             bar.close()
         return feats, scores, grid
@@ -222,9 +222,8 @@ class Evaluator:
             return None
         from tqdm import tqdm
 
-        # Each rank runs its block at the same pace: this rank's rate x world size is the total rate.
-        return tqdm(total=len(self.local), unit="img", desc=f"eval x{self.world_size} ranks", file=sys.stderr,
-                    dynamic_ncols=True, unit_scale=self.world_size)
+        return tqdm(total=len(self.prompts), unit="img", desc=f"eval ({self.world_size} rank(s))", file=sys.stderr,
+                    dynamic_ncols=True)
 
 
 def _show_progress(mode: str) -> bool:
