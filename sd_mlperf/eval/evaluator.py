@@ -81,7 +81,7 @@ def generate_images(unet: Callable, captions: list[str], indices: Sequence[int],
     z = ddim_sample(unet, x_T, cond, uncond, schedule, guidance_scale=cfg.guidance_scale, noise=noise,
                     precision=cfg.precision)
     with autocast(cfg.precision, device):
-        x = vae.decode(z / scale_factor)
+        x = vae.decode((1.0 / scale_factor) * z)  # the reference: 1 / scale_factor * z
     return torch.clamp((x.float() + 1.0) / 2.0, min=0.0, max=1.0)
 
 
