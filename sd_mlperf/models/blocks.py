@@ -157,8 +157,9 @@ class SpatialTransformer(nn.Module):
         for block in self.transformer_blocks:
             h_BLC = block(h_BLC, context_BSE)
         h_BLC = self.proj_out(h_BLC)
-        # A channels-last input stays channels-last: (B, H, W, C) permuted is an NHWC view.
-        return h_BLC.view(B, H, W, C).permute(0, 3, 1, 2) + x_BCHW
+        # (B, H, W, C) permuted is an NHWC view. The input goes first in the sum, whose result takes the
+        # first operand's memory format: an NCHW model stays NCHW (else every later conv would mix formats).
+        return x_BCHW + h_BLC.view(B, H, W, C).permute(0, 3, 1, 2)
 
 
 class TimestepEmbedSequential(nn.Sequential):
