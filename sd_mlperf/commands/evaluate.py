@@ -119,9 +119,7 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(cfg.logging.level, rank=dist.rank)
     try:
         default_run_dir = Path(cfg.run.output_dir) / cfg.run.name
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.run.seed)  # smoke mode (no frozen_checkpoint): the same random parts on all ranks
-            vae, text_encoder = build_frozen_encoders(cfg.model)
+        vae, text_encoder = build_frozen_encoders(cfg.model)  # random ones (smoke) are the trainer's too
         vae.to(dist.device).eval()
         text_encoder.to(dist.device).eval()
         unet = build_unet(cfg.model.unet).to(dist.device).eval()

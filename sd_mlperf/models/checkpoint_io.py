@@ -178,8 +178,12 @@ def load_frozen_encoders(path: str | os.PathLike, cfg: ModelConfig, *, sha256: s
     return vae, text
 
 
-def build_frozen_encoders(cfg: ModelConfig) -> tuple[AutoencoderKL, FrozenOpenCLIPTextEncoder]:
-    """Load the frozen parts from `cfg.frozen_checkpoint`, or build them random (smoke mode) when it is null."""
+def build_frozen_encoders(cfg: ModelConfig, *, seed: int = 0) -> tuple[AutoencoderKL, FrozenOpenCLIPTextEncoder]:
+    """Load the frozen parts from `cfg.frozen_checkpoint`, or build them random (smoke mode) when it is null.
+
+    Random parts are drawn from `seed` alone, not the caller's RNG state, so training ranks, precompute and
+    offline evaluation all rebuild the very same "frozen" encoders.
+    """
     from sd_mlperf.models.text_encoder import build_text_encoder
     from sd_mlperf.models.vae import build_vae
 
@@ -187,9 +191,12 @@ def build_frozen_encoders(cfg: ModelConfig) -> tuple[AutoencoderKL, FrozenOpenCL
         return load_frozen_encoders(cfg.frozen_checkpoint, cfg, sha256=cfg.frozen_checkpoint_sha256)
     log_once("frozen-random", "model.frozen_checkpoint is null: the VAE and text encoder have RANDOM weights; "
              "losses, FID and CLIP scores are meaningless (smoke/benchmark mode only)")
-    vae = build_vae(cfg.vae)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = build_vae(cfg.vae)
+        text_encoder = build_text_encoder(cfg.text_encoder)
     vae.requires_grad_(False).eval()
-    return vae, build_text_encoder(cfg.text_encoder)
+    return vae, text_encoder
 
 
 def save_safetensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike,

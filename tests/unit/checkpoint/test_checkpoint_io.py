@@ -189,6 +189,18 @@ def test_build_frozen_encoders_random_warns_once():
     assert not vae.training and not any(p.requires_grad for p in [*vae.parameters(), *text.parameters()])
 
 
+def test_random_frozen_encoders_ignore_the_callers_rng_state():
+    torch.manual_seed(1)
+    vae_a, text_a = cio.build_frozen_encoders(tiny_model_cfg(None))
+    torch.manual_seed(2)  # e.g. another rank after per-rank seeding
+    vae_b, text_b = cio.build_frozen_encoders(tiny_model_cfg(None))
+    for a, b in ((vae_a, vae_b), (text_a, text_b)):
+        for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(pa, pb), name
+    vae_c, _ = cio.build_frozen_encoders(tiny_model_cfg(None), seed=1)
+    assert not torch.equal(vae_c.encoder.conv_in.weight, vae_a.encoder.conv_in.weight)
+
+
 def test_build_frozen_encoders_loads_path(ckpt):
     path, state = ckpt
     vae, text = cio.build_frozen_encoders(tiny_model_cfg(str(path)))
