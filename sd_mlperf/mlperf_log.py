@@ -32,7 +32,8 @@ def train_samples(cfg: Config) -> int:
 class MLPerfLogger:
     """Writes MLPerf events with `mlperf_logging.mllog` to one file; a disabled logger (ranks > 0) writes nothing."""
 
-    def __init__(self, path: str | os.PathLike | None, *, enabled: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike | None, *, enabled: bool = True, append: bool = False) -> None:
+        """`append=True` adds to an existing run's log (offline evaluation) instead of starting a new run."""
         self.path = Path(path) if path is not None else None
         self.enabled = enabled and path is not None
         self._handler: logging.FileHandler | None = None
@@ -43,7 +44,7 @@ class MLPerfLogger:
         from mlperf_logging.mllog.mllog import MLLogger
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and self.path.stat().st_size > 0:
+        if not append and self.path.exists() and self.path.stat().st_size > 0:
             # A resumed run is a new MLPerf run: keep the earlier log beside it instead of appending a
             # second run_start to it (the checker wants exactly one).
             self.path.rename(self.path.with_name(f"{self.path.name}.{time.strftime('%Y%m%d-%H%M%S')}"))
@@ -52,7 +53,7 @@ class MLPerfLogger:
         pylog = logging.getLogger(f"sd_mlperf.mllog.{next(_instance_ids)}")
         pylog.propagate = False
         pylog.setLevel(logging.INFO)
-        self._handler = logging.FileHandler(self.path, mode="w", encoding="utf-8")
+        self._handler = logging.FileHandler(self.path, mode="a" if append else "w", encoding="utf-8")
         pylog.addHandler(self._handler)
         self._mllog = MLLogger(logger=pylog, default_stack_offset=3)
 

@@ -68,28 +68,16 @@ def checkpoint_info(path: str | Path, samples_count: int | None = None) -> dict[
 
 
 def _append_mlperf(log_path: Path, samples_count: int, fid: float, clip: float) -> None:
-    # Appends to an existing run log: sd_mlperf.mlperf_log.MLPerfLogger starts a new file (one run_start
-    # per file), so offline results use mllog directly on an appending handler.
-    import logging
+    """Append one evaluation's eval_start / eval_accuracy (FID, CLIP) / eval_stop to a run's MLPerf log."""
+    from sd_mlperf.mlperf_log import MLPerfLogger
 
-    from mlperf_logging.mllog.mllog import MLLogger
-
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    pylog = logging.getLogger(f"sd_mlperf.mllog.offline.{log_path}")
-    pylog.propagate = False
-    pylog.setLevel(logging.INFO)
-    handler = logging.FileHandler(log_path, mode="a", encoding="utf-8")
-    pylog.addHandler(handler)
+    mlperf = MLPerfLogger(log_path, append=True)
     try:
-        ml = MLLogger(logger=pylog, default_stack_offset=1)
-        meta = {"samples_count": samples_count}
-        ml.start(key="eval_start", metadata=meta)
-        ml.event(key="eval_accuracy", value=float(fid), metadata={**meta, "metric": "FID"})
-        ml.event(key="eval_accuracy", value=float(clip), metadata={**meta, "metric": "CLIP"})
-        ml.end(key="eval_stop", metadata=meta)
+        mlperf.eval_start(samples_count)
+        mlperf.eval_result(samples_count, fid, clip)
+        mlperf.eval_stop(samples_count)
     finally:
-        pylog.removeHandler(handler)
-        handler.close()
+        mlperf.close()
 
 
 def run(args: argparse.Namespace) -> int:
