@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from sd_mlperf.bench.flops import unet_train_flops
 from sd_mlperf.bench.train import (
+    CONTEXT_LENGTH,
     SINGLE_PROCESS,
     TrainBenchSettings,
     build_runner,
@@ -121,13 +123,13 @@ def compare_with_diffusers(config_files: Sequence[str], overrides: Sequence[str]
     batch = synthetic_batch(cfg, device)
     diff = max_output_difference(cfg.model.unet, batch, cfg.run.seed)
     logger.info("bench train --diffusers: max |ours - diffusers| = %s (fp32, random weights)", diff)
-    ours_unet, ours_dp, ours = build_runner(cfg, device, batch, settings.warmup_steps)
+    ours_unet, _, ours = build_runner(cfg, device, batch, settings.warmup_steps)
     theirs_model = DiffusersUNet(cfg.model.unet).to(device)
     if cfg.model.unet.channels_last:  # the same fast-path choices as ours get
         theirs_model.to(memory_format=torch.channels_last)
     if cfg.model.unet.compile:
         theirs_model.compile()  # as models/unet.py compiles ours
-    theirs_dp_model, theirs_dp, theirs = build_runner(cfg, device, batch, settings.warmup_steps, unet=theirs_model)
+    _, _, theirs = build_runner(cfg, device, batch, settings.warmup_steps, unet=theirs_model)
     n_ours = sum(p.numel() for p in ours_unet.parameters())
     n_theirs = sum(p.numel() for p in theirs_model.parameters())
     if n_ours != n_theirs:
@@ -138,19 +140,17 @@ def compare_with_diffusers(config_files: Sequence[str], overrides: Sequence[str]
         for name, runner in (("ours", ours), ("diffusers", theirs)):
             times[name] += time_steps(runner, batch, 1, device)[0]
     med = {k: statistics.median(v) for k, v in times.items()}
-    common = {"device": device_name(device), "precision": cfg.training.precision,
-              "channels_last": cfg.model.unet.channels_last, "batch": cfg.training.micro_batch_size,
-              "latent": cfg.data.image_size // 8}
+    u, batch_size = cfg.model.unet, cfg.training.micro_batch_size
+    flop_per_image = unet_train_flops(u, latent_size=cfg.data.image_size // 8, context_length=CONTEXT_LENGTH)
+    common = {"device": device_name(device), "precision": cfg.training.precision, "channels_last": u.channels_last,
+              "compile": u.compile, "cuda_graph": False, "batch": batch_size, "latent": cfg.data.image_size // 8,
+              "tflop_per_image": flop_per_image / 1e12}
     chosen = {r.role: r.name for r in ours_unet.backend_resolutions}
-    rows = [
-        {"variant": f"ours ({n_ours:,} params)", **common, "attention": chosen["attention"], "norm": chosen["norm"],
-         "ms_per_step": med["ours"] * 1e3, "ms_min": min(times["ours"]) * 1e3,
-         "images_per_s": cfg.training.micro_batch_size / med["ours"],
-         "time_vs_diffusers": med["ours"] / med["diffusers"], "max_abs_diff": diff, "status": "ok"},
-        {"variant": "diffusers UNet2DConditionModel", **common, "attention": "sdpa (AttnProcessor2_0)",
-         "norm": "torch", "ms_per_step": med["diffusers"] * 1e3, "ms_min": min(times["diffusers"]) * 1e3,
-         "images_per_s": cfg.training.micro_batch_size / med["diffusers"], "time_vs_diffusers": 1.0,
-         "max_abs_diff": diff, "status": "ok"},
-    ]
-    del ours_dp, theirs_dp, theirs_dp_model
+    backends = {"ours": (chosen["attention"], chosen["norm"]), "diffusers": ("sdpa (AttnProcessor2_0)", "torch")}
+    names = {"ours": f"ours ({n_ours:,} params)", "diffusers": "diffusers UNet2DConditionModel"}
+    rows = [{"variant": names[k], **common, "attention": backends[k][0], "norm": backends[k][1],
+             "ms_per_step": med[k] * 1e3, "ms_min": min(times[k]) * 1e3, "images_per_s": batch_size / med[k],
+             "tflop_per_s": flop_per_image * batch_size / med[k] / 1e12,
+             "time_vs_diffusers": med[k] / med["diffusers"], "max_abs_diff": diff, "status": "ok"}
+            for k in ("ours", "diffusers")]
     return rows

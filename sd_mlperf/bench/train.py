@@ -222,15 +222,20 @@ def build_runner(cfg: Config, device: torch.device, batch: dict[str, torch.Tenso
     return unet, dp, runner
 
 
+def describe(cfg: Config, device: torch.device) -> dict[str, Any]:
+    """The configuration columns of a row (attention/norm as requested until a build resolves them)."""
+    u, tr = cfg.model.unet, cfg.training
+    return {"device": device_name(device), "precision": tr.precision, "attention": u.attention_backend,
+            "norm": u.norm_backend, "channels_last": u.channels_last, "compile": u.compile,
+            "cuda_graph": tr.cuda_graph, "batch": tr.micro_batch_size, "latent": cfg.data.image_size // 8}
+
+
 def measure(cfg: Config, device: torch.device, settings: TrainBenchSettings, flops: _FlopCache) -> dict[str, Any]:
-    """One row: build, warm up, time `settings.steps` steps of `cfg` on `device`."""
+    """The measured columns of a row: build, warm up, time `settings.steps` steps of `cfg` on `device`."""
     from sd_mlperf.bench.flops import peak_tflops
 
-    u, tr = cfg.model.unet, cfg.training
-    row: dict[str, Any] = {"device": device_name(device), "precision": tr.precision, "attention": u.attention_backend,
-                           "norm": u.norm_backend, "channels_last": u.channels_last, "compile": u.compile,
-                           "cuda_graph": tr.cuda_graph, "batch": tr.micro_batch_size,
-                           "latent": cfg.data.image_size // 8}
+    tr = cfg.training
+    row: dict[str, Any] = {}
     torch.manual_seed(cfg.run.seed)
     batch = synthetic_batch(cfg, device)
     if device.type == "cuda":
@@ -244,7 +249,7 @@ def measure(cfg: Config, device: torch.device, settings: TrainBenchSettings, flo
     images_per_s = tr.micro_batch_size / seconds
     flop_per_image = flops.per_image(cfg)
     tflop_per_s = flop_per_image * images_per_s / 1e12
-    peak = peak_tflops(row["device"], tr.precision)
+    peak = peak_tflops(device_name(device), tr.precision)
     row.update({
         "ms_per_step": seconds * 1e3,
         "ms_min": min(times) * 1e3,
@@ -256,7 +261,6 @@ def measure(cfg: Config, device: torch.device, settings: TrainBenchSettings, flo
         "loss": loss,
         "status": "ok" if math.isfinite(loss) else "failed: non-finite loss",
     })
-    del unet, dp, runner, batch
     return row
 
 
@@ -271,9 +275,9 @@ def _release(device: torch.device, compiled: bool) -> None:
 def bench_train(config_files: Sequence[str], overrides: Sequence[str], variants: Sequence[Variant],
                 settings: TrainBenchSettings | None = None) -> list[dict[str, Any]]:
     """Measure each variant in this process; a variant that cannot run here gets a `skipped:` row."""
-    settings = settings or TrainBenchSettings()
     from sd_mlperf.fastpath.runtime import configure_device
 
+    settings = settings or TrainBenchSettings()
     flops = _FlopCache()
     rows: list[dict[str, Any]] = []
     for variant in variants:
@@ -281,13 +285,13 @@ def bench_train(config_files: Sequence[str], overrides: Sequence[str], variants:
         device = pick_device(cfg)
         configure_device(device)
         logger.info("bench train: %s (%s)", variant.name, " ".join(variant.overrides) or "as configured")
+        row = {"variant": variant.name, **describe(cfg, device)}
         try:
-            row = {"variant": variant.name, **measure(cfg, device, settings, flops)}
+            row.update(measure(cfg, device, settings, flops))
         except (RuntimeError, ValueError) as exc:  # unavailable backend, no CUDA, out of memory
-            status = ("failed: out of memory" if isinstance(exc, torch.OutOfMemoryError)
-                      else "skipped: " + " ".join(str(exc).split())[:200])
-            logger.warning("bench train: %s %s", variant.name, status)
-            row = {"variant": variant.name, "device": device_name(device), "status": status}
+            row["status"] = ("failed: out of memory" if isinstance(exc, torch.OutOfMemoryError)
+                             else "skipped: " + " ".join(str(exc).split())[:200])
+            logger.warning("bench train: %s %s", variant.name, row["status"])
         rows.append(row)
         _release(device, cfg.model.unet.compile)
     return add_ratios(rows, "images_per_s", name="speedup")
