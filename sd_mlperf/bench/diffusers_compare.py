@@ -27,7 +27,7 @@ from sd_mlperf.bench.train import (
     SINGLE_PROCESS,
     TrainBenchSettings,
     build_runner,
-    device_name,
+    describe,
     pick_device,
     synthetic_batch,
     time_steps,
@@ -142,9 +142,7 @@ def compare_with_diffusers(config_files: Sequence[str], overrides: Sequence[str]
     med = {k: statistics.median(v) for k, v in times.items()}
     u, batch_size = cfg.model.unet, cfg.training.micro_batch_size
     flop_per_image = unet_train_flops(u, latent_size=cfg.data.image_size // 8, context_length=CONTEXT_LENGTH)
-    common = {"device": device_name(device), "precision": cfg.training.precision, "channels_last": u.channels_last,
-              "compile": u.compile, "cuda_graph": False, "batch": batch_size, "latent": cfg.data.image_size // 8,
-              "tflop_per_image": flop_per_image / 1e12}
+    common = {**describe(cfg, device), "tflop_per_image": flop_per_image / 1e12}
     chosen = {r.role: r.name for r in ours_unet.backend_resolutions}
     backends = {"ours": (chosen["attention"], chosen["norm"]), "diffusers": ("sdpa (AttnProcessor2_0)", "torch")}
     names = {"ours": f"ours ({n_ours:,} params)", "diffusers": "diffusers UNet2DConditionModel"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -81,8 +82,6 @@ def format_table(rows: Sequence[dict[str, Any]], *, fmt: TableFormat = "text",
 
 def parse_text_table(text: str) -> tuple[list[str], list[list[str]]]:
     """Inverse of the text format, for tests and scripts: (header, rows of cells split on 2+ spaces)."""
-    import re
-
     lines = [line for line in text.splitlines() if line.strip()]
     if len(lines) < 2 or set(lines[1].replace(" ", "")) != {"-"}:
         raise ValueError("not a bench table: expected a header line and a dashed separator line")

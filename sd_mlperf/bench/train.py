@@ -86,12 +86,12 @@ def device_name(device: torch.device) -> str:
 
 
 def compare_variants(cfg: Config, groups: Sequence[str] = COMPARE_GROUPS) -> list[Variant]:
-    """One-at-a-time alternatives to `cfg` for `--compare`: each flips a single fast-path choice."""
+    """One-at-a-time alternatives to `cfg` for `--compare`: each flips a single fast-path choice of the config."""
     unknown = sorted(set(groups) - set(COMPARE_GROUPS))
     if unknown:
         raise ValueError(f"--compare: unknown group(s) {unknown}; choose from {', '.join(COMPARE_GROUPS)}")
     u, tr = cfg.model.unet, cfg.training
-    variants = [Variant("config")]
+    variants: list[Variant] = []
     if "attention" in groups:
         chosen = resolve_backend("attention", u.attention_backend).name
         variants += [Variant(f"attention={n}", (f"model.unet.attention_backend={n}",))

@@ -21,9 +21,9 @@ HELP = "measure the training step (train), the data loader (data) or evaluation 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
     train = modes.add_parser("train", help="time the UNet training step of the config (and alternatives)")
-    train.add_argument("--compare", nargs="?", const="all", default=None, metavar="GROUPS",
-                       help="also time one-at-a-time alternatives: comma-separated groups among attention, norm, "
-                            "channels_last, compile, cuda_graph, precision (default: all)")
+    train.add_argument("--compare", default=None, metavar="GROUPS",
+                       help="also time one-at-a-time alternatives to the config: `all`, or comma-separated groups "
+                            "among attention, norm, channels_last, compile, cuda_graph, precision")
     train.add_argument("--variant", action="append", default=[], metavar="'NAME: KEY=VALUE ...'",
                        help="also time this named set of overrides (repeatable)")
     train.add_argument("--no-base", action="store_true", help="time only the --variant rows, not the config itself")
@@ -57,7 +57,7 @@ def _train_rows(args: argparse.Namespace) -> tuple[list[dict], list[str] | None]
     if args.compare:
         groups = COMPARE_GROUPS if args.compare == "all" else [g.strip() for g in args.compare.split(",")]
         base = load_config(args.config, [*args.overrides, *SINGLE_PROCESS])
-        variants = variants + compare_variants(base, groups)[1:]
+        variants += compare_variants(base, groups)
     variants += [parse_variant(spec) for spec in args.variant]
     if not variants and not args.diffusers:
         raise ValueError("nothing to measure: --no-base needs at least one --variant (or --diffusers)")
