@@ -46,6 +46,12 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
+def flop_config(unet_cfg: UNetConfig) -> UNetConfig:
+    """`unet_cfg` with every choice that changes no FLOP (backends, memory format, compile) normalised."""
+    return dataclasses.replace(unet_cfg, attention_backend="sdpa", norm_backend="torch", compile=False,
+                               channels_last=False, activation_checkpointing=False)
+
+
 def unet_train_flops(unet_cfg: UNetConfig, *, latent_size: int, context_length: int = 77,
                      batch_size: int = 1) -> int:
     """FLOPs of one UNet forward + backward at this shape (batch `batch_size`), counted on the meta device.
@@ -56,8 +62,7 @@ def unet_train_flops(unet_cfg: UNetConfig, *, latent_size: int, context_length: 
     """
     from sd_mlperf.models.unet import build_unet
 
-    cfg = dataclasses.replace(unet_cfg, attention_backend="sdpa", norm_backend="torch", compile=False,
-                              channels_last=False, activation_checkpointing=False)
+    cfg = flop_config(unet_cfg)
     with torch.device("meta"):
         model = build_unet(cfg)
         x = torch.randn(batch_size, cfg.in_channels, latent_size, latent_size)

@@ -175,9 +175,9 @@ class _FlopCache:
         self._cache: dict[str, float] = {}
 
     def per_image(self, cfg: Config) -> float:
-        from sd_mlperf.bench.flops import unet_train_flops
+        from sd_mlperf.bench.flops import flop_config, unet_train_flops
 
-        key = repr((cfg.model.unet, cfg.data.image_size))
+        key = repr((flop_config(cfg.model.unet), cfg.data.image_size))
         if key not in self._cache:
             self._cache[key] = float(unet_train_flops(cfg.model.unet, latent_size=cfg.data.image_size // 8,
                                                       context_length=CONTEXT_LENGTH))
