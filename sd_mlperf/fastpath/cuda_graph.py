@@ -49,6 +49,12 @@ class TrainingStateSnapshot:
                              for p, state in optimizer.state.items()
                              for key, value in state.items() if torch.is_tensor(value)}
 
+    def __enter__(self) -> TrainingStateSnapshot:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.restore()
+
     @torch.no_grad()
     def restore(self) -> None:
         """Write the saved values back into the same tensors (so captured addresses stay valid)."""
@@ -77,11 +83,10 @@ def warmup_without_side_effects(step_fn: StepFn, batch: Batch, *, model: torch.n
                                 optimizer: torch.optim.Optimizer, steps: int = 3,
                                 extra_tensors: Iterable[torch.Tensor] = ()) -> None:
     """Run `steps` training steps on `batch`, then restore every weight, optimizer state and extra tensor."""
-    snapshot = TrainingStateSnapshot(model, optimizer, extra_tensors)
-    for _ in range(steps):
-        step_fn(batch)
-    optimizer.zero_grad(set_to_none=True)
-    snapshot.restore()
+    with TrainingStateSnapshot(model, optimizer, extra_tensors):
+        for _ in range(steps):
+            step_fn(batch)
+        optimizer.zero_grad(set_to_none=True)
 
 
 class EagerStepRunner:
@@ -117,19 +122,19 @@ class CudaGraphStepRunner:
         # A graph must not keep weight casts that autocast cached outside it; each UNet weight is cast
         # once per step anyway, so the cache saves nothing. Applies to every autocast entered later.
         torch.set_autocast_cache_enabled(False)
-        snapshot = TrainingStateSnapshot(model, optimizer, extra_tensors)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warmup off the default stream, as capture requires
-            for _ in range(warmup_steps):
-                step_fn(self.static_batch)
-        torch.cuda.current_stream().wait_stream(side)
-        optimizer.zero_grad(set_to_none=True)  # backward in the graph allocates grads from its pool
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: a pin-memory or loader thread touching CUDA during capture is not an error.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.static_out = step_fn(self.static_batch)
-        snapshot.restore()  # capture ran no kernels, but warmup did: weights back to their start
+        # Capture runs no kernels, but warmup does: on exit every weight goes back to its start value.
+        with TrainingStateSnapshot(model, optimizer, extra_tensors):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warmup off the default stream, as capture requires
+                for _ in range(warmup_steps):
+                    step_fn(self.static_batch)
+            torch.cuda.current_stream().wait_stream(side)
+            optimizer.zero_grad(set_to_none=True)  # backward in the graph allocates grads from its pool
+            # thread_local: a pin-memory or loader thread touching CUDA during capture is not an error.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.static_out = step_fn(self.static_batch)
         torch.cuda.synchronize()
         logger.info("cuda_graph: training step captured after %d warmup steps (weights restored)", warmup_steps)
 
