@@ -41,10 +41,13 @@ def test_smoke_train_then_resume(tmp_path):
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [2, 4]  # two FID+CLIP points
 
-    # Every rule of the official checker but the quality target (tiny random models cannot reach it).
+    # Every rule of the official checker but the quality target. Random-weight FID Inception and CLIP give
+    # meaningless numbers that may or may not meet it, so that rule alone is allowed to fail.
     out = _checker(run / "mlperf.log", tmp_path)
     problems = [x for x in out.splitlines() if x.startswith(("WARNING", "ERROR")) and x.strip() != "ERROR - FAILED"]
-    assert problems and all("aggregated_eval_accuracy" in x and "<= 90.0" in x for x in problems), out
+    assert "Compliance checks: training_5.0.0/closed_stable_diffusion.yaml" in out, out
+    assert all("aggregated_eval_accuracy" in x and "<= 90.0" in x for x in problems), out
+    assert problems or "SUCCESS" in out, out
 
     # training.resume=auto (the default) continues from step 4.
     assert main([*args, "training.max_steps=6"]) == 0
