@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd_mlperf.config.schema import VAEConfig
+from sd_mlperf.models.blocks import Upsample  # the same nearest x2 + conv as the UNet
 from sd_mlperf.models.norm import TorchGroupNorm
 
 
@@ -64,18 +65,6 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Halve H and W."""
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Nearest x2, then 3x3 conv."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Double H and W."""
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class _Mid(nn.Module):
