@@ -19,11 +19,19 @@ def to_uint8_images(images_BCHW: torch.Tensor) -> torch.Tensor:
 
 
 def make_grid_image(images_BCHW: torch.Tensor, captions: Sequence[str], *, columns: int = 4,
-                    caption_lines: int = 3) -> Image.Image:
-    """Images (uint8, B x 3 x H x W) in rows of `columns`, each with up to `caption_lines` of its caption."""
+                    caption_lines: int = 3, min_cell_px: int = 192) -> Image.Image:
+    """Images (uint8, B x 3 x H x W) in rows of `columns`, each with up to `caption_lines` of its caption.
+
+    Small images (smoke runs) are enlarged by an integer factor (nearest) to at least `min_cell_px`, so the
+    captions under them stay readable.
+    """
     if images_BCHW.dtype != torch.uint8:
         images_BCHW = to_uint8_images(images_BCHW)
     n, _, h, w = images_BCHW.shape
+    scale = max(1, -(-min_cell_px // w))
+    if scale > 1:
+        images_BCHW = images_BCHW.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        h, w = h * scale, w * scale
     if n == 0:
         raise ValueError("no images for the grid (eval.num_grid_images must be > 0)")
     font = ImageFont.load_default()
