@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sd_mlperf.config import ConfigError, load_config
+from sd_mlperf.config import load_config
 from sd_mlperf.parallel.distributed import destroy_distributed, init_distributed
 from sd_mlperf.trainer import Trainer, TrainState, build_trainer
 from sd_mlperf.utils.logging import logger, setup_logging
@@ -23,9 +23,7 @@ def main(config_files: Sequence[str | os.PathLike] = (), overrides: Sequence[str
     """Train as configured; `init_time_ms` (process start) becomes the MLPerf init_start time."""
     init_time_ms = init_time_ms or int(time.time() * 1e3)
     cfg = load_config(config_files, overrides)
-    if cfg.run.num_threads is not None:
-        if cfg.run.num_threads <= 0:
-            raise ConfigError(f"invalid value for 'run.num_threads': {cfg.run.num_threads}; must be positive or null.")
+    if cfg.run.num_threads is not None:  # validated positive by load_config
         torch.set_num_threads(cfg.run.num_threads)
     dist = init_distributed(cfg.run, cfg.parallel)
     setup_logging(cfg.logging.level, rank=dist.rank)

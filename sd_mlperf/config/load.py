@@ -116,6 +116,8 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
 
 def validate(cfg: Config | DictConfig) -> None:
     """Cross-field checks that single types cannot express. Works on a Config or a merged DictConfig."""
+    threads = cfg.run.num_threads
+    _check(threads is None or threads > 0, "run.num_threads", threads, "must be positive or null")
     u = cfg.model.unet
     _check(u.model_channels > 0, "model.unet.model_channels", u.model_channels, "must be positive")
     _check(len(u.channel_mult) > 0, "model.unet.channel_mult", list(u.channel_mult), "needs at least one level")

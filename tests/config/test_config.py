@@ -116,6 +116,7 @@ def test_closed_division_fixes_adamw_hyperparameters():
     ("optim.warmup_start_factor=2.0", "optim.warmup_start_factor"),
     ("data.max_bad_fraction=1.5", "data.max_bad_fraction"),
     ("eval.ddim_steps=5000", "eval.ddim_steps"),
+    ("run.num_threads=0", "run.num_threads"),
 ])
 def test_cross_field_validation_names_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
