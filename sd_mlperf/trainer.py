@@ -1,14 +1,14 @@
 """The training loop: `Trainer` holds parts that `build_trainer` made; `fit()` reads like a checklist.
 
 No backend or distributed branches live here: data parallelism, precision and the optimizer sit
-behind `dp` (sd_mlperf.parallel), the data behind `loader` + `conditioner`, evaluation behind any
+behind `dp` (sd_mlperf.parallel), the step's math (eager, or one CUDA graph with training.cuda_graph)
+behind `step` (sd_mlperf.train_step), the data behind `loader` + `conditioner`, evaluation behind any
 object with `evaluate(unet, samples_count=, step=) -> result with .fid/.clip`. The loop syncs with the
 device only at log intervals and at checkpoints (marked "host sync").
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,9 +23,9 @@ from sd_mlperf.backends import log_resolutions, resolutions_to_dict
 from sd_mlperf.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from sd_mlperf.config.load import global_batch_size, learning_rate, save_resolved_config, steps_between_checkpoints
 from sd_mlperf.config.schema import Config
-from sd_mlperf.diffusion.schedule import add_noise, make_alphas_cumprod, sample_timesteps, v_loss, v_target
 from sd_mlperf.mlperf_log import MLPerfLogger
 from sd_mlperf.parallel.distributed import DistInfo
+from sd_mlperf.train_step import TrainStep
 from sd_mlperf.utils.files import atomic_write_text
 from sd_mlperf.utils.logging import logger
 from sd_mlperf.utils.progress import IntervalMeter, Progress
@@ -86,21 +86,16 @@ class TrainState:
 class Trainer:
     """Holds the built parts; `train_step` is one optimizer step, `fit` is the run."""
 
-    def __init__(self, *, plan: TrainPlan, dp: Any, loader: Iterable[dict], conditioner: Callable[..., Any],
-                 alphas_cumprod: torch.Tensor, lr_schedule: Any,
-                 autocast: Callable[[], contextlib.AbstractContextManager],
-                 generator: torch.Generator, device: torch.device, checkpointer: Checkpointer, mlperf: MLPerfLogger,
+    def __init__(self, *, plan: TrainPlan, dp: Any, step: TrainStep, loader: Iterable[dict], lr_schedule: Any,
+                 generator: torch.Generator, checkpointer: Checkpointer, mlperf: MLPerfLogger,
                  progress: Progress, evaluator: EvaluatorLike | None = None,
                  reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.plan = plan
         self.dp = dp
+        self.step = step
         self.loader = loader
-        self.conditioner = conditioner
-        self.alphas_cumprod = alphas_cumprod.to(device)
         self.lr_schedule = lr_schedule
-        self.autocast = autocast
         self.generator = generator
-        self.device = device
         self.checkpointer = checkpointer
         self.mlperf = mlperf
         self.progress = progress
@@ -109,36 +104,9 @@ class Trainer:
         self.state = TrainState()
 
     # -- one step ------------------------------------------------------------------------------------
-    def forward_backward(self, batch: dict) -> torch.Tensor:
-        """One micro-batch: noise, v-target, forward under autocast, v-MSE, backward; returns the loss."""
-        g = self.generator
-        z0, context = self.conditioner(batch, generator=g, device=self.device)  # fresh latent draw each time
-        t = sample_timesteps(z0.shape[0], self.plan.num_timesteps, generator=g, device=g.device).to(self.device)
-        noise = torch.randn(z0.shape, generator=g, device=g.device, dtype=z0.dtype).to(self.device)
-        x_t = add_noise(z0, noise, t, self.alphas_cumprod)
-        v = v_target(z0, noise, t, self.alphas_cumprod)
-        with self.autocast():
-            v_pred = self.dp.module(x_t, t, context)
-        loss = v_loss(v_pred, v)  # fp32: per-sample MSE over C,H,W, then the batch mean
-        self.dp.backward(loss)  # x loss scale, / grad_accumulation_steps
-        return loss.detach()
-
     def train_step(self, micro_batches: Sequence[dict]) -> dict[str, torch.Tensor]:
-        """One optimizer step: forward/backward per micro-batch, finish the gradient sync, AdamW at this lr."""
-        lr = self.lr_schedule.lr_at(self.state.step)
-        self.dp.zero_grad()
-        losses = []
-        for batch in micro_batches[:-1]:
-            with self.dp.accumulating():  # no gradient reduction before the last micro-batch
-                losses.append(self.forward_backward(batch))
-        losses.append(self.forward_backward(micro_batches[-1]))
-        self.dp.finish_grad_sync()
-        ok, grad_norm = self.dp.step(lr)
-
-        loss = torch.stack(losses).mean()
-        nonfinite = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
-        fatal = nonfinite & (ok | (not self.plan.loss_scaling))  # an fp16 overflow is a skipped step, not fatal
-        return {"loss": loss, "ok": ok, "grad_norm": grad_norm, "fatal": fatal}
+        """One optimizer step (conditioner, noise, v-loss, backward, grad sync, AdamW) at this step's lr."""
+        return self.step(micro_batches, self.state.step)  # metric tensors: no host sync
 
     # -- the run ---------------------------------------------------------------------------------------
     def fit(self) -> TrainState:
@@ -307,7 +275,7 @@ def build_trainer(cfg: Config, dist: DistInfo, *, evaluator: EvaluatorLike | Non
     from sd_mlperf.parallel.data_parallel import apply_data_parallel
     from sd_mlperf.parallel.distributed import seed_everything
     from sd_mlperf.parallel.optimizer import LRSchedule
-    from sd_mlperf.parallel.precision import autocast
+    from sd_mlperf.train_step import build_train_step
 
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     plan = plan_from_config(cfg)
@@ -333,16 +301,20 @@ def build_trainer(cfg: Config, dist: DistInfo, *, evaluator: EvaluatorLike | Non
         evaluator = _build_evaluator(cfg, dist, vae, text_encoder, run_dir) if cfg.eval.inline else None
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, rank=dist.rank, world_size=dist.world_size,
                                 barrier=torch.distributed.barrier if dist.world_size > 1 else None)
+    lr_schedule = LRSchedule(cfg.optim, plan.global_batch_size)
+    step = build_train_step(cfg, dp, conditioner=conditioner, lr_schedule=lr_schedule, generator=generator,
+                            device=dist.device)
     trainer = Trainer(
-        plan=plan, dp=dp, loader=loader, conditioner=conditioner, alphas_cumprod=make_alphas_cumprod(cfg.diffusion),
-        lr_schedule=LRSchedule(cfg.optim, plan.global_batch_size),
-        autocast=lambda: autocast(cfg.training.precision, dist.device), generator=generator, device=dist.device,
+        plan=plan, dp=dp, step=step, loader=loader, lr_schedule=lr_schedule, generator=generator,
         checkpointer=checkpointer, mlperf=mlperf, evaluator=evaluator, reduce_mean=_mean_over_ranks(dist.world_size),
         progress=Progress(cfg.logging, run_dir, enabled=dist.is_main, global_batch_size=plan.global_batch_size,
                           total_steps=plan.max_steps if plan.max_steps < UNBOUNDED_STEPS else None))
     resume_from = checkpointer.resolve(cfg.training.resume)
     if resume_from is not None:
         trainer.restore(resume_from)
+    # After resume (loading optimizer state replaces its tensors; a graph must record the final ones) and
+    # before run_start (fit): warmup on synthetic inputs, changing no weights, as the MLPerf rules allow.
+    step.warm_up()
     return trainer
 
 

@@ -12,7 +12,9 @@ Requirements on `step_fn` for capture: no host syncs (`.item()`, `.cpu()`, data-
 Python branches), device-resident constants (e.g. alphas_cumprod already on the GPU), an
 optimizer made capturable (`fastpath.optim.make_capturable`), and gradients set to None (not
 zeroed) at its start, so backward writes them rather than accumulating. Random draws
-(timesteps, noise) are fine: the default CUDA generator advances its offset on each replay.
+(timesteps, noise) are fine: the default CUDA generator advances its offset on each replay, and so
+does any generator passed in `generators` (registered with the graph before capture). Their
+positions are part of the snapshot, so warmup leaves the training RNG streams where they were.
 
 The CPU twin is `EagerStepRunner`: same interface, eager calls, the same side-effect-free warmup.
 """
@@ -37,11 +39,13 @@ class TrainingStateSnapshot:
     `extra_tensors`: a loss scaler's scale and counters (`tensor_attributes(scaler)`), a distributed
     optimizer's fp32 main shards. Optimizer state created after the snapshot (Adam's lazily
     allocated moments and step) is zeroed on restore, which is exactly Adam(W)'s initial state.
+    `generators` (the step's random streams) get their positions back too.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 extra_tensors: Iterable[torch.Tensor] = ()) -> None:
+                 extra_tensors: Iterable[torch.Tensor] = (), generators: Iterable[torch.Generator] = ()) -> None:
         self.optimizer = optimizer
+        self._generator_states = [(g, g.get_state()) for g in generators]
         tensors = itertools.chain(model.parameters(), model.buffers(), extra_tensors)
         # Host copies: at the full SD2 size the weights alone are 3.5 GB that warmup should not hold on the GPU.
         self._saved = [(t, _host_copy(t)) for t in tensors]
@@ -68,6 +72,8 @@ class TrainingStateSnapshot:
                         value.zero_()
                     else:
                         value.copy_(saved)
+        for generator, state in self._generator_states:
+            generator.set_state(state)
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
@@ -81,9 +87,10 @@ def tensor_attributes(obj: object) -> list[torch.Tensor]:
 
 def warmup_without_side_effects(step_fn: StepFn, batch: Batch, *, model: torch.nn.Module,
                                 optimizer: torch.optim.Optimizer, steps: int = 3,
-                                extra_tensors: Iterable[torch.Tensor] = ()) -> None:
-    """Run `steps` training steps on `batch`, then restore every weight, optimizer state and extra tensor."""
-    with TrainingStateSnapshot(model, optimizer, extra_tensors):
+                                extra_tensors: Iterable[torch.Tensor] = (),
+                                generators: Iterable[torch.Generator] = ()) -> None:
+    """Run `steps` training steps on `batch`, then restore every weight, optimizer state, extra tensor and RNG."""
+    with TrainingStateSnapshot(model, optimizer, extra_tensors, generators):
         for _ in range(steps):
             step_fn(batch)
         optimizer.zero_grad(set_to_none=True)
@@ -109,22 +116,27 @@ class CudaGraphStepRunner:
 
     def __init__(self, step_fn: StepFn, example_batch: Batch, *, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, warmup_steps: int = 3,
-                 extra_tensors: Iterable[torch.Tensor] = ()) -> None:
+                 extra_tensors: Iterable[torch.Tensor] = (), generators: Iterable[torch.Generator] = ()) -> None:
         devices = {t.device.type for t in example_batch.values()}
         if devices != {"cuda"}:
             raise RuntimeError(f"CUDA graph capture needs the batch on a CUDA device, got {sorted(devices)}; "
                                "set training.cuda_graph=false on this machine")
         if warmup_steps < 1:
             raise ValueError(f"CUDA graph capture needs at least one warmup step, got {warmup_steps}")
-        extra_tensors = list(extra_tensors)
+        extra_tensors, generators = list(extra_tensors), list(generators)
         # Static inputs: the graph reads these addresses on every replay.
         self.static_batch = {k: v.detach().clone() for k, v in example_batch.items()}
         # A graph must not keep weight casts that autocast cached outside it; each UNet weight is cast
         # once per step anyway, so the cache saves nothing. Applies to every autocast entered later.
         torch.set_autocast_cache_enabled(False)
         self.graph = torch.cuda.CUDAGraph()
+        for generator in generators:
+            if generator.device.type == "cuda" and not _is_default_generator(generator):
+                # Replays then read (and advance) this generator's position, as eager draws do;
+                # torch.cuda.graph registers the default generator itself.
+                self.graph.register_generator_state(generator)
         # Capture runs no kernels, but warmup does: on exit every weight goes back to its start value.
-        with TrainingStateSnapshot(model, optimizer, extra_tensors):
+        with TrainingStateSnapshot(model, optimizer, extra_tensors, generators):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warmup off the default stream, as capture requires
@@ -146,21 +158,28 @@ class CudaGraphStepRunner:
         return self.static_out
 
 
+def _is_default_generator(generator: torch.Generator) -> bool:
+    index = generator.device.index if generator.device.index is not None else torch.cuda.current_device()
+    return generator is torch.cuda.default_generators[index]
+
+
 def build_step_runner(step_fn: StepFn, example_batch: Batch, *, model: torch.nn.Module,
                       optimizer: torch.optim.Optimizer, cuda_graph: bool = False, warmup_steps: int = 3,
-                      extra_tensors: Iterable[torch.Tensor] = ()) -> EagerStepRunner | CudaGraphStepRunner:
+                      extra_tensors: Iterable[torch.Tensor] = (),
+                      generators: Iterable[torch.Generator] = ()) -> EagerStepRunner | CudaGraphStepRunner:
     """The step runner for training.cuda_graph: captured on CUDA, eager elsewhere (warned once).
 
     Either way `warmup_steps` steps run first on `example_batch` (synthetic data) and change no
-    weights, so cuDNN autotuning and lazy allocations happen before `run_start`.
+    weights, optimizer or scaler state, or position of `generators`, so cuDNN autotuning and
+    lazy allocations happen before `run_start`.
     """
     on_cuda = all(t.device.type == "cuda" for t in example_batch.values())
     if cuda_graph and on_cuda:
         return CudaGraphStepRunner(step_fn, example_batch, model=model, optimizer=optimizer,
-                                   warmup_steps=warmup_steps, extra_tensors=extra_tensors)
+                                   warmup_steps=warmup_steps, extra_tensors=extra_tensors, generators=generators)
     if cuda_graph:
         log_once("cuda_graph_cpu", "training.cuda_graph=true has no effect without a CUDA device; running eager")
     if warmup_steps > 0:
         warmup_without_side_effects(step_fn, example_batch, model=model, optimizer=optimizer,
-                                    steps=warmup_steps, extra_tensors=extra_tensors)
+                                    steps=warmup_steps, extra_tensors=extra_tensors, generators=generators)
     return EagerStepRunner(step_fn)

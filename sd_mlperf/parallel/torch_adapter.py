@@ -51,7 +51,10 @@ class TorchDataParallel(DataParallelModel):
                 log_once("torch-overlap", "parallel.overlap_grad_reduce=false has no effect on parallel.backend=torch: "
                          "torch DDP always overlaps its bucketed all-reduce with backward.")
             # DDP broadcasts rank 0's parameters here, so ranks may build the model with different seeds.
-            self.module = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+            # A step captured in a CUDA graph needs DDP built on a side stream (PyTorch's CUDA graph notes).
+            graphed = cfg.training.cuda_graph and dist.device.type == "cuda"
+            with torch.cuda.stream(torch.cuda.Stream()) if graphed else contextlib.nullcontext():
+                self.module = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
         else:
             self.module = model
         kwargs = adamw_kwargs(cfg.optim, learning_rate(cfg))
@@ -87,9 +90,18 @@ class TorchDataParallel(DataParallelModel):
             return self.module.no_sync()
         return contextlib.nullcontext()
 
+    @property
+    def local_optimizer(self) -> torch.optim.Optimizer:
+        """The AdamW that updates this rank's parameters (ZeRO: the one over this rank's shard)."""
+        return self.optimizer.optim if self.sharded else self.optimizer
+
     @torch.no_grad()
-    def step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unscale and check the gradients, clip if configured, AdamW at `lr` unless non-finite."""
+    def step(self, lr: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscale and check the gradients, clip if configured, AdamW at `lr` unless non-finite.
+
+        `lr` may be a 0-d tensor on the device (fused AdamW reads it there): a CUDA graph then
+        replays with whatever value the caller `fill_`s into it, where a float would be frozen.
+        """
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -103,7 +115,7 @@ class TorchDataParallel(DataParallelModel):
             coef = torch.clamp(self.grad_clip_norm / (grad_norm + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coef)
         # Read by fused AdamW (0-d): skip the update, and undo the step count, if nonzero.
-        local = self.optimizer.optim if self.sharded else self.optimizer  # ZeRO: the AdamW over this rank's shard
+        local = self.local_optimizer
         local.found_inf = found_inf.reshape(())
         local.grad_scale = None  # already unscaled above
         self.optimizer.step()
@@ -127,6 +139,13 @@ class TorchDataParallel(DataParallelModel):
             optimizer_state = self.optimizer.state_dict() if self.dist.rank == 0 else None
         else:
             optimizer_state = self.optimizer.state_dict()
+        if optimizer_state is not None:
+            # training.cuda_graph's device lr tensor and capturable flag are how this run steps, not state:
+            # save a float and capturable=False, so any run can resume (a graphed one re-marks it after loading).
+            for group in optimizer_state["param_groups"]:
+                if torch.is_tensor(group["lr"]):
+                    group["lr"] = float(group["lr"])  # host sync: checkpoints sync anyway
+                group["capturable"] = False
         return {"backend": BACKEND, "world_size": self.dist.world_size, "sharded": self.sharded,
                 "optimizer": optimizer_state, "loss_scaler": self.scaler.state_dict()}
 

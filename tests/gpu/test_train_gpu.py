@@ -1,5 +1,6 @@
-"""GPU checks of the training loop: the trainer's step has no host sync (torch backend), and a
-kill-and-resume on the GPU continues the uninterrupted run (both data-parallel backends, fp16).
+"""GPU checks of the training loop: the trainer's step has no host sync (torch backend), a
+kill-and-resume on the GPU continues the uninterrupted run (both data-parallel backends, fp16), and
+training.cuda_graph=true (the whole step replayed from one CUDA graph) trains like the eager step.
 
 Run on a device machine with `pytest tests/gpu/test_train_gpu.py -m gpu -q -rs`. Each test is skipped
 with a reason when CUDA (or megatron-core, for the mcore case) is missing.
@@ -13,7 +14,7 @@ import torch
 from sd_mlperf.backends import package_available
 from sd_mlperf.parallel.distributed import DistInfo
 from sd_mlperf.trainer import build_trainer
-from tests.unit.training._helpers import ListLoader, conditioner, make_batches, make_cfg, record_losses
+from tests.unit.training._helpers import LATENT, ListLoader, conditioner, make_batches, make_cfg, record_losses
 
 pytestmark = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch sees no CUDA)")
@@ -78,3 +79,48 @@ def test_kill_and_resume_on_gpu(tmp_path, backend):
     assert all(torch.isfinite(torch.tensor(ref_losses)))
     # Deterministic cuDNN: the resumed losses match closely (atomics in some kernels may differ in the last bits).
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses[3:]), rtol=1e-4, atol=1e-6)
+
+
+# conf/smoke.yaml's UNet (make_cfg shrinks it further; these put it back).
+SMOKE_UNET = ["model.unet.model_channels=32", "model.unet.channel_mult=[1,2]", "model.unet.attention_levels=[0,1]",
+              "model.unet.head_channels=16", "model.unet.context_dim=64", "model.unet.resblock_norm_groups=4",
+              "model.unet.transformer_norm_groups=8"]
+
+
+@needs_cuda
+@pytest.mark.parametrize(("precision", "rtol"), [("fp32", 1e-5), ("fp16", 2e-3)])
+def test_cuda_graph_step_matches_eager_without_host_sync(tmp_path, precision, rtol):
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    g = torch.Generator().manual_seed(3)
+    batches = [{"z0": torch.randn(2, *LATENT, generator=g).cuda(),
+                "context": torch.randn(2, 77, 64, generator=g).cuda()} for _ in range(5)]
+    common = ["run.device=cuda", f"training.precision={precision}", "parallel.backend=torch", *SMOKE_UNET]
+    eager = _trainer(make_cfg(tmp_path / "eager", *common), batches)
+    graphed = _trainer(make_cfg(tmp_path / "graph", *common, "training.cuda_graph=true"), batches)
+    assert graphed.step.graphed  # captured in build_trainer, before run_start
+    for name, value in graphed.dp.unwrapped.state_dict().items():  # warmup + capture changed no weight
+        assert torch.equal(value, eager.dp.unwrapped.state_dict()[name]), name
+
+    def run(trainer, no_sync):
+        outs = []
+        torch.cuda.synchronize()
+        if no_sync:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            for batch in batches:
+                outs.append(trainer.train_step([batch]))
+                trainer.state.step += 1
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return torch.stack([o["loss"] for o in outs]), torch.stack([o["grad_norm"] for o in outs])
+
+    eager_loss, eager_norm = run(eager, no_sync=False)
+    graph_loss, graph_norm = run(graphed, no_sync=True)
+    assert torch.isfinite(eager_loss).all()
+    torch.testing.assert_close(graph_loss, eager_loss, rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(graph_norm, eager_norm, rtol=max(rtol, 1e-4), atol=1e-6)
+    for name, value in graphed.dp.unwrapped.state_dict().items():
+        torch.testing.assert_close(value, eager.dp.unwrapped.state_dict()[name], rtol=1e-4, atol=1e-6)
+    eager.close()
+    graphed.close()

@@ -103,3 +103,22 @@ def test_make_capturable_needs_fused_adamw():
 def test_kernel_options():
     assert adamw_kernel_options(torch.device("cpu"), capturable=True) == {"fused": True}
     assert adamw_kernel_options(torch.device("cuda"), capturable=True) == {"fused": True, "capturable": True}
+
+
+def test_warmup_puts_the_step_generators_back():
+    model, opt, scaler, _ = _parts()
+    g = torch.Generator().manual_seed(5)
+
+    def noisy_step(batch):
+        noise = torch.randn(batch["x"].shape, generator=g)  # the step's own random draws
+        opt.zero_grad(set_to_none=True)
+        (model(batch["x"] + noise) - batch["y"]).pow(2).mean().backward()
+        opt.step()
+        return {}
+
+    expected = torch.randn(4, generator=torch.Generator().manual_seed(5))
+    warmup_without_side_effects(noisy_step, _batch(1), model=model, optimizer=opt, steps=2, generators=[g])
+    assert torch.equal(torch.randn(4, generator=g), expected)
+    # Without it the position moves: the check above can fail.
+    warmup_without_side_effects(noisy_step, _batch(1), model=model, optimizer=opt, steps=1)
+    assert not torch.equal(torch.randn(4, generator=g), torch.randn(4, generator=torch.Generator().manual_seed(5)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 
@@ -14,6 +13,7 @@ from sd_mlperf.checkpoint import Checkpointer, load_file
 from sd_mlperf.mlperf_log import MLPerfLogger
 from sd_mlperf.parallel.data_parallel import apply_data_parallel
 from sd_mlperf.parallel.optimizer import LRSchedule
+from sd_mlperf.train_step import build_train_step
 from sd_mlperf.trainer import NonFiniteLossError, Trainer, plan_from_config
 from sd_mlperf.utils.progress import Progress
 from tests.unit.training._helpers import (
@@ -48,13 +48,12 @@ def _python_alphas_cumprod() -> list[float]:
 
 
 def _scale_trainer(cfg, tmp_path, w=0.5, seed=7):
-    from sd_mlperf.diffusion.schedule import make_alphas_cumprod
-
     dp = apply_data_parallel(ScaleModel(w), cfg, cpu_dist())
-    trainer = Trainer(plan=plan_from_config(cfg), dp=dp, loader=[], conditioner=conditioner,
-                      alphas_cumprod=make_alphas_cumprod(cfg.diffusion), lr_schedule=LRSchedule(cfg.optim, 2),
-                      autocast=contextlib.nullcontext, generator=torch.Generator().manual_seed(seed),
-                      device=torch.device("cpu"), checkpointer=Checkpointer(cfg.checkpoint, tmp_path),
+    generator, lr_schedule = torch.Generator().manual_seed(seed), LRSchedule(cfg.optim, 2)
+    step = build_train_step(cfg, dp, conditioner=conditioner, lr_schedule=lr_schedule, generator=generator,
+                            device=torch.device("cpu"))
+    trainer = Trainer(plan=plan_from_config(cfg), dp=dp, step=step, loader=[], lr_schedule=lr_schedule,
+                      generator=generator, checkpointer=Checkpointer(cfg.checkpoint, tmp_path),
                       mlperf=MLPerfLogger(None), progress=Progress(cfg.logging, tmp_path, enabled=False,
                                                                    total_steps=1, global_batch_size=2))
     return trainer, dp
