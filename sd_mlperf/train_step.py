@@ -152,9 +152,9 @@ class GraphedTrainStep:
         from sd_mlperf.fastpath.cuda_graph import build_step_runner, tensor_attributes
         from sd_mlperf.fastpath.optim import make_capturable
 
-        optimizer = self.dp.local_optimizer
         if self.cuda_graph and self.device.type == "cuda":
-            make_capturable(optimizer)
+            make_capturable(self.dp.optimizer)  # with ZeRO: its param_groups and its local AdamW's
+        optimizer = self.dp.local_optimizer  # the AdamW whose state this rank's step mutates
         self.lr.fill_(self.lr_schedule.lr_at(0))  # warmup steps run at a real lr; their updates are undone
         self.runner = build_step_runner(self.step_fn, self.example_inputs, model=self.dp.unwrapped,
                                         optimizer=optimizer, cuda_graph=self.cuda_graph,

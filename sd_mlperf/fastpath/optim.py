@@ -25,14 +25,20 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """Mark every param group capturable, so `step()` may run inside a CUDA graph capture; returns it.
 
     Only for fused AdamW/Adam, whose step counters already live on the parameters' device; an
-    optimizer whose existing state holds CPU step counters cannot be captured.
+    optimizer whose existing state holds CPU step counters cannot be captured. A
+    ZeroRedundancyOptimizer is marked together with its local AdamW (`.optim`): ZeRO copies its own
+    param_groups' settings onto the local one at every step, which would undo a local-only mark.
     """
-    for group in optimizer.param_groups:
-        if not group.get("fused"):
-            raise ValueError("CUDA graph capture of the optimizer step needs fused AdamW (fused=True); "
-                             "build it with fastpath.optim.adamw_kernel_options() or set training.cuda_graph=false")
-        for p in group["params"]:
-            step = optimizer.state.get(p, {}).get("step")
-            assert step is None or step.device == p.device, "fused AdamW keeps its step on the parameter's device"
-        group["capturable"] = True
+    local = getattr(optimizer, "optim", None)
+    for opt in (optimizer, local) if isinstance(local, torch.optim.Optimizer) else (optimizer,):
+        for group in opt.param_groups:
+            if not group.get("fused"):
+                raise ValueError("CUDA graph capture of the optimizer step needs fused AdamW (fused=True); build it "
+                                 "with fastpath.optim.adamw_kernel_options() or set training.cuda_graph=false")
+            for p in group["params"]:
+                step = opt.state.get(p, {}).get("step")
+                assert step is None or step.device == p.device, "fused AdamW keeps its step on the parameter's device"
+            group["capturable"] = True
+        # The warmup before capture steps uncaptured on purpose; torch would warn about that once.
+        opt._warned_capturable_if_run_uncaptured = True  # type: ignore[attr-defined]
     return optimizer

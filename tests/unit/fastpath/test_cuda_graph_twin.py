@@ -122,3 +122,19 @@ def test_warmup_puts_the_step_generators_back():
     # Without it the position moves: the check above can fail.
     warmup_without_side_effects(noisy_step, _batch(1), model=model, optimizer=opt, steps=1)
     assert not torch.equal(torch.randn(4, generator=g), torch.randn(4, generator=torch.Generator().manual_seed(5)))
+
+
+def test_make_capturable_marks_zero_and_its_local_adamw(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        p = torch.nn.Parameter(torch.randn(3))
+        zero = ZeroRedundancyOptimizer([p], optimizer_class=torch.optim.AdamW, lr=1e-3, fused=True)
+        assert make_capturable(zero) is zero
+        assert zero.optim.param_groups[0]["capturable"]  # the local AdamW too, not only through ZeRO's next sync
+        zero._sync_param_groups(zero.param_groups, zero.optim.param_groups)  # what ZeRO's step() does first
+        assert zero.optim.param_groups[0]["capturable"] and zero.param_groups[0]["capturable"]
+    finally:
+        dist.destroy_process_group()
