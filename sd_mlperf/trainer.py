@@ -202,7 +202,11 @@ class Trainer:
         return s.last_checkpoint
 
     def restore(self, path: str | Path) -> None:
-        """Resume exactly: weights, optimizer/scaler, RNGs, data position, step and samples_count."""
+        """Resume exactly: weights, optimizer/scaler, RNGs, data position, step and samples_count.
+
+        build_trainer calls it before `step.warm_up()`: loading optimizer state replaces its tensors,
+        and a captured CUDA graph (training.cuda_graph) keeps using the ones it recorded.
+        """
         model, optimizer_state, rank = self.checkpointer.load(path)
         self.dp.unwrapped.load_state_dict(model["unet"])  # weights first: the optimizer may copy them
         if optimizer_state is not None:
