@@ -7,21 +7,17 @@ The data is an in-memory loader per rank (tests/unit/training/_helpers.py); ever
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests.multiprocess_helpers import free_port, set_torchrun_env
+
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -30,8 +26,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from tests.unit.training._helpers import ListLoader, conditioner, make_batches, make_cfg, record_losses
 
     torch.set_num_threads(1)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    set_torchrun_env(rank, WORLD, port)
     out = Path(out_dir)
     overrides = ["parallel.gpus_per_node=2", "training.checkpoint_every_samples=8", "training.max_steps=4"]
     batches = make_batches(4, seed=10 + rank)  # each rank its own micro-batches
@@ -64,7 +59,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_two_rank_kill_and_resume_is_exact(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for res in ranks:
         start, ref_losses, ref_weights = res["ref"]

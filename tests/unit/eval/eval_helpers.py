@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import torch
 
 from sd_mlperf.config import load_config
 from sd_mlperf.config.schema import Config
+from tests.multiprocess_helpers import free_port  # noqa: F401  (re-exported for the tests here)
 
 REPO = Path(__file__).resolve().parents[3]
 SMOKE = REPO / "conf" / "smoke.yaml"
@@ -36,8 +36,3 @@ def build_parts(cfg: Config):
     return unet.eval(), vae, text_encoder
 
 
-def free_port() -> int:
-    """An unused TCP port on localhost."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

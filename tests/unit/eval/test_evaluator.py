@@ -18,6 +18,7 @@ from eval_helpers import build_parts, free_port, make_cfg
 from sd_mlperf.data.synthetic import make_synthetic_dataset
 from sd_mlperf.eval.evaluator import build_evaluator
 from sd_mlperf.eval.fid import ensure_fid_stats
+from tests.multiprocess_helpers import set_torchrun_env
 
 
 def _prepare(tmp_path):
@@ -39,8 +40,7 @@ def _evaluate(cfg, rank, world, out_subdir):
 
 def _worker(rank: int, port: int, tmp_path: str, out: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    set_torchrun_env(rank, 2, port)
     from pathlib import Path
 
     from sd_mlperf.parallel.distributed import destroy_distributed, init_distributed

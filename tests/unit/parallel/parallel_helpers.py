@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import torch
 from torch import nn
 
 from sd_mlperf.config.schema import Config
 from sd_mlperf.parallel.distributed import DistInfo
+from tests.multiprocess_helpers import free_port  # noqa: F401  (re-exported for the tests here)
 
 GLOBAL_BATCH = 8
 
@@ -74,8 +73,3 @@ def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((pred.float() - target) ** 2).mean(dim=(1, 2, 3)).mean()
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -19,6 +19,7 @@ from parallel_helpers import cpu_dist, free_port, global_batch, loss_fn, make_cf
 from sd_mlperf.backends import Resolution, package_available
 from sd_mlperf.parallel.distributed import destroy_distributed, init_distributed
 from sd_mlperf.parallel.optimizer import LRSchedule
+from tests.multiprocess_helpers import set_torchrun_env
 
 pytestmark = pytest.mark.skipif(not package_available("megatron.core"),
                                 reason="megatron-core is not installed (pip install 'sd_mlperf[gpu]')")
@@ -120,8 +121,7 @@ def test_resume_is_bit_exact_one_process(harness):
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    set_torchrun_env(rank, WORLD, port)
     cfg = make_cfg(world_size=WORLD, backend="mcore")
     cfg.run.device = "cpu"
     dist = init_distributed(cfg.run, cfg.parallel)

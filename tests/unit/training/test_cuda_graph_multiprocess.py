@@ -3,21 +3,17 @@ with its 11-step DDP warmup on the ZeRO shard's AdamW, trains bit-exactly like t
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests.multiprocess_helpers import free_port, set_torchrun_env
+
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -26,8 +22,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from tests.unit.training._helpers import CONTEXT, ListLoader, conditioner, make_batches, make_cfg, record_losses
 
     torch.set_num_threads(1)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    set_torchrun_env(rank, WORLD, port)
     out = Path(out_dir)
     overrides = ["parallel.gpus_per_node=2", "parallel.distributed_optimizer=true", "training.max_steps=3",
                  f"model.text_encoder.context_length={CONTEXT[0]}"]
@@ -52,7 +47,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_two_rank_graphed_step_twin_equals_default_step(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         eager_losses, eager_w, eager_kind, sharded = res["eager"]
