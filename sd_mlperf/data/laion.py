@@ -254,7 +254,9 @@ class TrainLoader:
     def __init__(self, cfg: DataConfig, shards: list[str], *, micro_batch_size: int, rank: int, world_size: int,
                  seed: int, decoder=None) -> None:
         self.cfg, self.shards, self.batch_size = cfg, shards, micro_batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.base_seed = seed  # the configured seed, compared on resume
+        self.seed = seed  # the streams' seed: moved on by a resume whose settings changed, then kept in the state
         self.num_roles = max(1, cfg.num_workers)
         self.decoder = decoder  # set only for a GPU decode backend in the images format
         self.batches = 0
@@ -304,25 +306,27 @@ class TrainLoader:
     def state_dict(self) -> dict[str, Any]:
         """The data position: batches delivered and references used per stream, plus what they depend on."""
         return {"version": STATE_VERSION, "batches": self.batches, "refs_used": list(self.refs_used),
-                "num_workers": self.cfg.num_workers, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "num_shards": len(self.shards), "batch_size": self.batch_size}
+                "num_workers": self.cfg.num_workers, "seed": self.base_seed, "stream_seed": self.seed,
+                "rank": self.rank, "world_size": self.world_size, "num_shards": len(self.shards),
+                "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position; if the settings it depends on changed, warn and start fresh streams."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}; "
                              f"the checkpoint was written by another sd_mlperf version.")
-        same = {k: (state.get(k), v) for k, v in (("num_workers", self.cfg.num_workers), ("seed", self.seed),
+        same = {k: (state.get(k), v) for k, v in (("num_workers", self.cfg.num_workers), ("seed", self.base_seed),
                 ("rank", self.rank), ("num_shards", len(self.shards)), ("batch_size", self.batch_size))}
         changed = {k: v for k, v in same.items() if v[0] != v[1]}
         if changed:
             log_once("data-resume-changed", f"data position saved with other settings {changed} (saved, now): "
                      f"continuing with fresh streams, so the data order differs from an uninterrupted run.")
             self.batches = int(state["batches"])
-            self.seed = self.seed + 1_000_003 * self.batches  # do not replay the samples seen before
+            self.seed = self.base_seed + 1_000_003 * self.batches  # do not replay the samples seen before
             self.refs_used = [0] * self.num_roles
             return
         self.batches = int(state["batches"])
+        self.seed = int(state.get("stream_seed", self.base_seed))
         self.refs_used = [int(n) for n in state["refs_used"]]
 
 

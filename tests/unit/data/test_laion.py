@@ -94,6 +94,24 @@ def test_resume_with_other_workers_warns_and_does_not_replay(tmp_path, sd_log):
     assert "data order differs" in sd_log.text
 
 
+def test_resume_after_a_settings_change_continues_exactly_on_the_next_resume(tmp_path):
+    """The fresh streams a settings change starts are themselves resumed exactly (same settings next time)."""
+    write_moment_shards(tmp_path, 4, 6)
+    first = _loader(tmp_path, batch=4)
+    _take(first, 2)
+    changed_state = first.state_dict()
+    uninterrupted = _loader(tmp_path, batch=3)
+    uninterrupted.load_state_dict(changed_state)
+    reference = [batch_ids(b) for b in _take(uninterrupted, 5)]
+    second = _loader(tmp_path, batch=3)
+    second.load_state_dict(changed_state)
+    head = [batch_ids(b) for b in _take(second, 2)]
+    third = _loader(tmp_path, batch=3)
+    third.load_state_dict(second.state_dict())
+    tail = [batch_ids(b) for b in _take(third, 3)]
+    assert head + tail == reference
+
+
 @pytest.mark.skipif(not package_available("nvidia.dali"), reason="nvidia-dali-cuda120 is not installed")
 def test_batch_decoder_path_replaces_bad_images(tmp_path, sd_log):
     """decode_backend=dali (CPU variant here) decodes whole batches in the main process, as on the GPU."""
