@@ -13,7 +13,6 @@ torchrun, rank r takes input shards r, r + W, r + 2W, ... (RANK / WORLD_SIZE).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -28,6 +27,7 @@ from sd_mlperf.config.schema import DataConfig
 from sd_mlperf.data.bad_samples import BadSampleCounter
 from sd_mlperf.data.laion import CAPTION_EXT, EMBEDDING_EXT, IMAGE_EXTS, MOMENTS_EXT, find_image_ext
 from sd_mlperf.data.shards import SampleRef, ShardIndex, ShardReader, expand_shards, index_shard, write_shard
+from sd_mlperf.models.checkpoint_io import file_sha256
 from sd_mlperf.utils.files import atomic_write_text
 from sd_mlperf.utils.logging import log_once, logger
 
@@ -40,15 +40,6 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def precompute_is_complete(output_dir: str | os.PathLike, output_format: str) -> bool:
