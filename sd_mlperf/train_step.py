@@ -180,10 +180,14 @@ class GraphedTrainStep:
         return {key: value.clone() for key, value in out.items()}
 
 
+def latent_size(cfg: Config) -> int:
+    """Side of the training latents: data.image_size over the VAE factor (2 per downsampling level)."""
+    return cfg.data.image_size // 2 ** (len(cfg.model.vae.channel_mult) - 1)
+
+
 def synthetic_step_inputs(cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
     """z0 (B, C, H/f, W/f) and context (B, L, D) of the configured shapes, from a fixed private seed."""
-    u, b = cfg.model.unet, cfg.training.micro_batch_size
-    size = cfg.data.image_size // 2 ** (len(cfg.model.vae.channel_mult) - 1)
+    u, b, size = cfg.model.unet, cfg.training.micro_batch_size, latent_size(cfg)
     g = torch.Generator().manual_seed(0)  # not the training generator: warmup must not move its position
     z0 = torch.randn(b, u.in_channels, size, size, generator=g)
     if u.channels_last:

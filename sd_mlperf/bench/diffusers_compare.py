@@ -1,11 +1,12 @@
 """Our UNet training step against diffusers' UNet2DConditionModel of the same shape (optional dependency).
 
 diffusers is a bench-only dependency (`pip install 'sd_mlperf[bench]'`), never a runtime one.
-Both models go through the same step (bench/train.py: noise, v-loss, backward, fused AdamW of the
-data-parallel backend), the same inputs and the same precision. Before timing, our random weights
-are converted with diffusers' own ldm converter into its model and the outputs are compared, so
-the rows measure the same function, not two look-alikes. The steps are interleaved (ours, theirs,
-ours, ...) so that a change in machine load hits both sides equally.
+Both models go through the same step (the trainer's, built by bench/train.py: noise, v-loss,
+backward, fused AdamW of the data-parallel backend), the same inputs and the same precision.
+Before timing, our random weights are converted with diffusers' own ldm converter into its model
+and the outputs are compared, so the rows measure the same function, not two look-alikes. The
+steps are interleaved (ours, theirs, ours, ...) so that a change in machine load hits both sides
+equally.
 
 diffusers has one `norm_num_groups` for ResBlocks and SpatialTransformer inputs; the output check
 needs `model.unet.resblock_norm_groups == model.unet.transformer_norm_groups` (the MLPerf model
@@ -23,7 +24,6 @@ from torch import nn
 
 from sd_mlperf.bench.flops import unet_train_flops
 from sd_mlperf.bench.train import (
-    CONTEXT_LENGTH,
     SINGLE_PROCESS,
     TrainBenchSettings,
     build_runner,
@@ -34,6 +34,7 @@ from sd_mlperf.bench.train import (
 )
 from sd_mlperf.config.load import load_config
 from sd_mlperf.config.schema import UNetConfig
+from sd_mlperf.train_step import latent_size
 from sd_mlperf.utils.logging import logger
 
 COLUMNS = ("time_vs_diffusers", "max_abs_diff")
@@ -105,7 +106,7 @@ def max_output_difference(u: UNetConfig, batch: dict[str, torch.Tensor], seed: i
         p.normal_(0.0, 0.05)
     theirs = DiffusersUNet(u).eval()
     load_ours_into_diffusers(ours, theirs)
-    x = batch["latents"][:1].float().cpu()
+    x = batch["z0"][:1].float().cpu()
     t = torch.tensor([500])
     ctx = batch["context"][:1].float().cpu()
     return float((ours.cpu()(x, t, ctx) - theirs(x, t, ctx)).abs().max())
@@ -141,7 +142,8 @@ def compare_with_diffusers(config_files: Sequence[str], overrides: Sequence[str]
             times[name] += time_steps(runner, batch, 1, device)[0]
     med = {k: statistics.median(v) for k, v in times.items()}
     u, batch_size = cfg.model.unet, cfg.training.micro_batch_size
-    flop_per_image = unet_train_flops(u, latent_size=cfg.data.image_size // 8, context_length=CONTEXT_LENGTH)
+    flop_per_image = unet_train_flops(u, latent_size=latent_size(cfg),
+                                      context_length=cfg.model.text_encoder.context_length)
     common = {**describe(cfg, device), "tflop_per_image": flop_per_image / 1e12}
     chosen = {r.role: r.name for r in ours_unet.backend_resolutions}
     backends = {"ours": (chosen["attention"], chosen["norm"]), "diffusers": ("sdpa (AttnProcessor2_0)", "torch")}

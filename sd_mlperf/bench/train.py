@@ -1,15 +1,19 @@
 """`sd-mlperf bench train`: images/s, ms/step, TFLOP/s and MFU of the UNet training step.
 
-What is timed is one optimizer step as the trainer runs it, minus data loading: timesteps and
-noise drawn on the device, noisy latents and v-target (diffusion/schedule.py), forward under
-autocast, v-loss, backward, gradient sync, the loss-scaled fused AdamW step of the data-parallel
-backend (parallel/), all on synthetic latents and context of the configured shape. The bench runs
-one process (world size 1), so no gradient reduce happens; multi-GPU scaling is not measured here.
+What is timed is the trainer's own step object (`sd_mlperf.train_step.build_train_step`: eager, or
+one CUDA graph replay with training.cuda_graph) at the peak lr, minus data loading: its conditioner
+hands over ready synthetic latents and context of the configured shapes (`synthetic_step_inputs`),
+so the latent draw from VAE moments and any text encoding are not timed. Inside the step: timesteps
+and noise from the step's device generator, noisy latents and v-target, forward under autocast,
+v-loss, backward, gradient sync and the loss-scaled fused AdamW step of the data-parallel backend.
+The bench runs one process (world size 1), so no gradient reduce happens; multi-GPU scaling is not
+measured here.
 
 Each variant (the config itself, or the config plus dotted overrides) builds a fresh UNet and
-optimizer, runs warmup steps that change no weights (fastpath.cuda_graph), then times each of
-`steps` steps (CUDA events on the GPU) and reports medians. Model FLOPs per image are counted on
-the real model (bench/flops.py); MFU is against the dense 16-bit peak of the device.
+optimizer, lets the step prepare itself as the trainer does (`warm_up()`: the graph capture), runs
+`warmup_steps` untimed steps that change no weights (fastpath.cuda_graph.TrainingStateSnapshot),
+then times each of `steps` steps (CUDA events on the GPU) and reports medians. Model FLOPs per image
+are counted on the real model (bench/flops.py); MFU is against the dense 16-bit peak of the device.
 """
 
 from __future__ import annotations
@@ -29,12 +33,12 @@ from sd_mlperf.backends import backend_names, resolve_backend
 from sd_mlperf.bench.table import add_ratios
 from sd_mlperf.config.load import load_config
 from sd_mlperf.config.schema import Config
+from sd_mlperf.train_step import latent_size, synthetic_step_inputs
 from sd_mlperf.utils.logging import logger
 
 # The bench is one process: these are appended to every variant's overrides.
 SINGLE_PROCESS = ("parallel.num_nodes=1", "parallel.gpus_per_node=1", "training.grad_accumulation_steps=1")
 COMPARE_GROUPS = ("attention", "norm", "channels_last", "compile", "cuda_graph", "precision")
-CONTEXT_LENGTH = 77  # text tokens (REFERENCE.md: OpenCLIP context 77)
 COLUMNS = ("variant", "device", "precision", "attention", "norm", "channels_last", "compile", "cuda_graph", "batch",
            "latent", "ms_per_step", "ms_min", "images_per_s", "speedup", "tflop_per_image", "tflop_per_s", "mfu",
            "peak_mem_gib", "loss", "status")
@@ -55,6 +59,7 @@ class TrainBenchSettings:
 
     steps: int = 20
     warmup_steps: int = 5
+    """Untimed steps after the step's own warm_up() (which captures the graph with training.cuda_graph)."""
 
 
 def parse_variant(spec: str) -> Variant:
@@ -113,39 +118,15 @@ def compare_variants(cfg: Config, groups: Sequence[str] = COMPARE_GROUPS) -> lis
     return variants
 
 
-def synthetic_batch(cfg: Config, device: torch.device, *, generator: torch.Generator | None = None
-                    ) -> dict[str, torch.Tensor]:
-    """Latents (B, C, H/8, W/8) and a text context (B, 77, context_dim) of the configured shape."""
-    u, b, size = cfg.model.unet, cfg.training.micro_batch_size, cfg.data.image_size // 8
-    latents = torch.randn(b, u.in_channels, size, size, generator=generator)
-    context = torch.randn(b, CONTEXT_LENGTH, u.context_dim, generator=generator)
-    if u.channels_last:
-        latents = latents.contiguous(memory_format=torch.channels_last)
-    return {"latents": latents.to(device), "context": context.to(device)}
+def synthetic_batch(cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
+    """z0 (B, C, H/f, W/f) and context (B, L, D) of the configured shapes: what the step's conditioner returns."""
+    return synthetic_step_inputs(cfg, device)
 
 
-def make_train_step(dp: Any, alphas_cumprod: torch.Tensor, *, precision: str, device: torch.device,
-                    num_timesteps: int, lr: float) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """The trainer's step on a ready batch, with every draw on the device (no host sync: graph-capturable)."""
-    from sd_mlperf.diffusion.schedule import add_noise, sample_timesteps, v_loss, v_target
-    from sd_mlperf.parallel.precision import autocast
-
-    def step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        z0, context = batch["latents"], batch["context"]
-        t = sample_timesteps(z0.shape[0], num_timesteps, device=z0.device)
-        noise = torch.randn_like(z0)
-        x_t = add_noise(z0, noise, t, alphas_cumprod)
-        v = v_target(z0, noise, t, alphas_cumprod)
-        dp.zero_grad()
-        with autocast(precision, device):
-            v_pred = dp(x_t, t, context)
-        loss = v_loss(v_pred, v)
-        dp.backward(loss)
-        dp.finish_grad_sync()
-        ok, grad_norm = dp.step(lr)
-        return {"loss": loss.detach(), "ok": ok, "grad_norm": grad_norm}
-
-    return step
+def _ready_batch(batch: dict[str, torch.Tensor], *, generator: torch.Generator,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # The bench's conditioner: the batch already holds z0 and the context (data loading is not timed).
+    return batch["z0"], batch["context"]
 
 
 def time_steps(runner: Callable[[dict[str, torch.Tensor]], Any], batch: dict[str, torch.Tensor], steps: int,
@@ -177,10 +158,10 @@ class _FlopCache:
     def per_image(self, cfg: Config) -> float:
         from sd_mlperf.bench.flops import flop_config, unet_train_flops
 
-        key = repr((flop_config(cfg.model.unet), cfg.data.image_size))
+        key = repr((flop_config(cfg.model.unet), latent_size(cfg), cfg.model.text_encoder.context_length))
         if key not in self._cache:
-            self._cache[key] = float(unet_train_flops(cfg.model.unet, latent_size=cfg.data.image_size // 8,
-                                                      context_length=CONTEXT_LENGTH))
+            self._cache[key] = float(unet_train_flops(cfg.model.unet, latent_size=latent_size(cfg),
+                                                      context_length=cfg.model.text_encoder.context_length))
         return self._cache[key]
 
 
@@ -188,17 +169,19 @@ def build_runner(cfg: Config, device: torch.device, batch: dict[str, torch.Tenso
                  unet: torch.nn.Module | None = None) -> tuple[Any, Any, Callable]:
     """UNet (fast path applied), data-parallel wrapper with its optimizer, and the warmed-up step runner.
 
-    `unet` replaces our UNet with another model of the same forward signature (the diffusers
-    comparison); it must already live on `device`.
+    The runner calls the trainer's step (`build_train_step`, prepared with `warm_up()` as the trainer
+    does) on a `synthetic_batch` at the peak lr; `warmup_steps` untimed calls change no weights,
+    optimizer or scaler state, or RNG position. `unet` replaces our UNet with another model of the
+    same forward signature (the diffusers comparison); it must already live on `device`.
     """
-    from sd_mlperf.config.load import learning_rate
-    from sd_mlperf.diffusion.schedule import make_alphas_cumprod
+    from sd_mlperf.config.load import global_batch_size
     from sd_mlperf.fastpath.compile import compile_available
-    from sd_mlperf.fastpath.cuda_graph import build_step_runner, tensor_attributes
-    from sd_mlperf.fastpath.optim import make_capturable
+    from sd_mlperf.fastpath.cuda_graph import TrainingStateSnapshot, tensor_attributes
     from sd_mlperf.models.unet import build_unet
     from sd_mlperf.parallel.data_parallel import apply_data_parallel
     from sd_mlperf.parallel.distributed import DistInfo
+    from sd_mlperf.parallel.optimizer import LRSchedule
+    from sd_mlperf.train_step import build_train_step
 
     if cfg.training.cuda_graph and device.type != "cuda":
         raise RuntimeError("training.cuda_graph=true needs a CUDA device")
@@ -211,14 +194,23 @@ def build_runner(cfg: Config, device: torch.device, batch: dict[str, torch.Tenso
             unet = build_unet(cfg.model.unet)  # applies channels-last and compile from the config
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device, backend="none")
     dp = apply_data_parallel(unet, cfg, dist)
-    if cfg.training.cuda_graph:
-        make_capturable(dp.optimizer)
-    step = make_train_step(dp, make_alphas_cumprod(cfg.diffusion).to(device), precision=cfg.training.precision,
-                           device=device, num_timesteps=cfg.diffusion.num_timesteps, lr=learning_rate(cfg))
-    scaler = getattr(dp, "scaler", None)
-    runner = build_step_runner(step, batch, model=unet, optimizer=dp.optimizer, cuda_graph=cfg.training.cuda_graph,
-                               warmup_steps=warmup_steps,
-                               extra_tensors=tensor_attributes(scaler) if scaler is not None else ())
+    lr_schedule = LRSchedule(cfg.optim, global_batch_size(cfg))
+    generator = torch.Generator(device=device).manual_seed(cfg.run.seed)  # draws where they are used
+    step = build_train_step(cfg, dp, conditioner=_ready_batch, lr_schedule=lr_schedule, generator=generator,
+                            device=device)
+    step.warm_up()  # as build_trainer does: the graph capture (training.cuda_graph), else nothing
+    peak_step = lr_schedule.first_peak_step()
+
+    def runner(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return step([b], peak_step)
+
+    if warmup_steps > 0:
+        scaler = getattr(dp, "scaler", None)  # the torch backend's; megatron keeps its own
+        optimizer = getattr(dp, "local_optimizer", dp.optimizer)
+        with TrainingStateSnapshot(unet, optimizer, tensor_attributes(scaler) if scaler is not None else (),
+                                   [generator]):
+            for _ in range(warmup_steps):
+                runner(batch)
     return unet, dp, runner
 
 
@@ -227,7 +219,7 @@ def describe(cfg: Config, device: torch.device) -> dict[str, Any]:
     u, tr = cfg.model.unet, cfg.training
     return {"device": device_name(device), "precision": tr.precision, "attention": u.attention_backend,
             "norm": u.norm_backend, "channels_last": u.channels_last, "compile": u.compile,
-            "cuda_graph": tr.cuda_graph, "batch": tr.micro_batch_size, "latent": cfg.data.image_size // 8}
+            "cuda_graph": tr.cuda_graph, "batch": tr.micro_batch_size, "latent": latent_size(cfg)}
 
 
 def measure(cfg: Config, device: torch.device, settings: TrainBenchSettings, flops: _FlopCache) -> dict[str, Any]:

@@ -10,8 +10,8 @@ Checks (each a row: check, status ok/FAIL/skipped, measured error, tolerance, de
   (128/256, so apex's kernel list covers them) on the device, per fast-path combination, against
   the reference twin (CPU, fp32, math attention, torch GroupNorm, NCHW) with the same weights.
 - step_no_host_sync: one eager training step under torch.cuda.set_sync_debug_mode("error").
-- cuda_graph_*: the bench's training step (fp16, loss scaling, fused AdamW) captured in a graph:
-  weights unchanged by the warmup + capture, and 3 replayed steps matching 3 eager steps.
+- cuda_graph_*: the trainer's step as the bench builds it (fp16, loss scaling, fused AdamW):
+  GraphedTrainStep's warmup + capture change no weights, and 3 replayed steps match 3 EagerTrainStep steps.
 Exit status 1 if any check fails.
 """
 
@@ -65,7 +65,7 @@ def _row(check: str, status: str, error: float | None = None, tol: float | None 
 
 
 def _forward_backward(unet: torch.nn.Module, batch: dict, precision: str, device: torch.device):
-    x = batch["latents"].to(device)
+    x = batch["z0"].to(device)
     t = torch.arange(x.shape[0], device=device) * 997 % 1000
     ctx = batch["context"].to(device)
     unet.zero_grad(set_to_none=True)
@@ -140,7 +140,8 @@ def check_cuda_graph(cfg, device: torch.device) -> list[dict]:
         start = {k: v.clone() for k, v in unet.state_dict().items()}
         unet, _, runner = build_runner(run_cfg, device, batch, warmup_steps=2, unet=unet)
         restored = max((unet.state_dict()[k] - v).abs().max().item() for k, v in start.items())
-        torch.manual_seed(7)  # seeds the CUDA generator too
+        # Both runs draw timesteps and noise from the step's own generator, seeded from run.seed and put
+        # back by the warmup, so they see the same draws.
         losses = [runner(batch)["loss"].clone() for _ in range(3)]
         weights = torch.cat([p.detach().float().flatten() for p in unet.parameters()])
         delta = weights - torch.cat([start[k].float().flatten() for k, _ in unet.named_parameters()])

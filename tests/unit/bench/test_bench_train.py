@@ -109,3 +109,36 @@ def test_diffusers_kwargs_match_our_parameter_count():
     with torch.device("meta"):
         ours, theirs = build_unet(cfg.model.unet), DiffusersUNet(cfg.model.unet)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+
+
+def test_bench_runs_the_trainers_step_after_a_warmup_that_changes_nothing():
+    from sd_mlperf.bench.train import build_runner, synthetic_batch
+    from sd_mlperf.config.load import global_batch_size
+    from sd_mlperf.models.unet import build_unet
+    from sd_mlperf.parallel.data_parallel import apply_data_parallel
+    from sd_mlperf.parallel.distributed import DistInfo
+    from sd_mlperf.parallel.optimizer import LRSchedule
+    from sd_mlperf.train_step import EagerTrainStep, build_train_step
+
+    cfg = load_config([SMOKE], [*TINY, *SINGLE_PROCESS])
+    device = torch.device("cpu")
+    batch = synthetic_batch(cfg, device)
+    torch.manual_seed(0)
+    unet = build_unet(cfg.model.unet)
+    start = {k: v.clone() for k, v in unet.state_dict().items()}
+    _, _, runner = build_runner(cfg, device, batch, warmup_steps=2, unet=unet)
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in start.items())
+    bench_out = runner(batch)
+
+    # The trainer's own step, built the same way, from the same weights and generator seed.
+    torch.manual_seed(0)
+    dp = apply_data_parallel(build_unet(cfg.model.unet), cfg, DistInfo(0, 1, 0, device, "none"))
+    lr_schedule = LRSchedule(cfg.optim, global_batch_size(cfg))
+    step = build_train_step(cfg, dp, conditioner=lambda b, generator, device: (b["z0"], b["context"]),
+                            lr_schedule=lr_schedule, generator=torch.Generator().manual_seed(cfg.run.seed),
+                            device=device)
+    assert isinstance(step, EagerTrainStep)
+    train_out = step([batch], lr_schedule.first_peak_step())
+    assert torch.equal(bench_out["loss"], train_out["loss"])
+    assert all(torch.equal(a, b) for a, b in zip(unet.parameters(), dp.unwrapped.parameters()))
+    assert any(not torch.equal(p, start[k]) for k, p in unet.named_parameters())  # the timed step did train
