@@ -109,6 +109,15 @@ def test_closed_division_fixes_adamw_hyperparameters():
     assert cfg.optim.weight_decay == 0.1
 
 
+@pytest.mark.parametrize("override, key", [("optim.grad_clip_norm=1.0", r"optim\.grad_clip_norm"),
+                                           ("data.image_range=minus1_1", r"data\.image_range")])
+def test_closed_division_refuses_open_only_changes(override, key):
+    smoke = REPO / "conf" / "smoke.yaml"
+    with pytest.raises(ConfigError, match=rf"{key}.*closed division.*run\.division=open"):
+        load_config([smoke], [override])
+    load_config([smoke], [override, "run.division=open"])
+
+
 @pytest.mark.parametrize("override, key", [
     ("model.unet.resblock_norm_groups=7", "model.unet.resblock_norm_groups"),
     ("model.unet.attention_levels=[5]", "model.unet.attention_levels"),
