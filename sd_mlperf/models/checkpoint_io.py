@@ -81,8 +81,12 @@ def _can_mmap(path: Path) -> bool:
     return zipfile.is_zipfile(path)
 
 
-def safe_load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from .ckpt/.pth/.pt/.bin (weights-only) or .safetensors; unwrap `state_dict`."""
+def safe_load_state_dict(path: str | os.PathLike, *, entries: tuple[str, ...] = ("state_dict",)
+                         ) -> dict[str, torch.Tensor]:
+    """Read a state dict from .ckpt/.pth/.pt/.bin (weights-only) or .safetensors; unwrap `entries` in order.
+
+    The default unwraps Lightning's `state_dict`; non-tensor entries are dropped.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
@@ -94,10 +98,12 @@ def safe_load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: unknown checkpoint type '{path.suffix}'; expected .safetensors or one of "
                          f"{', '.join(TORCH_SUFFIXES)}")
     obj = _torch_load_weights_only(path)
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
+    for entry in entries:
+        if isinstance(obj, Mapping) and isinstance(obj.get(entry), Mapping):
+            obj = obj[entry]
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+        raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors, possibly under "
+                         f"{' or '.join(map(repr, entries))}), got {type(obj).__name__}")
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     dropped = [k for k in obj if k not in state]
     if dropped:
@@ -216,19 +222,7 @@ def export_unet_ldm(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
 
 def load_unet_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """UNet weights from an `export_unet_ldm` file, an ldm .ckpt, a trainer checkpoint or a plain state dict."""
-    path = Path(path)
-    if path.suffix in TORCH_SUFFIXES:
-        obj = _torch_load_weights_only(path)
-        if isinstance(obj, Mapping) and isinstance(obj.get("unet"), Mapping):  # the trainer's checkpoint layout
-            obj = obj["unet"]
-        if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-            obj = obj["state_dict"]
-        if not isinstance(obj, Mapping):
-            raise ValueError(f"{path}: expected a state dict or a checkpoint with a 'unet' entry, "
-                             f"got {type(obj).__name__}")
-        state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    else:
-        state = safe_load_state_dict(path)
+    state = safe_load_state_dict(path, entries=("unet", "state_dict"))  # `unet`: the trainer's checkpoint layout
     if any(k.startswith(UNET_PREFIX) for k in state):
         return split_prefix(state, UNET_PREFIX)
     return state
