@@ -75,10 +75,8 @@ def step_metrics(loss: torch.Tensor, ok: torch.Tensor, grad_norm: torch.Tensor,
     return {"loss": loss, "ok": ok, "grad_norm": grad_norm, "fatal": fatal}
 
 
-class EagerTrainStep:
-    """The default step: forward/backward per micro-batch, finish the gradient sync, AdamW at this lr."""
-
-    graphed = False
+class _StepParts:
+    """What both steps hold: the loss, the conditioner, the lr schedule, the device."""
 
     def __init__(self, *, loss_fn: DiffusionLoss, conditioner: Callable[..., Any], lr_schedule: Any,
                  device: torch.device, loss_scaling: bool) -> None:
@@ -89,12 +87,22 @@ class EagerTrainStep:
         self.device = device
         self.loss_scaling = loss_scaling
 
+    def condition(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """z0 and context of one micro-batch (a fresh latent draw from the step's generator)."""
+        return self.conditioner(batch, generator=self.loss_fn.generator, device=self.device)
+
+
+class EagerTrainStep(_StepParts):
+    """The default step: forward/backward per micro-batch, finish the gradient sync, AdamW at this lr."""
+
+    graphed = False
+
     def warm_up(self) -> None:
         """Nothing to prepare: the first training step is the first step."""
 
     def forward_backward(self, batch: dict) -> torch.Tensor:
         """One micro-batch: conditioner (fresh latent draw), loss, backward; returns the detached loss."""
-        z0, context = self.conditioner(batch, generator=self.loss_fn.generator, device=self.device)
+        z0, context = self.condition(batch)
         loss = self.loss_fn(z0, context)
         self.dp.backward(loss)  # x loss scale, / grad_accumulation_steps
         return loss.detach()
@@ -113,18 +121,14 @@ class EagerTrainStep:
         return step_metrics(torch.stack(losses).mean(), ok, grad_norm, self.loss_scaling)
 
 
-class GraphedTrainStep:
+class GraphedTrainStep(_StepParts):
     """training.cuda_graph: conditioner eager, the rest one CUDA graph replay (eager twin on the CPU)."""
 
     def __init__(self, *, loss_fn: DiffusionLoss, conditioner: Callable[..., Any], lr_schedule: Any,
                  device: torch.device, loss_scaling: bool, example_inputs: dict[str, torch.Tensor],
                  cuda_graph: bool, warmup_steps: int) -> None:
-        self.loss_fn = loss_fn
-        self.dp = loss_fn.dp
-        self.conditioner = conditioner
-        self.lr_schedule = lr_schedule
-        self.device = device
-        self.loss_scaling = loss_scaling
+        super().__init__(loss_fn=loss_fn, conditioner=conditioner, lr_schedule=lr_schedule, device=device,
+                         loss_scaling=loss_scaling)
         self.example_inputs = example_inputs
         self.cuda_graph = cuda_graph
         self.warmup_steps = warmup_steps
@@ -166,7 +170,7 @@ class GraphedTrainStep:
         assert self.runner is not None, "GraphedTrainStep.warm_up() must run before the first step"
         assert len(micro_batches) == 1, "build_train_step refuses grad accumulation with training.cuda_graph"
         self.lr.fill_(self.lr_schedule.lr_at(step))  # a device write, no host sync
-        z0, context = self.conditioner(micro_batches[0], generator=self.loss_fn.generator, device=self.device)
+        z0, context = self.condition(micro_batches[0])
         inputs = {"z0": z0, "context": context}
         for key, value in inputs.items():
             expected = self.example_inputs[key].shape
