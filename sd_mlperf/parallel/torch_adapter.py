@@ -20,6 +20,7 @@ from torch import nn
 from sd_mlperf.backends import Resolution
 from sd_mlperf.config.load import learning_rate
 from sd_mlperf.config.schema import Config
+from sd_mlperf.fastpath.optim import adamw_kernel_options
 from sd_mlperf.parallel.data_parallel import DataParallelModel
 from sd_mlperf.parallel.distributed import DistInfo
 from sd_mlperf.parallel.optimizer import adamw_kwargs
@@ -57,9 +58,9 @@ class TorchDataParallel(DataParallelModel):
                 self.module = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
         else:
             self.module = model
-        kwargs = adamw_kwargs(cfg.optim, learning_rate(cfg))
         # fused AdamW takes a found_inf tensor and skips the update on device: no host sync on overflow.
-        kwargs["fused"] = True
+        # Capturable (training.cuda_graph) is marked later, by GraphedTrainStep.warm_up (make_capturable).
+        kwargs = {**adamw_kwargs(cfg.optim, learning_rate(cfg)), **adamw_kernel_options(dist.device)}
         self.sharded = cfg.parallel.distributed_optimizer and dist.world_size > 1
         if self.sharded:
             from torch.distributed.optim import ZeroRedundancyOptimizer
