@@ -19,6 +19,7 @@ HELP = "measure the training step (train), the data loader (data) or evaluation 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The train, data and eval modes, each with --steps, --warmup, --format, --output and the config arguments."""
     modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
     train = modes.add_parser("train", help="time the UNet training step of the config (and alternatives)")
     train.add_argument("--compare", default=None, metavar="GROUPS",
@@ -73,6 +74,7 @@ def _train_rows(args: argparse.Namespace) -> tuple[list[dict], list[str] | None]
 
 
 def run(args: argparse.Namespace) -> int:
+    """Measure the chosen mode and print its table (stdout); --output also saves the rows as JSON."""
     from sd_mlperf.bench.table import format_table, write_rows
     from sd_mlperf.config import load_config
     from sd_mlperf.utils.logging import logger

@@ -12,11 +12,13 @@ HELP = "print the resolved config (schema defaults < --config files < overrides)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config files and KEY=VALUE overrides, plus --strict."""
     add_config_arguments(parser)
     parser.add_argument("--strict", action="store_true", help="also fail if a required key (???) is unset")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Print the merged config as YAML after validating it; warn about (or with --strict refuse) unset keys."""
     from sd_mlperf.config import load_config, merge_config, validate
     from sd_mlperf.config.load import config_to_yaml, missing_keys
     from sd_mlperf.utils.logging import logger
