@@ -215,7 +215,9 @@ def precompute_shards(input_pattern: str, output_dir: str | os.PathLike, *, data
     out, records_dir = Path(output_dir), Path(output_dir) / RECORDS_DIR
     records_dir.mkdir(parents=True, exist_ok=True)
     mine = [s for i, s in enumerate(shards) if i % world_size == rank]
-    todo = [s for s in mine if not (out / os.path.basename(s)).exists()]
+    # Done = the shard and its record: a run killed between the shard's rename and the record redoes the shard.
+    todo = [s for s in mine if not ((out / os.path.basename(s)).exists()
+                                    and (records_dir / f"{os.path.basename(s)}.json").exists())]
     if len(todo) < len(mine):
         logger.info("precompute: %d of %d shards of rank %d already done, skipped", len(mine) - len(todo), len(mine),
                     rank)

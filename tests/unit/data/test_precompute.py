@@ -100,6 +100,28 @@ def test_resume_after_kill_gives_the_same_files(tmp_path, synthetic_cfg, tiny_va
     assert all(len(r["sha256"]) == 64 for r in clean["shards"])
 
 
+def test_resume_after_kill_between_shard_and_record(tmp_path, synthetic_cfg, tiny_vae, monkeypatch):
+    """A shard renamed into place whose record was never written is redone, so the manifest still completes."""
+    import sd_mlperf.data.precompute as precompute
+
+    paths = make_synthetic_dataset(tmp_path / "syn", dataclasses.replace(synthetic_cfg, num_train_samples=6))
+    src, cfg = str(paths.raw_shards[0].parent), data_config()
+    clean = precompute_shards(src, tmp_path / "clean", data_cfg=cfg, vae=tiny_vae, text_encoder=None)
+    original = precompute.atomic_write_text
+
+    def killed_before_the_record(path, text):
+        raise KeyboardInterrupt  # as if the job were killed after write_shard's rename
+
+    monkeypatch.setattr(precompute, "atomic_write_text", killed_before_the_record)
+    with pytest.raises(KeyboardInterrupt):
+        precompute_shards(src, tmp_path / "killed", data_cfg=cfg, vae=tiny_vae, text_encoder=None)
+    assert list(_outputs(tmp_path / "killed")) == ["00000.tar"]
+    monkeypatch.setattr(precompute, "atomic_write_text", original)
+    manifest = precompute_shards(src, tmp_path / "killed", data_cfg=cfg, vae=tiny_vae, text_encoder=None)
+    assert manifest == clean
+    assert _outputs(tmp_path / "killed") == _outputs(tmp_path / "clean")
+
+
 def test_ranks_split_shards_and_the_last_writes_the_manifest(tmp_path, synthetic_cfg, tiny_vae):
     paths = make_synthetic_dataset(tmp_path / "syn", synthetic_cfg)
     src, cfg = str(paths.raw_shards[0].parent), data_config()
