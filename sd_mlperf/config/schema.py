@@ -17,6 +17,8 @@ Precision = Literal["fp32", "fp16", "bf16"]
 
 @dataclass
 class RunConfig:
+    """`run`: naming, seed, division and device of the run."""
+
     name: str = "sd2_mlperf"
     """Run name; the run directory is `output_dir/name`."""
     output_dir: str = "results"
@@ -38,6 +40,8 @@ class RunConfig:
 
 @dataclass
 class UNetConfig:
+    """`model.unet`: the SD2 UNet topology (REFERENCE.md, 865,910,724 parameters) and its fast paths."""
+
     in_channels: int = 4
     out_channels: int = 4
     model_channels: int = 320
@@ -70,6 +74,8 @@ class UNetConfig:
 
 @dataclass
 class VAEConfig:
+    """`model.vae`: the frozen AutoencoderKL (f=8) loaded from the frozen checkpoint."""
+
     in_channels: int = 3
     base_channels: int = 128
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
@@ -86,6 +92,8 @@ class VAEConfig:
 
 @dataclass
 class TextEncoderConfig:
+    """`model.text_encoder`: the frozen OpenCLIP ViT-H-14 text tower (penultimate layer + ln_final)."""
+
     width: int = 1024
     num_heads: int = 16
     num_layers: int = 24
@@ -98,6 +106,8 @@ class TextEncoderConfig:
 
 @dataclass
 class ModelConfig:
+    """`model`: the trained UNet and the frozen VAE and text encoder."""
+
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -110,6 +120,8 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
+    """`diffusion`: the training noise schedule (scaled-linear betas, 1000 steps)."""
+
     num_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
@@ -118,6 +130,8 @@ class DiffusionConfig:
 
 @dataclass
 class SyntheticDataConfig:
+    """`data.synthetic`: size of the embedded synthetic dataset (smoke runs)."""
+
     num_train_samples: int = 256
     num_train_shards: int = 4
     num_val_prompts: int = 16
@@ -127,6 +141,8 @@ class SyntheticDataConfig:
 
 @dataclass
 class DataConfig:
+    """`data`: training shards, their format, decoding and the loader."""
+
     train_format: Literal["moments", "moments_embeddings", "images"] = "moments"
     """`moments`: KEY.npy (1,8,64,64) + KEY.txt (reference); `moments_embeddings`: plus the cached
     text embedding; `images`: raw KEY.jpg decoded and VAE-encoded online."""
@@ -153,6 +169,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    """`optim`: AdamW and the learning-rate schedule (linear warmup, then constant)."""
+
     name: Literal["adamw"] = "adamw"
     base_lr_per_sample: float = 1.25e-7
     """lr = base_lr_per_sample x global batch size (6.4e-5 at GBS 512)."""
@@ -169,6 +187,8 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
+    """`parallel`: data parallelism, the sharded optimizer and the process layout."""
+
     backend: Literal["auto", "mcore", "torch"] = "auto"
     """Data parallel + optimizer: megatron-core DDP + distributed optimizer, or torch DDP + ZeRO."""
     num_nodes: int = 1
@@ -185,6 +205,8 @@ class ParallelConfig:
 
 @dataclass
 class TrainingConfig:
+    """`training`: batch, precision, loss scaling, stop conditions, checkpoint cadence and resume."""
+
     micro_batch_size: int = 8
     """Images per GPU per step."""
     grad_accumulation_steps: int = 1
@@ -210,6 +232,8 @@ class TrainingConfig:
 
 @dataclass
 class EvalConfig:
+    """`eval`: FID and CLIP-score evaluation (DDIM sampling with classifier-free guidance)."""
+
     inline: bool = True
     """Evaluate at each checkpoint during training."""
     prompts_file: str = MISSING
@@ -239,6 +263,8 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
+    """`checkpoint`: what each checkpoint holds and how many are kept."""
+
     keep_last: int = 3
     """How many checkpoints to keep in the run directory."""
     save_optimizer: bool = True
@@ -248,6 +274,8 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    """`logging`: progress lines, the MLPerf log file and the progress bar."""
+
     interval_steps: int = 10
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     mlperf_log_file: str = "mlperf.log"
@@ -258,6 +286,8 @@ class LoggingConfig:
 
 @dataclass
 class Config:
+    """The root config: one section per concern (see conf/*.yaml for the benchmark and smoke values)."""
+
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
