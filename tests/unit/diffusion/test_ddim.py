@@ -17,18 +17,7 @@ from sd_mlperf.diffusion.ddim import (
     make_ddim_schedule,
 )
 from sd_mlperf.diffusion.schedule import make_alphas_cumprod
-
-
-def _hand_alphas_cumprod() -> list[float]:
-    """The reference schedule in plain python floats: betas = linspace(sqrt(b0), sqrt(b1), 1000)^2."""
-    lo, hi, n = 0.00085**0.5, 0.012**0.5, 1000
-    out, prod = [], 1.0
-    for i in range(n):
-        beta = (lo + (hi - lo) * i / (n - 1)) ** 2
-        prod *= 1.0 - beta
-        out.append(prod)
-    return out
-
+from tests.unit.diffusion._helpers import python_alphas_cumprod
 
 ACP = make_alphas_cumprod(DiffusionConfig())
 
@@ -48,7 +37,7 @@ def test_timesteps_are_the_reference_ones():
 
 def test_eta_sigmas_match_the_formula():
     sched = make_ddim_schedule(ACP, 4, eta=1.0)
-    hand = _hand_alphas_cumprod()
+    hand = python_alphas_cumprod()
     for i, t in enumerate([751, 501, 251, 1]):
         a, ap = hand[t], (hand[t - 250] if t > 1 else hand[0])
         expected = math.sqrt((1 - ap) / (1 - a) * (1 - a / ap))
@@ -71,7 +60,7 @@ def _toy_unet(x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tens
 
 def _hand_trajectory(x: float, guidance: float) -> float:
     """Two DDIM steps (t = 501 then 1) with cond ctx = 1, uncond ctx = 0, in float64 by hand."""
-    hand = _hand_alphas_cumprod()
+    hand = python_alphas_cumprod()
     for t, t_prev in ((501, 1), (1, None)):
         a = hand[t]
         ap = hand[t_prev] if t_prev is not None else hand[0]

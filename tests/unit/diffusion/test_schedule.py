@@ -16,22 +16,12 @@ from sd_mlperf.diffusion.schedule import (
     v_loss,
     v_target,
 )
+from tests.unit.diffusion._helpers import python_alphas_cumprod
 
 # alphas_cumprod of the SD2 / ldm schedule (linear_start 0.00085, linear_end 0.012, 1000 steps),
 # as published by ldm's DDPM buffers; ac[0] = 1 - beta_0 exactly.
 GOLDEN = {0: 0.99915, 1: 0.99829603, 249: 0.67543241, 499: 0.27766965, 749: 0.05662349, 980: 0.00584378,
           999: 0.00466010}
-
-
-def _python_alphas_cumprod(cfg: DiffusionConfig) -> list[float]:
-    """The reference formula in plain float64 Python, one term at a time."""
-    lo, hi, n = math.sqrt(cfg.beta_start), math.sqrt(cfg.beta_end), cfg.num_timesteps
-    out, acc = [], 1.0
-    for i in range(n):
-        beta = (lo + (hi - lo) * i / (n - 1)) ** 2
-        acc *= 1.0 - beta
-        out.append(acc)
-    return out
 
 
 def test_alphas_cumprod_golden_values():
@@ -43,7 +33,7 @@ def test_alphas_cumprod_golden_values():
 
 def test_alphas_cumprod_is_float64_math_rounded_once():
     cfg = DiffusionConfig()
-    expected = torch.tensor(_python_alphas_cumprod(cfg), dtype=torch.float64).to(torch.float32)
+    expected = torch.tensor(python_alphas_cumprod(cfg), dtype=torch.float64).to(torch.float32)
     # Bit-exact: computed in float64 and rounded to fp32 once (an fp32 cumprod drifts by ~1e-6).
     assert torch.equal(make_alphas_cumprod(cfg), expected)
     fp32_cumprod = torch.cumprod(1 - torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, 1000) ** 2, 0)
