@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import io
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from sd_mlperf.config.schema import DataConfig
 from sd_mlperf.data.bad_samples import BadSampleCounter
 from sd_mlperf.data.shards import SampleRef, ShardIndex, ShardReader, expand_shards, index_shard
 from sd_mlperf.utils.logging import log_once, logger
+
+if TYPE_CHECKING:
+    from sd_mlperf.data.decode import Decoder
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MOMENTS_EXT, EMBEDDING_EXT, CAPTION_EXT = "npy", "emb.npy", "txt"
@@ -252,7 +255,7 @@ class TrainLoader:
     """Iterable of training batches with a resumable position (`state_dict` / `load_state_dict`)."""
 
     def __init__(self, cfg: DataConfig, shards: list[str], *, micro_batch_size: int, rank: int, world_size: int,
-                 seed: int, decoder=None) -> None:
+                 seed: int, decoder: Decoder | None = None) -> None:
         self.cfg, self.shards, self.batch_size = cfg, shards, micro_batch_size
         self.rank, self.world_size = rank, world_size
         self.base_seed = seed  # the configured seed, compared on resume

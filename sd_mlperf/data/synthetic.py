@@ -15,6 +15,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -24,6 +25,9 @@ from sd_mlperf.data.coco import Prompt, write_prompts
 from sd_mlperf.data.shards import write_shard
 from sd_mlperf.utils.files import atomic_path, atomic_write_text
 from sd_mlperf.utils.logging import logger
+
+if TYPE_CHECKING:
+    import torch
 
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (240, 210, 30),
@@ -175,7 +179,7 @@ def _rank() -> tuple[int, bool]:
     return int(os.environ.get("RANK", "0")), False
 
 
-def ensure_synthetic_data(cfg: Config, vae, text_encoder) -> None:
+def ensure_synthetic_data(cfg: Config, vae: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
     """Make the synthetic dataset in `data.synthetic_dir` (and precompute it) unless already complete.
 
     Rank 0 writes; other ranks wait at a barrier when torch.distributed is initialised. Unless

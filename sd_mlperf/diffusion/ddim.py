@@ -25,6 +25,7 @@ from sd_mlperf.parallel.precision import autocast
 # unet(x_BCHW, t_B, context_BLD) -> v_BCHW; a DDP-wrapped module is such a callable too.
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
+
 def ddim_timesteps(num_timesteps: int, num_steps: int) -> torch.Tensor:
     """The reference's "uniform" DDIM timesteps, ascending: range(0, T, T // S) + 1 (int64)."""
     if not 0 < num_steps <= num_timesteps or num_timesteps % num_steps:
@@ -77,7 +78,7 @@ def prompt_seed(seed: int, index: int) -> int:
 class PromptNoise:
     """One CPU generator per prompt: draws depend only on (seed, prompt index) and the draw order."""
 
-    def __init__(self, seed: int, indices: Sequence[int]):
+    def __init__(self, seed: int, indices: Sequence[int]) -> None:
         self.generators = [torch.Generator().manual_seed(prompt_seed(seed, int(i))) for i in indices]
 
     def draw(self, shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
