@@ -36,6 +36,7 @@ from sd_mlperf.config.load import load_config
 from sd_mlperf.config.schema import UNetConfig
 from sd_mlperf.train_step import latent_size
 from sd_mlperf.utils.logging import logger
+from sd_mlperf.utils.manifest import count_parameters
 
 COLUMNS = ("time_vs_diffusers", "max_abs_diff")
 """Extra columns of the comparison rows: step time relative to diffusers, output difference."""
@@ -131,8 +132,7 @@ def compare_with_diffusers(config_files: Sequence[str], overrides: Sequence[str]
     if cfg.model.unet.compile:
         theirs_model.compile()  # as models/unet.py compiles ours
     _, _, theirs = build_runner(cfg, device, batch, settings.warmup_steps, unet=theirs_model)
-    n_ours = sum(p.numel() for p in ours_unet.parameters())
-    n_theirs = sum(p.numel() for p in theirs_model.parameters())
+    n_ours, n_theirs = count_parameters(ours_unet), count_parameters(theirs_model)
     if n_ours != n_theirs:
         raise RuntimeError(f"--diffusers: the models differ ({n_ours:,} vs {n_theirs:,} parameters); "
                            "the mapping in diffusers_unet_kwargs does not cover this config")

@@ -22,6 +22,7 @@ import torch
 
 from sd_mlperf.config.schema import Config
 from sd_mlperf.utils.logging import logger
+from sd_mlperf.utils.manifest import count_parameters
 
 PROJECTION_DEVICES = 8
 
@@ -71,7 +72,7 @@ def _bench_generation(cfg: Config, device: torch.device, label: str, steps: int,
     seconds = _timed(generate, steps=max(1, steps // 5), warmup=min(warmup, 1), device=device)
     return _row("generation", label, batch, seconds, ddim_steps=e.ddim_steps, guidance=e.guidance_scale,
                 image_size=cfg.data.image_size, precision=e.precision,
-                unet_params=sum(p.numel() for p in unet.parameters()))
+                unet_params=count_parameters(unet))
 
 
 def _bench_inception(cfg: Config, device: torch.device, label: str, steps: int, warmup: int) -> dict[str, Any]:
