@@ -125,7 +125,7 @@ def test_closed_division_refuses_open_only_changes(override, key):
     ("optim.warmup_start_factor=2.0", "optim.warmup_start_factor"),
     ("data.max_bad_fraction=1.5", "data.max_bad_fraction"),
     ("eval.ddim_steps=5000", "eval.ddim_steps"),
-    ("eval.ddim_steps=30", "eval.ddim_steps"),  # in range, but the reference's spacing would give 34 steps
+    ("eval.ddim_steps=30", "eval.ddim_steps"),  # in range, but the reference's spacing would give 31 steps
     ("run.num_threads=0", "run.num_threads"),
 ])
 def test_cross_field_validation_names_key(override, key):
