@@ -24,6 +24,7 @@ from PIL import Image
 
 from sd_mlperf.backends import resolve_backend
 from sd_mlperf.config.schema import DataConfig
+from sd_mlperf.data.shards import split_key
 from sd_mlperf.utils.logging import log_once
 
 DecodeResult = tuple[torch.Tensor, list[str | None]]
@@ -241,8 +242,8 @@ class DaliDecoder:
         while remaining > 0:
             images, encoded = pipe.run()
             n = min(remaining, len(images))
-            # source_info is "path:offset:KEY.ext"; the key rule is webdataset's (up to the first dot).
-            keys = [encoded[i].source_info().rsplit(":", 1)[-1].split(".", 1)[0] for i in range(n)]
+            # source_info is "path:offset:KEY.ext"; the key is split off by the loaders' own webdataset rule.
+            keys = [split_key(encoded[i].source_info().rsplit(":", 1)[-1])[0] for i in range(n)]
             yield keys, to_range(self._to_torch(images)[:n], self.image_range)
             remaining -= n
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from sd_mlperf.backends import package_available
 from sd_mlperf.data.decode import DaliDecoder, PilDecoder, TorchvisionDecoder, build_decoder, resized_size
+from sd_mlperf.data.shards import index_shard, write_shard
 from sd_mlperf.data.synthetic import make_train_sample
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -51,6 +52,16 @@ def test_dali_cpu_variant_agrees_with_pil(jpegs):
     out, errors = DaliDecoder(IMAGE_SIZE, "zero_one", torch.device("cpu"), max_batch_size=4)(jpegs)
     assert errors == [None] * 6 and out.shape == ref.shape
     assert (out - ref).abs().mean() < 0.01 and (out - ref).abs().max() < 0.1
+
+
+@pytest.mark.skipif(not package_available("nvidia.dali"), reason="nvidia-dali-cuda120 is not installed")
+def test_dali_shard_reader_keys_follow_the_webdataset_rule(jpegs, tmp_path):
+    """Keys from DALI's reader equal the index's, also when a folder in the key holds a dot."""
+    samples = [(f"v1.2/{i:04d}", {"jpg": data, "txt": b"caption"}) for i, data in enumerate(jpegs[:3])]
+    write_shard(tmp_path / "s.tar", samples)
+    decoder = DaliDecoder(IMAGE_SIZE, "zero_one", torch.device("cpu"), max_batch_size=2)
+    keys = [k for batch_keys, _ in decoder.read_shard(str(tmp_path / "s.tar"), ("jpg",)) for k in batch_keys]
+    assert keys == [ref.key for ref in index_shard(str(tmp_path / "s.tar")).samples] == [k for k, _ in samples]
 
 
 @pytest.mark.parametrize("name", ["pil", "torchvision", "dali"])
