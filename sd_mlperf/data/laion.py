@@ -15,9 +15,10 @@ plus the number of batches delivered. On resume each stream regenerates its refe
 skips the used references by reading tar headers only (no sample data), and the worker roles are
 rotated so the first batch comes from the stream that was next; the batches are then exactly those
 an uninterrupted run would have seen, bad samples included. This holds for the same shards, seed,
-rank and `data.num_workers`; otherwise the loader warns and starts fresh streams. Skipping costs one
-tar header scan per shard (about 8,000 samples/s per worker on a 2-core CPU), so resuming after 4M
-images on 8 GPUs x 4 workers takes seconds, not a re-read of the data.
+rank, batch size and `data.num_workers`; otherwise the loader warns and starts fresh streams (which
+later resumes continue exactly: their seed is part of the state). Skipping costs one tar header scan
+per shard (about 8,000 samples/s per worker on a 2-core CPU), so resuming after 4M images on 8 GPUs
+x 4 workers takes seconds, not a re-read of the data.
 """
 
 from __future__ import annotations
