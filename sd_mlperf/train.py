@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from sd_mlperf.config import load_config
+from sd_mlperf.fastpath.runtime import configure_device
 from sd_mlperf.parallel.distributed import destroy_distributed, init_distributed
 from sd_mlperf.trainer import Trainer, TrainState, build_trainer
 from sd_mlperf.utils.logging import logger, setup_logging
@@ -27,6 +28,7 @@ def main(config_files: Sequence[str | os.PathLike] = (), overrides: Sequence[str
         torch.set_num_threads(cfg.run.num_threads)
     dist = init_distributed(cfg.run, cfg.parallel)
     setup_logging(cfg.logging.level, rank=dist.rank)
+    configure_device(dist.device)  # cuDNN autotuning, as `sd-mlperf bench train` times the step
     trainer: Trainer | None = None
     try:
         trainer = build_trainer(cfg, dist, init_time_ms=init_time_ms)
