@@ -30,10 +30,11 @@ from sd_mlperf.bench.train import (
     describe,
     pick_device,
     synthetic_batch,
+    threads_as_configured,
     time_steps,
 )
 from sd_mlperf.config.load import load_config
-from sd_mlperf.config.schema import UNetConfig
+from sd_mlperf.config.schema import Config, UNetConfig
 from sd_mlperf.train_step import latent_size
 from sd_mlperf.utils.logging import logger
 from sd_mlperf.utils.manifest import count_parameters
@@ -120,6 +121,11 @@ def compare_with_diffusers(config_files: Sequence[str], overrides: Sequence[str]
     cfg = load_config(config_files, [*overrides, *SINGLE_PROCESS])
     if cfg.training.cuda_graph:
         raise ValueError("--diffusers compares eager steps; set training.cuda_graph=false for it")
+    with threads_as_configured(cfg):
+        return _compare(cfg, settings)
+
+
+def _compare(cfg: Config, settings: TrainBenchSettings) -> list[dict[str, Any]]:
     device = pick_device(cfg)
     torch.manual_seed(cfg.run.seed)
     batch = synthetic_batch(cfg, device)

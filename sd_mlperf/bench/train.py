@@ -18,12 +18,13 @@ are counted on the real model (bench/flops.py); MFU is against the dense 16-bit 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,6 +257,18 @@ def measure(cfg: Config, device: torch.device, settings: TrainBenchSettings, flo
     return row
 
 
+@contextlib.contextmanager
+def threads_as_configured(cfg: Config) -> Iterator[None]:
+    """CPU intra-op threads as training uses them (run.num_threads, as train.py sets it); restored on exit."""
+    before = torch.get_num_threads()
+    if cfg.run.num_threads is not None:
+        torch.set_num_threads(cfg.run.num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _release(device: torch.device, compiled: bool) -> None:
     gc.collect()
     if compiled:
@@ -277,13 +290,14 @@ def bench_train(config_files: Sequence[str], overrides: Sequence[str], variants:
         device = pick_device(cfg)
         configure_device(device)
         logger.info("bench train: %s (%s)", variant.name, " ".join(variant.overrides) or "as configured")
-        row = {"variant": variant.name, **describe(cfg, device)}
-        try:
-            row.update(measure(cfg, device, settings, flops))
-        except (RuntimeError, ValueError) as exc:  # unavailable backend, no CUDA, out of memory
-            row["status"] = ("failed: out of memory" if isinstance(exc, torch.OutOfMemoryError)
-                             else "skipped: " + " ".join(str(exc).split())[:200])
-            logger.warning("bench train: %s %s", variant.name, row["status"])
+        with threads_as_configured(cfg):
+            row = {"variant": variant.name, **describe(cfg, device)}
+            try:
+                row.update(measure(cfg, device, settings, flops))
+            except (RuntimeError, ValueError) as exc:  # unavailable backend, no CUDA, out of memory
+                row["status"] = ("failed: out of memory" if isinstance(exc, torch.OutOfMemoryError)
+                                 else "skipped: " + " ".join(str(exc).split())[:200])
+                logger.warning("bench train: %s %s", variant.name, row["status"])
         rows.append(row)
         _release(device, cfg.model.unet.compile)
     return add_ratios(rows, "images_per_s", name="speedup")

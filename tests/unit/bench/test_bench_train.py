@@ -33,7 +33,9 @@ def _table(capsys, *argv: str, warmup: int = 0) -> tuple[list[str], list[dict[st
 
 
 def test_bench_train_prints_a_well_formed_table(capsys):
-    header, rows = _table(capsys, warmup=1)
+    threads = torch.get_num_threads()
+    header, rows = _table(capsys, "run.num_threads=1", warmup=1)
+    assert torch.get_num_threads() == threads  # restored after the bench
     assert header == list(COLUMNS)
     assert len(rows) == 1
     row = rows[0]
@@ -46,6 +48,7 @@ def test_bench_train_prints_a_well_formed_table(capsys):
     assert float(row["speedup"]) == 1.0
     assert row["mfu"] == "n/a" and row["peak_mem_gib"] == "n/a"  # CPU: no peak table entry, no CUDA memory stats
     assert float(row["loss"]) > 0
+    assert row["device"].endswith(" x1")  # timed with run.num_threads, as training runs
 
 
 def test_compare_rows_run_or_say_why_not(capsys, tmp_path):
