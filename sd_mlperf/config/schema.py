@@ -214,8 +214,9 @@ class TrainingConfig:
     """fp16 autocast + dynamic loss scaling + fp32 master weights is the reference."""
     initial_loss_scale: float = 65536.0
     min_loss_scale: float = 1.0
-    loss_scale_window: int = 1000
-    """Steps without overflow before the loss scale doubles."""
+    loss_scale_window: int = 2000
+    """Steps without overflow before the loss scale doubles. The reference (Lightning precision 16)
+    uses torch's GradScaler defaults: initial scale 65536, growth interval 2000."""
     max_steps: int | None = None
     max_samples: int | None = None
     checkpoint_every_samples: int = 512000

@@ -38,6 +38,8 @@ def test_defaults_are_reference_values():
     e = cfg.eval
     assert (e.num_prompts, e.ddim_steps, e.guidance_scale, e.eta) == (30000, 50, 8.0, 0.0)
     assert cfg.training.precision == "fp16" and cfg.training.checkpoint_every_samples == 512000
+    # Lightning's precision=16 builds torch.cuda.amp.GradScaler() with its defaults.
+    assert (cfg.training.initial_loss_scale, cfg.training.loss_scale_window) == (65536.0, 2000)
     assert (cfg.training.target_fid, cfg.training.target_clip) == (90.0, 0.15)
     assert cfg.model.vae.scale_factor == 0.18215 and cfg.data.shuffle_buffer_samples == 1000
     assert cfg.data.image_range == "zero_one"  # the reference's known bug, kept by default
