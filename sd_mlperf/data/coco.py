@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,16 +65,22 @@ def write_prompts(path: str | os.PathLike, prompts: list[Prompt]) -> None:
 
 def read_fid_stats(path: str | os.PathLike, feature_dim: int = FID_FEATURE_DIM) -> tuple[np.ndarray, np.ndarray]:
     """(mu (D,), sigma (D, D)) as float64 from an npz with keys mu and sigma; D defaults to Inception's 2048."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            keys = set(data.files)
-            if not {"mu", "sigma"} <= keys:
-                raise ValueError(f"{path}: FID statistics need keys 'mu' and 'sigma', found {sorted(keys)}.")
-            mu, sigma = data["mu"], data["sigma"]
-    except (OSError, EOFError) as exc:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"FID statistics file {path} does not exist (eval.fid_stats).") from exc
-        raise ValueError(f"{path}: not a readable .npz file ({exc}).") from exc
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"FID statistics file {path} does not exist (eval.fid_stats).")
+    fix = "expected an .npz with float arrays mu and sigma, like MLCommons' val2014_30k_stats.npz"
+    try:  # numpy reports bad files with many types (BadZipFile is neither an OSError nor a ValueError)
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                keys = sorted(data.files)
+                arrays = {k: data[k] for k in ("mu", "sigma") if k in keys}  # reads (and checks) the arrays
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path}: not a readable .npz file ({exc}); {fix}.") from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: holds a single array, not an .npz; {fix}.")
+    if len(arrays) != 2:
+        raise ValueError(f"{path}: FID statistics need keys 'mu' and 'sigma', found {keys}.")
+    mu, sigma = arrays["mu"], arrays["sigma"]
     if mu.shape != (feature_dim,) or sigma.shape != (feature_dim, feature_dim):
         raise ValueError(f"{path}: mu has shape {mu.shape} and sigma {sigma.shape}; expected ({feature_dim},) and "
                          f"({feature_dim}, {feature_dim}) for {feature_dim}-d features.")

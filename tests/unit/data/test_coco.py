@@ -48,3 +48,19 @@ def test_fid_stats_validation(tmp_path):
         read_fid_stats(tmp_path / "n.npz", feature_dim=8)
     with pytest.raises(FileNotFoundError):
         read_fid_stats(tmp_path / "absent.npz")
+
+
+@pytest.mark.parametrize("kind", ["npy", "pickle", "garbage"])
+def test_unreadable_fid_stats_name_the_file(tmp_path, kind):
+    """A single array, a pickled npz or junk bytes: a ValueError naming the file, not a numpy error."""
+    path = tmp_path / "stats.npz"
+    if kind == "npy":
+        with open(path, "wb") as f:
+            np.save(f, np.zeros(8))
+    elif kind == "pickle":
+        np.savez(path, mu=np.array([{"a": 1}], dtype=object), sigma=np.zeros((1, 1)))
+    else:
+        path.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match=r"stats\.npz"):
+        read_fid_stats(path, feature_dim=8)
+
