@@ -72,6 +72,11 @@ def _torch_load_weights_only(path: Path) -> object:
             f"Lightning stand-ins ({', '.join(LIGHTNING_GLOBALS)}) are accepted. Convert the file to "
             f"safetensors in an environment you trust, or use a checkpoint that holds only tensors."
         ) from exc
+    except (RuntimeError, KeyError, EOFError) as exc:  # torch's reader and the legacy unpickler on bad bytes
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: not a readable PyTorch file ({type(exc).__name__}: {reason}); it is truncated "
+                         f"or corrupt. Download it again (a sha256 check catches this: "
+                         f"model.frozen_checkpoint_sha256 or --sha256).") from exc
 
 
 def _can_mmap(path: Path) -> bool:

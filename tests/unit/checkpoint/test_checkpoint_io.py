@@ -127,6 +127,18 @@ def test_pickled_code_is_refused(tmp_path):
         cio.load_unet_state_dict(tmp_path / "evil.ckpt")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "junk"])
+def test_corrupt_torch_file_names_the_file(tmp_path, ckpt, damage):
+    """A half-downloaded or foreign file gives a ValueError naming it, not a bare torch/pickle error."""
+    path, _ = ckpt
+    bad = tmp_path / "bad.ckpt"
+    data = path.read_bytes()
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"hello world" * 10)
+    for load in (cio.safe_load_state_dict, cio.load_unet_state_dict):
+        with pytest.raises(ValueError, match=r"bad\.ckpt.*truncated or corrupt"):
+            load(bad)
+
+
 def test_sha256_verification(ckpt):
     path, _ = ckpt
     digest = cio.file_sha256(path)
