@@ -96,9 +96,14 @@ def safe_load_state_dict(path: str | os.PathLike, *, entries: tuple[str, ...] = 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except SafetensorError as exc:
+            raise ValueError(f"{path}: not a readable safetensors file ({exc}); it is truncated or corrupt. "
+                             "Write or download it again.") from exc
     if path.suffix not in TORCH_SUFFIXES:
         raise ValueError(f"{path}: unknown checkpoint type '{path.suffix}'; expected .safetensors or one of "
                          f"{', '.join(TORCH_SUFFIXES)}")

@@ -137,6 +137,11 @@ def test_corrupt_torch_file_names_the_file(tmp_path, ckpt, damage):
     for load in (cio.safe_load_state_dict, cio.load_unet_state_dict):
         with pytest.raises(ValueError, match=r"bad\.ckpt.*truncated or corrupt"):
             load(bad)
+    cio.save_safetensors({"a": torch.ones(64, 64)}, tmp_path / "w.safetensors")
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "bad.safetensors").write_bytes(data[: len(data) // 2] if damage == "truncated" else b"junk" * 8)
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*truncated or corrupt"):
+        cio.safe_load_state_dict(tmp_path / "bad.safetensors")
 
 
 def test_sha256_verification(ckpt):
