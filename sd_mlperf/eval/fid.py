@@ -42,8 +42,12 @@ def _batches(files: list[Path], batch_size: int) -> Iterator[torch.Tensor]:
     # Consecutive images of one size form a batch; a size change starts a new one.
     batch: list[torch.Tensor] = []
     for path in files:
-        with Image.open(path) as img:
-            x = TF.to_tensor(img.convert("RGB"))
+        try:
+            with Image.open(path) as img:
+                x = TF.to_tensor(img.convert("RGB"))
+        except OSError as exc:  # PIL's errors for truncated or unknown files often omit the name
+            raise ValueError(f"{path}: cannot read the image ({exc}); replace or remove it, the statistics "
+                             "need every image of the folder") from exc
         if batch and (len(batch) == batch_size or batch[0].shape != x.shape):
             yield torch.stack(batch)
             batch = []

@@ -47,6 +47,17 @@ def test_folder_features_in_file_name_order(folder_and_features):
     np.testing.assert_allclose(sigma, ref_sigma, rtol=1e-4, atol=1e-8)
 
 
+def test_unreadable_image_names_the_file(folder_and_features, tmp_path):
+    """A truncated image stops the statistics with a ValueError naming the file, not PIL's bare OSError."""
+    _, inception, _ = folder_and_features
+    folder = tmp_path / "imgs"
+    _write_images(folder)
+    data = (folder / "b.png").read_bytes()
+    (folder / "b.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"b\.png"):
+        image_folder_features(folder, inception, batch_size=2)
+
+
 def test_ensure_fid_stats_makes_smoke_statistics_once(folder_and_features, tmp_path):
     folder, _, expected = folder_and_features
     cfg = make_cfg(tmp_path, f"data.synthetic_dir={folder.parent}", f"eval.fid_stats={tmp_path}/stats.npz")
