@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
+from sd_mlperf.config.load import world_size
 from sd_mlperf.config.schema import Config
 from sd_mlperf.diffusion.schedule import add_noise, make_alphas_cumprod, sample_timesteps, v_loss, v_target
 
@@ -229,6 +230,5 @@ def build_train_step(cfg: Config, dp: Any, *, conditioner: Callable[..., Any], l
               "loss_scaling": precision == "fp16"}
     if not cfg.training.cuda_graph:
         return EagerTrainStep(**common)
-    world_size = cfg.parallel.num_nodes * cfg.parallel.gpus_per_node
     return GraphedTrainStep(**common, example_inputs=synthetic_step_inputs(cfg, device), cuda_graph=True,
-                            warmup_steps=GRAPH_WARMUP_STEPS_DDP if world_size > 1 else GRAPH_WARMUP_STEPS)
+                            warmup_steps=GRAPH_WARMUP_STEPS_DDP if world_size(cfg) > 1 else GRAPH_WARMUP_STEPS)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from sd_mlperf.backends import Resolution, resolve_backend
-from sd_mlperf.config.load import learning_rate
+from sd_mlperf.config.load import learning_rate, world_size
 from sd_mlperf.config.schema import Config
 from sd_mlperf.parallel.distributed import DistInfo
 from sd_mlperf.utils.logging import logger
@@ -125,9 +125,9 @@ def apply_data_parallel(model: nn.Module, cfg: Config, dist: DistInfo) -> DataPa
     if resolution.name == "mcore" and dist.device.type != "cuda":
         raise RuntimeError(f"parallel.backend=mcore needs CUDA (megatron-core allocates CUDA buffers) but the "
                            f"device is {dist.device}; set parallel.backend=torch for CPU runs.")
-    if dist.world_size != cfg.parallel.num_nodes * cfg.parallel.gpus_per_node:
+    if dist.world_size != world_size(cfg):
         raise ValueError(f"{dist.world_size} processes but parallel.num_nodes x parallel.gpus_per_node = "
-                         f"{cfg.parallel.num_nodes * cfg.parallel.gpus_per_node}; make them match.")
+                         f"{world_size(cfg)}; make them match.")
     model.to(dist.device)
     if resolution.name == "mcore":
         from sd_mlperf.parallel.mcore_adapter import McoreDataParallel
