@@ -190,10 +190,10 @@ class ShardEncoder:
         return samples, {"input": shard, "samples": len(samples), "skipped": counts}
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", dynamic_ncols=True, disable=not enabled, desc="precompute")
+    return tqdm(unit="img", dynamic_ncols=True, disable=not enabled, desc="precompute")
 
 
 def precompute_shards(input_pattern: str, output_dir: str | os.PathLike, *, data_cfg: DataConfig,
@@ -224,9 +224,8 @@ def precompute_shards(input_pattern: str, output_dir: str | os.PathLike, *, data
     counter = BadSampleCounter(data_cfg.max_bad_fraction, where=f"precompute (rank {rank})")
     encoder = ShardEncoder(data_cfg, output_format, vae, text_encoder, counter,
                            batch_size or data_cfg.precompute_batch_size)
-    total = sum(len(index_shard(s).samples) for s in todo) if progress else 0
-    with _progress_bar(total, progress) as bar:
-        for shard in todo:
+    with _progress_bar(progress) as bar:
+        for num_done, shard in enumerate(todo, start=1):
             name = os.path.basename(shard)
             for stale in out.glob(f".{name}.*.tmp"):  # left by a killed run of this shard
                 stale.unlink()
@@ -234,6 +233,10 @@ def precompute_shards(input_pattern: str, output_dir: str | os.PathLike, *, data
             write_shard(out / name, samples)
             record.update(shard=name, sha256=file_sha256(out / name), bytes=(out / name).stat().st_size)
             atomic_write_text(records_dir / f"{name}.json", json.dumps(record, sort_keys=True))
+            # The total is estimated from the shards done so far: an exact one would scan every shard's headers
+            # once more before any work (minutes on a network file system).
+            bar.total = round(bar.n / num_done * len(todo))
+            bar.refresh()
             logger.debug("precompute: wrote %s (%d samples, skipped %s)", name, record["samples"], record["skipped"])
     counter.check(final=True)
     return write_manifest_if_complete(out, shards, output_format, data_cfg, input_pattern)

@@ -122,6 +122,20 @@ def test_resume_after_kill_between_shard_and_record(tmp_path, synthetic_cfg, tin
     assert _outputs(tmp_path / "killed") == _outputs(tmp_path / "clean")
 
 
+def test_progress_bar_scans_each_shard_once(tmp_path, synthetic_cfg, tiny_vae, monkeypatch):
+    """The bar's total is estimated as shards finish: no header pass over every shard before the work starts."""
+    import sd_mlperf.data.precompute as precompute
+
+    paths = make_synthetic_dataset(tmp_path / "syn", synthetic_cfg)
+    scanned = []
+    original = precompute.index_shard
+    monkeypatch.setattr(precompute, "index_shard", lambda shard: scanned.append(shard) or original(shard))
+    manifest = precompute_shards(str(paths.raw_shards[0].parent), tmp_path / "out", data_cfg=data_config(),
+                                 vae=tiny_vae, text_encoder=None, progress=True)
+    assert manifest["samples"] == synthetic_cfg.num_train_samples
+    assert sorted(scanned) == sorted(str(p) for p in paths.raw_shards)
+
+
 def test_ranks_split_shards_and_the_last_writes_the_manifest(tmp_path, synthetic_cfg, tiny_vae):
     paths = make_synthetic_dataset(tmp_path / "syn", synthetic_cfg)
     src, cfg = str(paths.raw_shards[0].parent), data_config()
