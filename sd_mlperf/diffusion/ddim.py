@@ -126,11 +126,14 @@ def ddim_sample(unet: UNetFn, x_T: torch.Tensor, cond_BLD: torch.Tensor, uncond_
     if has_noise and noise is None:
         raise ValueError("eval.eta > 0 needs per-prompt noise generators (pass noise=PromptNoise(...))")
     device = x.device
+    # Moved once: a host-to-device copy per step would block the host on the GPU (a stream sync) every step.
+    timesteps, alphas, alphas_prev, sigmas = (s.to(device) for s in (schedule.timesteps, schedule.alphas,
+                                                                     schedule.alphas_prev, schedule.sigmas))
     for i in range(schedule.num_steps):
-        t_B = schedule.timesteps[i].to(device).expand(batch)
+        t_B = timesteps[i].expand(batch)
         with autocast(precision, device):
             v = guided_v(unet, x, t_B, cond_BLD, uncond_BLD, guidance_scale)
-        a_t, a_prev, sigma = (s[i].to(device) for s in (schedule.alphas, schedule.alphas_prev, schedule.sigmas))
+        a_t, a_prev, sigma = alphas[i], alphas_prev[i], sigmas[i]
         z = noise.draw(x.shape[1:], device) if has_noise else None
         x, _ = ddim_step(x, v.float(), a_t, a_prev, sigma, z)
         if callback is not None:
