@@ -21,6 +21,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
+from sd_mlperf.models.checkpoint_io import strict_load
 from sd_mlperf.parallel.precision import autocast
 from sd_mlperf.utils.logging import log_once
 
@@ -60,8 +61,6 @@ def load_clip(weights: str | os.PathLike | None, *, tiny: bool = False, device: 
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"eval.clip_weights={weights} does not exist; download ViT-H-14 "
                                     "laion2b_s32b_b79k open_clip_pytorch_model.bin (see README) or set the path")
-        from sd_mlperf.eval.inception import strict_load
-
         model = build_clip(tiny)
         strict_load(model, weights, "OpenCLIP ViT-H-14 laion2b_s32b_b79k open_clip_pytorch_model.bin (a plain state "
                     "dict); with eval.clip_tiny=true, a tiny CLIP state dict")

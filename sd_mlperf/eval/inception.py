@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import inception as tv
 
+from sd_mlperf.models.checkpoint_io import strict_load
 from sd_mlperf.utils.logging import log_once
 
 FEATURE_DIM = 2048
@@ -111,18 +112,6 @@ def _randomize_for_smoke(model: FIDInceptionV3, seed: int) -> None:
             if isinstance(m, nn.Conv2d):
                 fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
-
-
-def strict_load(model: nn.Module, path: str | os.PathLike, expected: str) -> None:
-    """Load a weights file into `model` with strict=True; a mismatch names the file, the keys and `expected`."""
-    from sd_mlperf.models.checkpoint_io import check_state_dict, safe_load_state_dict
-
-    state = safe_load_state_dict(path)
-    try:
-        check_state_dict(model, state, source=str(path))
-    except ValueError as exc:
-        raise ValueError(f"{exc} Expected {expected}.") from exc
-    model.load_state_dict(state, strict=True)
 
 
 def load_fid_inception(weights: str | os.PathLike | None, device: torch.device | str = "cpu",

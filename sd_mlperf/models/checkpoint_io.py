@@ -161,6 +161,16 @@ def check_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor],
                          + ". Check that the checkpoint and the model config describe the same network.")
 
 
+def strict_load(model: torch.nn.Module, path: str | os.PathLike, expected: str) -> None:
+    """Load a weights file into `model` with strict=True; a mismatch names the file, the keys and `expected`."""
+    state = safe_load_state_dict(path)
+    try:
+        check_state_dict(model, state, source=str(path))
+    except ValueError as exc:
+        raise ValueError(f"{exc} Expected {expected}.") from exc
+    model.load_state_dict(state, strict=True)
+
+
 def frozen_parts(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Split an ldm state dict into (VAE, text tower) dicts; UNet keys and known extras are dropped."""
     vae = split_prefix(state, VAE_PREFIX)
