@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from sd_mlperf.config import ConfigError, merge_config, validate
     from sd_mlperf.data.precompute import precompute_shards
     from sd_mlperf.models.checkpoint_io import build_frozen_encoders
+    from sd_mlperf.utils.progress import show_progress_bar
 
     merged = merge_config(args.config, args.overrides)
     if OmegaConf.is_missing(merged.model, "frozen_checkpoint"):
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     vae, text_encoder = build_frozen_encoders(model_cfg)
     vae.to(device).eval()
     text_encoder = text_encoder.to(device).eval() if data_cfg.train_format == "moments_embeddings" else None
-    progress = {"on": True, "off": False}.get(merged.logging.progress_bar, sys.stderr.isatty()) and rank == 0
+    progress = show_progress_bar(merged.logging.progress_bar) and rank == 0
     manifest = precompute_shards(args.input, args.output, data_cfg=data_cfg, vae=vae, text_encoder=text_encoder,
                                  rank=rank, world_size=world_size, progress=progress)
     if manifest is not None:

@@ -31,6 +31,7 @@ from sd_mlperf.eval.metrics import FrechetReference, mean_clip_score
 from sd_mlperf.parallel.precision import autocast
 from sd_mlperf.utils.files import atomic_write_text
 from sd_mlperf.utils.logging import logger
+from sd_mlperf.utils.progress import show_progress_bar
 
 
 @dataclass
@@ -226,10 +227,6 @@ class Evaluator:
                     dynamic_ncols=True)
 
 
-def _show_progress(mode: str) -> bool:
-    return mode == "on" or (mode == "auto" and sys.stderr.isatty())
-
-
 def build_evaluator(cfg: Config, *, vae: nn.Module, text_encoder: nn.Module, rank: int, world_size: int,
                     device: torch.device | str, run_dir: str | Path, out_subdir: str = "eval") -> Evaluator:
     """Load prompts, reference statistics, the FID Inception and CLIP; return the evaluator of this rank."""
@@ -267,4 +264,4 @@ def build_evaluator(cfg: Config, *, vae: nn.Module, text_encoder: nn.Module, ran
                      clip_scorer=ClipScorer(clip, device=device, precision=e.precision),
                      latent_shape=(cfg.model.vae.embed_dim, side, side), rank=rank, world_size=world_size,
                      device=device, out_dir=Path(run_dir) / out_subdir,
-                     progress_bar=_show_progress(cfg.logging.progress_bar))
+                     progress_bar=show_progress_bar(cfg.logging.progress_bar))

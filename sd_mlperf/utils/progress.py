@@ -22,6 +22,11 @@ from sd_mlperf.config.schema import LoggingConfig
 from sd_mlperf.utils.logging import logger
 
 
+def show_progress_bar(mode: str, stream: IO[str] | None = None) -> bool:
+    """The `logging.progress_bar` rule: `on`, `off`, or `auto` = only when the stream is a terminal."""
+    return mode == "on" or (mode == "auto" and (stream or sys.stderr).isatty())
+
+
 class IntervalMeter:
     """Device-side sums of per-step metrics between two log lines.
 
@@ -89,8 +94,7 @@ class Progress:
         self._file = open(self.metrics_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         stream = stream or sys.stderr
         self._stream = stream
-        show = cfg.progress_bar == "on" or (cfg.progress_bar == "auto" and stream.isatty())
-        if show:
+        if show_progress_bar(cfg.progress_bar, stream):
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=stream, dynamic_ncols=True)

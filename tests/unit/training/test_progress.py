@@ -71,3 +71,16 @@ def test_disabled_progress_writes_nothing(tmp_path):
     progress.log_train(1, 2, {"loss": 1.0}, lr=1.0, loss_scale=1.0, steps_to_checkpoint=1)
     progress.close()
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_progress_bar_rule_is_on_off_or_terminal_only():
+    import io
+
+    from sd_mlperf.utils.progress import show_progress_bar
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert show_progress_bar("on", io.StringIO()) and not show_progress_bar("off", Tty())
+    assert show_progress_bar("auto", Tty()) and not show_progress_bar("auto", io.StringIO())
