@@ -325,7 +325,8 @@ def build_trainer(cfg: Config, dist: DistInfo, *, evaluator: EvaluatorLike | Non
 def _build_frozen(cfg: Config, dist: DistInfo) -> tuple[Any, Any]:
     from sd_mlperf.models.checkpoint_io import build_frozen_encoders
 
-    vae, text_encoder = build_frozen_encoders(cfg.model)
+    # One hash per node: a bad file fails local rank 0, and the launcher then stops the job.
+    vae, text_encoder = build_frozen_encoders(cfg.model, verify_sha256=dist.local_rank == 0)
     return vae.to(dist.device).eval(), text_encoder.to(dist.device).eval()
 
 

@@ -204,17 +204,20 @@ def load_frozen_encoders(path: str | os.PathLike, cfg: ModelConfig, *, sha256: s
     return vae, text
 
 
-def build_frozen_encoders(cfg: ModelConfig, *, seed: int = 0) -> tuple[AutoencoderKL, FrozenOpenCLIPTextEncoder]:
+def build_frozen_encoders(cfg: ModelConfig, *, seed: int = 0,
+                          verify_sha256: bool = True) -> tuple[AutoencoderKL, FrozenOpenCLIPTextEncoder]:
     """Load the frozen parts from `cfg.frozen_checkpoint`, or build them random (smoke mode) when it is null.
 
     Random parts are drawn from `seed` alone, not the caller's RNG state, so training ranks, precompute and
-    offline evaluation all rebuild the very same "frozen" encoders.
+    offline evaluation all rebuild the very same "frozen" encoders. `verify_sha256=False` skips the hash
+    (the trainer hashes the 5.2 GB file once per node, not once per GPU).
     """
     from sd_mlperf.models.text_encoder import build_text_encoder
     from sd_mlperf.models.vae import build_vae
 
     if cfg.frozen_checkpoint:
-        return load_frozen_encoders(cfg.frozen_checkpoint, cfg, sha256=cfg.frozen_checkpoint_sha256)
+        sha256 = cfg.frozen_checkpoint_sha256 if verify_sha256 else None
+        return load_frozen_encoders(cfg.frozen_checkpoint, cfg, sha256=sha256)
     log_once("frozen-random", "model.frozen_checkpoint is null: the VAE and text encoder have RANDOM weights; "
              "losses, FID and CLIP scores are meaningless (smoke/benchmark mode only)")
     with torch.random.fork_rng(devices=[]):

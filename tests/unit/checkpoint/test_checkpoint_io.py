@@ -152,6 +152,16 @@ def test_sha256_verification(ckpt):
         cio.load_frozen_encoders(path, tiny_model_cfg(), sha256="0" * 64)
 
 
+def test_build_frozen_encoders_checks_the_hash_unless_told_not_to(ckpt):
+    path, state = ckpt
+    cfg = tiny_model_cfg(str(path))
+    cfg.frozen_checkpoint_sha256 = "0" * 64
+    with pytest.raises(ValueError, match="does not match"):
+        cio.build_frozen_encoders(cfg)
+    vae, text = cio.build_frozen_encoders(cfg, verify_sha256=False)  # another rank of the same node
+    _assert_loaded(vae, text, state)
+
+
 def test_convert_frozen_parts_to_safetensors(tmp_path, ckpt, capsys):
     path, state = ckpt
     out = tmp_path / "frozen.safetensors"
