@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU check for sd_mlperf, in under 8 minutes on one NVIDIA GPU with only PyTorch installed:
-#   1. install: the small wheels in $WHEEL_DIR (omegaconf, pyyaml, tqdm, pytest, megatron-core, ...), then
-#      this package without dependencies (PYTHONPATH fallback if pip cannot build it offline);
+#   1. install: the wheels in $WHEEL_DIR (what the GPU machine's image lacks: omegaconf, open_clip_torch,
+#      megatron-core, ...) into a separate folder ($SITE_DIR) put on PYTHONPATH, so the image's own packages
+#      (torch above all) stay as they are; the package itself imports from the checkout (PYTHONPATH);
 #   2. the GPU tests in tests/gpu (pytest -m gpu; each skips with a reason when its library is absent);
 #   3. tests/gpu/device_checks.py: GPU fast paths against their CPU twins, CUDA-graph step against eager;
 #   4. the bench table at the full SD2 shape (batch 32 per GPU, 64x64 latents, fp16): eager NCHW, eager
@@ -13,25 +14,37 @@
 #   tests/gpu/run_device_checks.sh                       # on the GPU machine, from the repository root
 #   tests/gpu/run_device_checks.sh --cpu-dry-run         # the same stages on the CPU at tiny size (no GPU)
 #   tests/gpu/run_device_checks.sh --prepare-wheels DIR  # on a networked machine: download the wheels to DIR
-# Environment: WHEEL_DIR (default .whl), OUT, BUDGET_S (default 450), PYTHON (default python).
+#                                                        # (for the GPU machine's Python, WHEEL_PYTHON, not this one's)
+# Environment: WHEEL_DIR (default .whl), SITE_DIR (default /tmp/sd_mlperf_site), OUT, BUDGET_S (default 450),
+# PYTHON (default python3), WHEEL_PYTHON (default 3.12: the GPU machine's Python, for --prepare-wheels).
 set -uo pipefail
 
 cd "$(dirname "$0")/../.." || exit 2
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}
 WHEEL_DIR=${WHEEL_DIR:-.whl}
+SITE_DIR=${SITE_DIR:-/tmp/sd_mlperf_site}
+WHEEL_PYTHON=${WHEEL_PYTHON:-3.12}
 BUDGET_S=${BUDGET_S:-450}
 OUT=${OUT:-results/device_checks}
 DRY=0
-# The wheels a bare PyTorch machine lacks (pinned to the CPU CI versions); --no-deps keeps torch as it is.
-WHEELS="omegaconf==2.4.0 PyYAML==6.0.4 tqdm==4.70.1 numpy==2.4.6 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1
-packaging==26.3 megatron-core==0.16.1 psutil==7.2.2"
+# What the GPU machine's image (PyTorch, numpy, scipy, pillow, pyyaml, tqdm, pytest, psutil, safetensors,
+# torchmetrics, timm, huggingface_hub, regex, pandas: /work/.library/device/KINDS.md) lacks, with the
+# dependencies it also lacks, pinned to the CPU CI versions (tests/constraints-cpu.txt). About 5.5 MB.
+# DALI (about 425 MB) does not fit the 64 MiB that travels: its GPU checks skip there.
+WHEELS="omegaconf==2.4.0 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 webdataset==1.0.2 braceexpand==0.1.7
+megatron-core==0.16.1 mlperf-logging==4.1.68"
 
 case "${1:-}" in
   --cpu-dry-run) DRY=1 ;;
   --prepare-wheels)
     dest=${2:-$WHEEL_DIR}
+    # Binary wheels for the GPU machine's CPython on x86_64 Linux, whatever this machine runs.
+    platforms=()
+    for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
+             manylinux2014_x86_64 manylinux1_x86_64; do platforms+=(--platform "$p"); done
     # shellcheck disable=SC2086  # WHEELS is a list of requirement words
-    exec "$PYTHON" -m pip download --no-deps --only-binary=:all: -d "$dest" $WHEELS ;;
+    exec "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version "$WHEEL_PYTHON" \
+      --implementation cp "${platforms[@]}" -d "$dest" $WHEELS ;;
   "") ;;
   *) echo "usage: $0 [--cpu-dry-run | --prepare-wheels DIR]" >&2; exit 2 ;;
 esac
@@ -69,14 +82,15 @@ run_stage() {
 }
 
 # -- 1. install -----------------------------------------------------------------------------------
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package imports from the checkout even if pip fails
 export HF_HUB_OFFLINE=1
 if compgen -G "$WHEEL_DIR/*.whl" > /dev/null; then
-  "$PYTHON" -m pip install --no-index --no-deps --quiet "$WHEEL_DIR"/*.whl > "$OUT/install.log" 2>&1 \
-    || echo "warning: some wheels in $WHEEL_DIR did not install (see $OUT/install.log)" >&2
+  # One pip call: a wheel that does not fit this Python stops it, and the log says which.
+  "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE_DIR" \
+    "$WHEEL_DIR"/*.whl > "$OUT/install.log" 2>&1 \
+    || { tail -n 3 "$OUT/install.log" >&2; echo "warning: the wheels in $WHEEL_DIR did not install" >&2; }
+  export PYTHONPATH="$SITE_DIR${PYTHONPATH:+:$PYTHONPATH}"
 fi
-"$PYTHON" -m pip install --no-index --no-deps --no-build-isolation --quiet -e . >> "$OUT/install.log" 2>&1 \
-  || echo "note: pip could not install the package offline; using PYTHONPATH=$PWD" >&2
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package imports from the checkout, uninstalled
 if ! "$PYTHON" -c "import sd_mlperf.bench.train, sd_mlperf.parallel.data_parallel" > "$OUT/import.log" 2>&1; then
   tail -n 5 "$OUT/import.log" >&2
   echo "error: sd_mlperf does not import; put the missing wheels in $WHEEL_DIR" \
@@ -84,10 +98,13 @@ if ! "$PYTHON" -c "import sd_mlperf.bench.train, sd_mlperf.parallel.data_paralle
   exit 2
 fi
 "$PYTHON" - <<'EOF' | tee "$OUT/environment.txt" >&2
-import importlib.util, torch
+import platform, torch
+from sd_mlperf.backends import package_available
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-libs = {n: importlib.util.find_spec(n) is not None for n in ("transformer_engine", "apex", "megatron", "triton")}
-print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, GPU {gpu}, " + ", ".join(f"{k}={v}" for k, v in libs.items()))
+names = ("transformer_engine", "apex.contrib.group_norm", "megatron.core", "nvidia.dali", "open_clip", "triton")
+libs = {n: package_available(n) for n in names}
+print(f"Python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, GPU {gpu}, "
+      + ", ".join(f"{k}={v}" for k, v in libs.items()))
 EOF
 
 # -- 2. GPU tests ---------------------------------------------------------------------------------
