@@ -156,7 +156,7 @@ class Trainer:
 
     def raise_if_nonfinite(self) -> None:
         """Stop with a clear message if an applied step had a NaN/inf loss (host sync, all ranks agree)."""
-        if self.meter.num_fatal() == 0:
+        if not self.meter.any_fatal():
             return
         last = self.state.last_checkpoint or self.checkpointer.latest()
         raise NonFiniteLossError(

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from sd_mlperf.config.schema import Config
+from sd_mlperf.utils.manifest import module_device
 
 
 class BatchConditioner:
@@ -27,10 +28,6 @@ class BatchConditioner:
         self.vae, self.text_encoder = vae, text_encoder
         self._sample_latents = sample_latents
 
-    @staticmethod
-    def _module_device(module: torch.nn.Module) -> torch.device:
-        return next(module.parameters()).device
-
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any], generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +35,7 @@ class BatchConditioner:
             moments = batch["moments"]
         else:
             images = batch["images"]
-            vae_device = self._module_device(self.vae)
+            vae_device = module_device(self.vae)
             # fp32 VAE math, autocast off: online latents must equal the precomputed ones.
             with torch.autocast(device_type=vae_device.type, enabled=False):
                 moments = self.vae.encode_moments(images.to(vae_device, torch.float32, non_blocking=True))

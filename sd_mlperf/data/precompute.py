@@ -30,6 +30,7 @@ from sd_mlperf.data.shards import SampleRef, ShardIndex, ShardReader, expand_sha
 from sd_mlperf.models.checkpoint_io import file_sha256
 from sd_mlperf.utils.files import atomic_write_text
 from sd_mlperf.utils.logging import log_once, logger
+from sd_mlperf.utils.manifest import module_device
 
 MANIFEST = "manifest.json"
 RECORDS_DIR = ".precompute"
@@ -51,10 +52,6 @@ def precompute_is_complete(output_dir: str | os.PathLike, output_format: str) ->
     return bool(manifest.get("complete")) and manifest.get("format") == output_format
 
 
-def _module_device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
 class _Bad(NamedTuple):
     kind: str
     detail: str = ""
@@ -69,7 +66,7 @@ class ShardEncoder:
 
         self.format, self.vae, self.text_encoder = output_format, vae, text_encoder
         self.counter, self.batch_size = counter, batch_size
-        self.device = _module_device(vae)
+        self.device = module_device(vae)
         self.decoder = build_decoder(data_cfg, self.device, max_batch_size=batch_size)
         self.reader = ShardReader()
 

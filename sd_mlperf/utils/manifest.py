@@ -52,3 +52,8 @@ def read_manifest(path: str | os.PathLike, prefix: str | None = None, strip_pref
 def count_parameters(module: torch.nn.Module) -> int:
     """Number of parameter values (trainable or not)."""
     return sum(p.numel() for p in module.parameters())
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's first parameter (frozen encoders live on one device)."""
+    return next(module.parameters()).device

@@ -53,11 +53,11 @@ class IntervalMeter:
         self.grad_norm = grad_norm.detach()
         self.num_steps += 1
 
-    def num_fatal(self) -> int:
-        """Steps with a non-finite loss that must stop the run, on any rank (host sync)."""
+    def any_fatal(self) -> bool:
+        """Whether any rank saw a step with a non-finite loss that must stop the run (host sync; ranks agree)."""
         if self.sums is None:
-            return 0
-        return int(self.reduce_mean(self.sums[2:3].clone()).item() > 0)
+            return False
+        return bool(self.reduce_mean(self.sums[2:3].clone()).item() > 0)
 
     def pop(self) -> dict[str, float]:
         """Mean loss over applied steps, skipped count, last grad norm; then reset (host sync)."""

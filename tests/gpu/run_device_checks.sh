@@ -16,7 +16,9 @@
 #   tests/gpu/run_device_checks.sh --prepare-wheels DIR  # on a networked machine: download the wheels to DIR
 #                                                        # (for the GPU machine's Python, WHEEL_PYTHON, not this one's)
 # Environment: WHEEL_DIR (default .whl), SITE_DIR (default /tmp/sd_mlperf_site), OUT, BUDGET_S (default 450),
-# PYTHON (default python3), WHEEL_PYTHON (default 3.12: the GPU machine's Python, for --prepare-wheels).
+# PYTHON (default python3), WHEEL_PYTHON (default 3.12: the GPU machine's Python, for --prepare-wheels),
+# ARCHIVE (optional: also pack everything under $OUT into this one .tar.gz at the end, for hosts that return
+# only a few files; e.g. OUT=/tmp/device_checks ARCHIVE=$RESULTS/device_checks.tar.gz).
 set -uo pipefail
 
 cd "$(dirname "$0")/../.." || exit 2
@@ -179,4 +181,7 @@ if rows:
 EOF
 failed=$(awk -F'\t' 'NR > 1 && $2 ~ /^FAIL/' "$SUMMARY" | wc -l)
 echo "total $(( $(date +%s) - START ))s; logs in $OUT"
+if [[ -n "${ARCHIVE:-}" ]]; then
+  mkdir -p "$(dirname "$ARCHIVE")" && tar -czf "$ARCHIVE" -C "$OUT" . && echo "packed $OUT into $ARCHIVE"
+fi
 exit $(( failed > 0 ))

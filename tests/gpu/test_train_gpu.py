@@ -48,7 +48,7 @@ def test_train_step_never_waits_for_the_gpu(tmp_path):
             trainer.meter.add(**out)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert trainer.meter.num_fatal() == 0
+    assert not trainer.meter.any_fatal()
     trainer.close()
 
 
