@@ -73,6 +73,29 @@ class IntervalMeter:
         return out
 
 
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a `metrics.jsonl`, each step once: a resume drops what the killed run logged after it.
+
+    A resumed run appends to the same file, after a `{"kind": "resume", "step": N}` record; the killed
+    run's records of steps after N describe steps that were trained again, so they are left out here.
+    Raises ValueError naming the file and line for a line that is not JSON.
+    """
+    records: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number} is not a JSON record ({exc.msg}); a run killed mid-write can "
+                                 "leave a partial last line: delete that line") from exc
+            if record.get("kind") == "resume":
+                records = [r for r in records if r.get("step", 0) <= record["step"]]
+            records.append(record)
+    return records
+
+
 class Progress:
     """Log line every `logging.interval_steps`, a progress bar on a terminal, metrics in `metrics.jsonl`."""
 

@@ -6,10 +6,11 @@ import io
 import json
 import math
 
+import pytest
 import torch
 
 from sd_mlperf.config.schema import LoggingConfig
-from sd_mlperf.utils.progress import IntervalMeter, Progress
+from sd_mlperf.utils.progress import IntervalMeter, Progress, read_metrics
 
 
 def test_meter_averages_applied_steps_only():
@@ -84,3 +85,32 @@ def test_progress_bar_rule_is_on_off_or_terminal_only():
 
     assert show_progress_bar("on", io.StringIO()) and not show_progress_bar("off", Tty())
     assert show_progress_bar("auto", Tty()) and not show_progress_bar("auto", io.StringIO())
+
+
+def test_read_metrics_keeps_each_step_once_after_a_resume(tmp_path):
+    cfg = LoggingConfig(progress_bar="off")
+    first = Progress(cfg, tmp_path, enabled=True, total_steps=6, global_batch_size=2)
+    for step in (2, 4, 6):  # checkpointed at 4, killed after logging 6
+        first.log_train(step, 2 * step, {"loss": float(step)}, lr=1e-4, loss_scale=1.0, steps_to_checkpoint=1)
+    first.close()
+    second = Progress(cfg, tmp_path, enabled=True, total_steps=8, global_batch_size=2, start_step=4)
+    second.log_resume(4, 8, "checkpoints/step_4")
+    for step in (6, 8):
+        second.log_train(step, 2 * step, {"loss": step + 0.5}, lr=1e-4, loss_scale=1.0, steps_to_checkpoint=1)
+    second.close()
+
+    raw = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in raw] == [2, 4, 6, 4, 6, 8]  # the file keeps everything
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in records] == [("train", 2), ("train", 4), ("resume", 4), ("train", 6),
+                                                         ("train", 8)]
+    assert [r["loss"] for r in records if r["kind"] == "train"] == [2.0, 4.0, 6.5, 8.5]
+
+
+def test_read_metrics_names_the_bad_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1}\n{"kind": "tra\n')
+    with pytest.raises(ValueError, match="partial last line") as info:
+        read_metrics(path)
+    assert f"{path}:2" in str(info.value)
+
