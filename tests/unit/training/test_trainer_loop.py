@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from sd_mlperf.parallel.data_parallel import apply_data_parallel
 from sd_mlperf.parallel.optimizer import LRSchedule
 from sd_mlperf.train_step import build_train_step
 from sd_mlperf.trainer import NonFiniteLossError, Trainer, plan_from_config
-from sd_mlperf.utils.progress import Progress
+from sd_mlperf.utils.progress import Progress, read_metrics
 from tests.unit.training._helpers import (
     FakeEvaluator,
     conditioner,
@@ -155,7 +156,7 @@ def test_stops_at_the_quality_target(tmp_path):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_kill_and_resume_equals_uninterrupted_run(tmp_path, precision):
     batches = make_batches(5)
-    common = [f"training.precision={precision}", "training.max_steps=7"]
+    common = [f"training.precision={precision}", "training.max_steps=7", "logging.interval_steps=1"]
     # Uninterrupted reference run.
     ref_trainer, _ = make_trainer(make_cfg(tmp_path / "ref", *common), batches)
     ref_losses = record_losses(ref_trainer)
@@ -184,6 +185,15 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, precision):
         assert torch.equal(value, ref_state[name]), name
     if precision == "fp16":
         assert float(resumed.dp.loss_scale) == float(ref_trainer.dp.loss_scale)
+
+    def train_records(run: Path) -> list[tuple[int, float]]:
+        return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+
+    # The killed run logged step 4 before the resume from step 3 trained it again: read once, as the reference.
+    raw = [json.loads(line) for line in (tmp_path / "cut" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in raw if r["kind"] == "train"] == [1, 2, 3, 4, 4, 5, 6, 7]
+    assert train_records(tmp_path / "cut" / "run") == train_records(tmp_path / "ref" / "run")
+    assert [step for step, _ in train_records(tmp_path / "ref" / "run")] == list(range(1, 8))
 
 
 def _poison(batches: list[dict], index: int) -> list[dict]:
