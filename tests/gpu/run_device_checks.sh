@@ -17,6 +17,7 @@
 #                                                        # (for the GPU machine's Python, WHEEL_PYTHON, not this one's)
 # Environment: WHEEL_DIR (default .whl), SITE_DIR (default /tmp/sd_mlperf_site), OUT, BUDGET_S (default 450),
 # PYTHON (default python3), WHEEL_PYTHON (default 3.12: the GPU machine's Python, for --prepare-wheels),
+# SKIP_COMPILE=1 (skip the torch.compile stage: minutes of compiling on a small CPU),
 # ARCHIVE (optional: also pack everything under $OUT into this one .tar.gz at the end, for hosts that return
 # only a few files; e.g. OUT=/tmp/device_checks ARCHIVE=$RESULTS/device_checks.tar.gz).
 set -uo pipefail
@@ -144,10 +145,14 @@ run_stage bench_train 240 60 "$PYTHON" -m sd_mlperf bench train --no-base --outp
   --variant "graph nhwc: model.unet.channels_last=true training.cuda_graph=true" \
   --variant "graph nhwc bf16: model.unet.channels_last=true training.cuda_graph=true training.precision=bf16" \
   "${BENCH[@]}"
-run_stage bench_compile 180 90 "$PYTHON" -m sd_mlperf bench train --no-base --output "$OUT/bench_compile.json" \
-  --variant "compile nhwc graph=$COMPILE_GRAPH: model.unet.channels_last=true model.unet.compile=true \
+if [[ "${SKIP_COMPILE:-0}" == 1 ]]; then
+  printf 'bench_compile\tskipped (SKIP_COMPILE=1)\t0\n' >> "$SUMMARY"
+else
+  run_stage bench_compile 180 90 "$PYTHON" -m sd_mlperf bench train --no-base --output "$OUT/bench_compile.json" \
+    --variant "compile nhwc graph=$COMPILE_GRAPH: model.unet.channels_last=true model.unet.compile=true \
 training.cuda_graph=$COMPILE_GRAPH" \
-  "${BENCH[@]}"
+    "${BENCH[@]}"
+fi
 
 # -- 5. summary (last) ----------------------------------------------------------------------------
 "$PYTHON" - "$OUT" "$PREC" <<'EOF'

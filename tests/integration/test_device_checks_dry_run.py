@@ -1,0 +1,45 @@
+"""tests/gpu/run_device_checks.sh --cpu-dry-run: every stage but torch.compile runs, and the summary comes last.
+
+The script is what a GPU session runs once, with minutes of device time, so it must not rot here:
+this runs its own stages (GPU tests, fast-path checks, bench table, summary, archive) on the CPU at
+tiny size, without the torch.compile stage (SKIP_COMPILE=1: minutes of compiling on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_passes_and_summarizes(tmp_path):
+    out, archive = tmp_path / "out", tmp_path / "device_checks.tar.gz"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "ARCHIVE": str(archive), "SKIP_COMPILE": "1",
+           "WHEEL_DIR": str(tmp_path / "no_wheels"), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(["bash", "tests/gpu/run_device_checks.sh", "--cpu-dry-run"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    stages = dict(line.split("\t")[:2] for line in (out / "stages.tsv").read_text().splitlines()[1:])
+    assert stages["gpu_tests"] == "ok" and stages["device_checks"] == "ok" and stages["bench_train"] == "ok"
+    assert stages["bench_compile"] == "skipped (SKIP_COMPILE=1)"
+    checks = json.loads((out / "device_checks.json").read_text())
+    assert not [c["check"] for c in checks if c["status"] == "FAIL"]
+    assert any(c["status"] == "ok" for c in checks)
+    rows = {r["variant"]: r for r in json.loads((out / "bench_train.json").read_text())}
+    assert rows["eager nchw"]["status"] == "ok" and rows["eager nchw"]["images_per_s"] > 0
+    assert rows["graph nhwc"]["status"].startswith("skipped: training.cuda_graph=true needs a CUDA device")
+
+    summary = proc.stdout[proc.stdout.index("==== sd_mlperf device check summary ===="):]
+    assert "device checks:" in summary and "0 FAIL" in summary and "| eager nchw |" in summary
+    with tarfile.open(archive) as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert {"stages.tsv", "device_checks.json", "bench_train.json", "environment.txt"} <= names
