@@ -19,7 +19,7 @@
 # PYTHON (default python3), WHEEL_PYTHON (default 3.12: the GPU machine's Python, for --prepare-wheels),
 # SKIP_COMPILE=1 (skip the torch.compile stage: minutes of compiling on a small CPU),
 # ARCHIVE (optional: also pack everything under $OUT into this one .tar.gz at the end, for hosts that return
-# only a few files; e.g. OUT=/tmp/device_checks ARCHIVE=$RESULTS/device_checks.tar.gz).
+# only a few files; e.g. ARCHIVE=$RESULTS/device_checks.tar.gz OUT=/tmp/device_checks, in that order).
 set -uo pipefail
 
 cd "$(dirname "$0")/../.." || exit 2
