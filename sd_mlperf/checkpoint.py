@@ -43,6 +43,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 LATEST_FILE = "latest"
 LDM_EXPORT_FILE = "unet_ldm.safetensors"
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
+_RANK_RE = re.compile(r"^rank_(\d{5})\.pt$")
 
 
 def step_dir_name(step: int) -> str:
@@ -179,10 +180,16 @@ class Checkpointer:
 
     # -- finding and loading ---------------------------------------------------------------------------
     def is_complete(self, path: Path) -> bool:
-        """A published step directory with the model file and one file per rank of this world size."""
+        """A step directory with the model file and one file per rank of the world size that wrote it.
+
+        Judged by the writer's world size, not this run's: a checkpoint of another size is complete and
+        `load` then refuses it with the reason (or reshards it), where a resume would otherwise skip it
+        and silently start over.
+        """
         if not (path / MODEL_FILE).is_file():
             return False
-        return all((path / rank_file_name(r)).is_file() for r in range(self.world_size))
+        ranks = sorted(int(m.group(1)) for f in path.iterdir() if (m := _RANK_RE.match(f.name)))
+        return bool(ranks) and ranks == list(range(len(ranks)))
 
     def list_complete(self) -> list[Path]:
         """Published checkpoints, oldest first (directories under a temporary name are ignored)."""
@@ -215,21 +222,28 @@ class Checkpointer:
                              f"(no {MODEL_FILE} in it); use auto, never or a {self.dir}/step_XXXXXXX path.")
         return path
 
-    def load(self, path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
-        """(model payload, optimizer state or None, this rank's payload) of a checkpoint of the same world size."""
+    def load(self, path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
+        """(model payload, optimizer state or None, this rank's payload) of a checkpoint.
+
+        The rank payload (RNG states, data position) is None when the checkpoint was written by
+        another number of ranks and `checkpoint.allow_reshard` lets this run resume it anyway.
+        """
         path = Path(path)
         model = load_file(path / MODEL_FILE)
         saved_world = int(model.get("world_size", 1))
-        if saved_world != self.world_size:
+        if saved_world != self.world_size and not self.cfg.allow_reshard:
             raise ValueError(
                 f"checkpoint {path} was written by {saved_world} ranks and this run has {self.world_size}: "
-                "optimizer shards, RNG states and data positions are saved per rank and cannot be resharded. "
-                f"Run with {saved_world} ranks, or set training.resume=never and load {path / MODEL_FILE} "
-                "as initial weights instead.")
+                f"RNG states and data positions are saved per rank. Run with {saved_world} ranks, or set "
+                "checkpoint.allow_reshard=true (parallel.backend=torch; weights, AdamW state, step and samples "
+                "carry over, the RNG and data streams restart), or set training.resume=never and load "
+                f"{path / MODEL_FILE} as initial weights instead.")
+        optimizer_path = path / OPTIMIZER_FILE
+        optimizer = load_file(optimizer_path) if optimizer_path.is_file() else None
+        if saved_world != self.world_size:
+            return model, optimizer, None
         rank_path = path / rank_file_name(self.rank)
         if not rank_path.is_file():
             raise RuntimeError(f"checkpoint {path} lacks {rank_path.name}; it is incomplete. Delete it or set "
                                "training.resume to another checkpoint.")
-        optimizer_path = path / OPTIMIZER_FILE
-        optimizer = load_file(optimizer_path) if optimizer_path.is_file() else None
         return model, optimizer, load_file(rank_path)

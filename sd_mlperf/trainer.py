@@ -208,20 +208,37 @@ class Trainer:
         and a captured CUDA graph (training.cuda_graph) keeps using the ones it recorded.
         """
         model, optimizer_state, rank = self.checkpointer.load(path)
+        resharded = rank is None  # written by another number of ranks (checkpoint.allow_reshard)
         self.dp.unwrapped.load_state_dict(model["unet"])  # weights first: the optimizer may copy them
         if optimizer_state is not None:
-            self.dp.load_state_dict(optimizer_state)
+            self.dp.load_state_dict(optimizer_state, reshard=resharded)
         else:
             logger.warning("checkpoint %s has no optimizer state (checkpoint.save_optimizer=false): AdamW "
                            "moments restart from zero, so the run will not match an uninterrupted one", path)
-        restore_rng_state(rank["rng"], self.generator)
-        self.loader.load_state_dict(rank["data"])
         s = self.state
         s.step, s.samples_count = int(model["step"]), int(model["samples_count"])
-        s.reached_target = bool(rank.get("reached_target", False))
+        if resharded:
+            self._restart_streams(s.step, saved_world_size=int(model["world_size"]))
+        else:
+            restore_rng_state(rank["rng"], self.generator)
+            self.loader.load_state_dict(rank["data"])
+            s.reached_target = bool(rank.get("reached_target", False))
         s.last_checkpoint = Path(path)
         self.progress.log_resume(s.step, s.samples_count, str(path))
         logger.info("resumed from %s at step %d (%d samples)", path, s.step, s.samples_count)
+
+    def _restart_streams(self, step: int, *, saved_world_size: int) -> None:
+        """After a resharded resume: noise RNG and data streams from (run.seed, rank, step), fresh."""
+        restart_at = getattr(self.loader, "restart_at", None)
+        if restart_at is None:
+            raise RuntimeError(f"checkpoint.allow_reshard: the training loader ({type(self.loader).__name__}) has no "
+                               "restart_at(batches) to start fresh data streams; resume with the saved world size.")
+        restart_at(step * self.plan.grad_accumulation_steps)  # the batches each rank has delivered by `step`
+        # The step's generator was seeded from (run.seed, rank); move it on with the step, as the loader does.
+        self.generator.manual_seed((self.generator.initial_seed() + 1_000_003 * step) % 2**63)
+        logger.warning("resumed a checkpoint of %d ranks on %d (checkpoint.allow_reshard): global batch now %d; "
+                       "noise and data streams restart, so the run does not match an uninterrupted one",
+                       saved_world_size, self.checkpointer.world_size, self.plan.global_batch_size)
 
     def close(self) -> None:
         """Close the writers (and the loader, if it holds workers or files)."""

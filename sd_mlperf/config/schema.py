@@ -271,6 +271,10 @@ class CheckpointConfig:
     save_optimizer: bool = True
     export_ldm_weights: bool = True
     """Also write the UNet as `model.diffusion_model.*` safetensors for other tools."""
+    allow_reshard: bool = False
+    """Resume a checkpoint written by another number of data-parallel ranks (parallel.backend=torch).
+    Weights, AdamW state, loss scale, step and samples carry over; the noise RNG and the data streams
+    restart from (run.seed, rank, step), so the run no longer matches an uninterrupted one."""
 
 
 @dataclass

@@ -314,6 +314,15 @@ class TrainLoader:
                 "rank": self.rank, "world_size": self.world_size, "num_shards": len(self.shards),
                 "batch_size": self.batch_size}
 
+    def restart_at(self, batches: int) -> None:
+        """Fresh streams after `batches` batches (a resume that cannot continue the saved ones).
+
+        The streams' seed moves on with the position, so the samples seen before are not replayed in order.
+        """
+        self.batches = batches
+        self.seed = self.base_seed + 1_000_003 * batches
+        self.refs_used = [0] * self.num_roles
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position; if the settings it depends on changed, warn and start fresh streams."""
         if state.get("version") != STATE_VERSION:
@@ -325,9 +334,7 @@ class TrainLoader:
         if changed:
             log_once("data-resume-changed", f"data position saved with other settings {changed} (saved, now): "
                      f"continuing with fresh streams, so the data order differs from an uninterrupted run.")
-            self.batches = int(state["batches"])
-            self.seed = self.base_seed + 1_000_003 * self.batches  # do not replay the samples seen before
-            self.refs_used = [0] * self.num_roles
+            self.restart_at(int(state["batches"]))
             return
         self.batches = int(state["batches"])
         self.seed = int(state.get("stream_seed", self.base_seed))

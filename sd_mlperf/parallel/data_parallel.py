@@ -96,8 +96,8 @@ class DataParallelModel(ABC):
         """Optimizer + loss-scaler state; collective, complete on rank 0 (see the module docstring)."""
 
     @abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore rank 0's state_dict() on every rank."""
+    def load_state_dict(self, state: dict[str, Any], *, reshard: bool = False) -> None:
+        """Restore rank 0's state_dict() on every rank; `reshard`: it may come from another world size."""
 
     @abstractmethod
     def no_sync(self) -> contextlib.AbstractContextManager:
@@ -109,11 +109,11 @@ class DataParallelModel(ABC):
         with self.no_sync():
             yield
 
-    def _check_state(self, state: dict[str, Any], backend: str) -> None:
+    def _check_state(self, state: dict[str, Any], backend: str, *, reshard: bool = False) -> None:
         if state.get("backend") != backend:
             raise ValueError(f"the optimizer state was saved with parallel.backend={state.get('backend')!r}; "
                              f"this run uses {backend!r}. Resume with the same parallel.backend.")
-        if state.get("world_size") != self.dist.world_size:
+        if state.get("world_size") != self.dist.world_size and not reshard:
             raise ValueError(f"the optimizer state was saved with {state.get('world_size')} data-parallel ranks; "
                              f"this run has {self.dist.world_size}. Resume with the same parallel.num_nodes x "
                              "parallel.gpus_per_node (or start from the weights-only export).")

@@ -150,13 +150,17 @@ class TorchDataParallel(DataParallelModel):
         return {"backend": BACKEND, "world_size": self.dist.world_size, "sharded": self.sharded,
                 "optimizer": optimizer_state, "loss_scaler": self.scaler.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load rank 0's state_dict(); ZeRO keeps this rank's shard of it."""
-        self._check_state(state, BACKEND)
+    def load_state_dict(self, state: dict[str, Any], *, reshard: bool = False) -> None:
+        """Load rank 0's state_dict(); ZeRO keeps this rank's shard of it.
+
+        Rank 0 saves ZeRO's state consolidated, in plain AdamW's layout, so with `reshard` it loads into
+        any world size, sharded or not.
+        """
+        self._check_state(state, BACKEND, reshard=reshard)
         if state["optimizer"] is None:
             raise ValueError("this optimizer state came from a rank other than 0 (its sharded entries are None); "
                              "load the state that rank 0 saved.")
-        if bool(state.get("sharded")) != self.sharded:
+        if bool(state.get("sharded")) != self.sharded and not reshard:
             raise ValueError("the optimizer state was saved with another parallel.distributed_optimizer setting; "
                              "resume with the same value.")
         self.optimizer.load_state_dict(state["optimizer"])

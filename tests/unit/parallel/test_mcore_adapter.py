@@ -119,6 +119,17 @@ def test_resume_is_bit_exact_one_process(harness):
     assert all(torch.equal(a, b) for a, b in zip(full_params, resumed.parameters()))
 
 
+def test_reshard_to_another_world_size_is_refused_with_the_fix(harness):
+    cfg = make_cfg(backend="mcore")
+    dp = _build(cfg, cpu_dist())
+    _run(dp, cfg, 0, 1)  # megatron's state_dict needs a step taken
+    state = {**dp.state_dict(), "world_size": 2}  # as if 2 ranks had saved it
+    with pytest.raises(ValueError, match="mcore resumes only on the world size it saved.*parallel.backend=torch"):
+        dp.load_state_dict(state, reshard=True)
+    with pytest.raises(ValueError, match="saved with 2 data-parallel ranks"):
+        dp.load_state_dict(state)
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     set_torchrun_env(rank, WORLD, port)

@@ -60,6 +60,10 @@ class ListLoader:
     def load_state_dict(self, state: dict) -> None:
         self.pos = int(state["pos"])
 
+    def restart_at(self, batches: int) -> None:
+        """A resharded resume: continue from the position alone (the real loader also reseeds its streams)."""
+        self.pos = batches
+
 
 def make_batches(n: int, batch_size: int = 2, seed: int = 1) -> list[dict]:
     g = torch.Generator().manual_seed(seed)

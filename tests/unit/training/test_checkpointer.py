@@ -107,3 +107,37 @@ def test_unreadable_file_is_named(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="model.pt"):
         load_file(bad)
+
+
+def _save_as_two_ranks(tmp_path, step: int) -> None:
+    """What a 2-rank run publishes: the rank-0 files, plus rank 1's file (the barriers are no-ops here)."""
+    cfg = CheckpointConfig(export_ldm_weights=False)
+    _save(Checkpointer(cfg, tmp_path, rank=0, world_size=2), step)
+    ckpt = tmp_path / "checkpoints" / step_dir_name(step)
+    torch.save({"rank": 1, "world_size": 2}, ckpt / "rank_00001.pt")
+
+
+def test_another_world_sizes_checkpoint_is_found_then_refused_with_the_fix(tmp_path):
+    _save_as_two_ranks(tmp_path, 4)
+    ckpt = tmp_path / "checkpoints" / step_dir_name(4)
+    one_rank = Checkpointer(CheckpointConfig(), tmp_path, world_size=1)
+    assert one_rank.resolve("auto") == ckpt  # complete as its 2 writers left it: not skipped (no silent restart)
+    with pytest.raises(ValueError, match="written by 2 ranks and this run has 1.*checkpoint.allow_reshard=true"):
+        one_rank.load(ckpt)
+
+
+def test_allow_reshard_loads_weights_and_optimizer_without_the_rank_payload(tmp_path):
+    _save_as_two_ranks(tmp_path, 4)
+    ckpt = tmp_path / "checkpoints" / step_dir_name(4)
+    for world in (1, 3):
+        ck = Checkpointer(CheckpointConfig(allow_reshard=True), tmp_path, rank=0, world_size=world)
+        model, optimizer, rank = ck.load(ckpt)
+        assert model["step"] == 4 and model["world_size"] == 2 and optimizer == {"opt": 4}
+        assert rank is None  # RNG and data positions belong to the 2 ranks that saved them
+
+
+def test_a_gap_in_the_rank_files_is_incomplete(tmp_path):
+    _save_as_two_ranks(tmp_path, 4)
+    ckpt = tmp_path / "checkpoints" / step_dir_name(4)
+    (ckpt / "rank_00001.pt").rename(ckpt / "rank_00002.pt")
+    assert not Checkpointer(CheckpointConfig(), tmp_path).is_complete(ckpt)
