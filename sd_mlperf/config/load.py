@@ -133,6 +133,14 @@ def validate(cfg: Config | DictConfig) -> None:
         _check(ch % u.head_channels == 0, "model.unet.head_channels", u.head_channels,
                f"must divide every level's channels ({ch})")
     v = cfg.model.vae
+    # The data formats store VAE moments as (8, image_size/8, image_size/8): the SD VAE's f=8 and 4 latent
+    # channels (data/laion.py), which the UNet's input and output match.
+    _check(len(v.channel_mult) == 4, "model.vae.channel_mult", list(v.channel_mult),
+           "needs 4 levels (3 downsamplings, f=8), the latent shape the data formats and UNet are built for")
+    _check(v.embed_dim == 4, "model.vae.embed_dim", v.embed_dim, "must be 4 (moments of 8 channels in the data)")
+    for key in ("in_channels", "out_channels"):
+        _check(getattr(u, key) == v.embed_dim, f"model.unet.{key}", getattr(u, key),
+               f"must equal model.vae.embed_dim={v.embed_dim} (the UNet denoises VAE latents)")
     for mult in v.channel_mult:
         _check((v.base_channels * mult) % v.norm_groups == 0, "model.vae.norm_groups", v.norm_groups,
                f"must divide every level's channels ({v.base_channels * mult})")

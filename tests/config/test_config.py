@@ -129,6 +129,9 @@ def test_closed_division_refuses_open_only_changes(override, key):
     ("eval.ddim_steps=5000", "eval.ddim_steps"),
     ("eval.ddim_steps=30", "eval.ddim_steps"),  # in range, but the reference's spacing would give 31 steps
     ("run.num_threads=0", "run.num_threads"),
+    ("model.vae.channel_mult=[1,2,4]", "model.vae.channel_mult"),  # f=4: the data's 8x moments would not fit
+    ("model.vae.embed_dim=8", "model.vae.embed_dim"),
+    ("model.unet.in_channels=8", "model.unet.in_channels"),
 ])
 def test_cross_field_validation_names_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
