@@ -21,6 +21,23 @@ def adamw_kernel_options(device: torch.device, *, capturable: bool = False) -> d
     return options
 
 
+def place_step_counters(optimizer: torch.optim.Optimizer) -> None:
+    """Put fused/capturable AdamW step counters back on their parameter's device, as float32.
+
+    torch's ZeroRedundancyOptimizer.load_state_dict writes the local AdamW state itself and moves
+    every 0-d tensor (Adam's `step`) to the CPU; fused AdamW on CUDA then fails on its first step
+    (state_steps on another device) and a capturable one cannot be captured. A plain
+    Optimizer.load_state_dict already places them like this.
+    """
+    for group in optimizer.param_groups:
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if torch.is_tensor(step) and (step.device != p.device or step.dtype != torch.float32):
+                optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
+
+
 def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """Mark every param group capturable, so `step()` may run inside a CUDA graph capture; returns it.
 

@@ -20,7 +20,7 @@ from torch import nn
 from sd_mlperf.backends import Resolution
 from sd_mlperf.config.load import learning_rate
 from sd_mlperf.config.schema import Config
-from sd_mlperf.fastpath.optim import adamw_kernel_options
+from sd_mlperf.fastpath.optim import adamw_kernel_options, place_step_counters
 from sd_mlperf.parallel.data_parallel import DataParallelModel
 from sd_mlperf.parallel.distributed import DistInfo
 from sd_mlperf.parallel.optimizer import adamw_kwargs
@@ -164,4 +164,5 @@ class TorchDataParallel(DataParallelModel):
             raise ValueError("the optimizer state was saved with another parallel.distributed_optimizer setting; "
                              "resume with the same value.")
         self.optimizer.load_state_dict(state["optimizer"])
+        place_step_counters(self.local_optimizer)  # ZeRO's load leaves them on the CPU
         self.scaler.load_state_dict(state["loss_scaler"])

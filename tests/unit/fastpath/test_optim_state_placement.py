@@ -1,0 +1,43 @@
+"""place_step_counters: fused AdamW step counters back on their parameter's device after ZeRO's load.
+
+torch's ZeroRedundancyOptimizer.load_state_dict moves 0-d state (Adam's `step`) to the CPU; on a GPU
+the fused kernel then fails. With no GPU here, parameters on the meta device stand in for "another
+device than the CPU": the placement rule is the same.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sd_mlperf.fastpath.optim import place_step_counters
+
+
+def _optimizer_with_cpu_steps(fused: bool) -> tuple[torch.optim.Optimizer, torch.nn.Parameter]:
+    param = torch.nn.Parameter(torch.empty(3, device="meta"))
+    opt = torch.optim.AdamW([param], lr=1e-3)  # unfused to build on meta; the flag is what the rule reads
+    opt.param_groups[0]["fused"] = fused
+    opt.state[param] = {"step": torch.tensor(7.0, dtype=torch.float64), "exp_avg": torch.empty(3, device="meta")}
+    return opt, param
+
+
+def test_fused_groups_get_their_steps_on_the_parameter_device_as_float32():
+    opt, param = _optimizer_with_cpu_steps(fused=True)
+    place_step_counters(opt)
+    step = opt.state[param]["step"]
+    assert step.device == param.device and step.dtype == torch.float32
+
+
+def test_unfused_groups_keep_host_steps():
+    opt, param = _optimizer_with_cpu_steps(fused=False)
+    place_step_counters(opt)
+    assert opt.state[param]["step"].device.type == "cpu"  # torch's own convention for unfused AdamW
+
+
+def test_steps_already_in_place_are_left_as_they_are():
+    param = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([param], lr=1e-3, fused=True)
+    param.grad = torch.ones(3)
+    opt.step()
+    before = opt.state[param]["step"]
+    place_step_counters(opt)
+    assert opt.state[param]["step"] is before and float(before) == 1.0
