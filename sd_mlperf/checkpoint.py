@@ -43,7 +43,6 @@ OPTIMIZER_FILE = "optimizer.pt"
 LATEST_FILE = "latest"
 LDM_EXPORT_FILE = "unet_ldm.safetensors"
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
-_RANK_RE = re.compile(r"^rank_(\d{5})\.pt$")
 
 
 def step_dir_name(step: int) -> str:
@@ -186,10 +185,13 @@ class Checkpointer:
         `load` then refuses it with the reason (or reshards it), where a resume would otherwise skip it
         and silently start over.
         """
-        if not (path / MODEL_FILE).is_file():
+        if not (path / MODEL_FILE).is_file() or not (path / rank_file_name(0)).is_file():
             return False
-        ranks = sorted(int(m.group(1)) for f in path.iterdir() if (m := _RANK_RE.match(f.name)))
-        return bool(ranks) and ranks == list(range(len(ranks)))
+        try:
+            saved_world = int(load_file(path / rank_file_name(0))["world_size"])
+        except (ValueError, KeyError, TypeError):
+            return False
+        return all((path / rank_file_name(r)).is_file() for r in range(saved_world))
 
     def list_complete(self) -> list[Path]:
         """Published checkpoints, oldest first (directories under a temporary name are ignored)."""
@@ -225,8 +227,9 @@ class Checkpointer:
     def load(self, path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
         """(model payload, optimizer state or None, this rank's payload) of a checkpoint.
 
-        The rank payload (RNG states, data position) is None when the checkpoint was written by
-        another number of ranks and `checkpoint.allow_reshard` lets this run resume it anyway.
+        When the checkpoint was written by another number of ranks and `checkpoint.allow_reshard` lets
+        this run resume it anyway, the rank payload is rank 0's: only its run-wide entries (e.g.
+        `reached_target`) apply, not its RNG states or data position.
         """
         path = Path(path)
         model = load_file(path / MODEL_FILE)
@@ -240,9 +243,7 @@ class Checkpointer:
                 f"{path / MODEL_FILE} as initial weights instead.")
         optimizer_path = path / OPTIMIZER_FILE
         optimizer = load_file(optimizer_path) if optimizer_path.is_file() else None
-        if saved_world != self.world_size:
-            return model, optimizer, None
-        rank_path = path / rank_file_name(self.rank)
+        rank_path = path / rank_file_name(self.rank if saved_world == self.world_size else 0)
         if not rank_path.is_file():
             raise RuntimeError(f"checkpoint {path} lacks {rank_path.name}; it is incomplete. Delete it or set "
                                "training.resume to another checkpoint.")

@@ -208,24 +208,44 @@ class Trainer:
         and a captured CUDA graph (training.cuda_graph) keeps using the ones it recorded.
         """
         model, optimizer_state, rank = self.checkpointer.load(path)
-        resharded = rank is None  # written by another number of ranks (checkpoint.allow_reshard)
+        step, samples_count = int(model["step"]), int(model["samples_count"])
+        saved_world = int(model.get("world_size", 1))
+        resharded = saved_world != self.checkpointer.world_size  # checkpoint.allow_reshard let it through
+        if resharded:
+            self._check_reshard(step, samples_count, saved_world)
+        s = self.state
+        s.step, s.samples_count = step, samples_count
         self.dp.unwrapped.load_state_dict(model["unet"])  # weights first: the optimizer may copy them
         if optimizer_state is not None:
             self.dp.load_state_dict(optimizer_state, reshard=resharded)
         else:
             logger.warning("checkpoint %s has no optimizer state (checkpoint.save_optimizer=false): AdamW "
                            "moments restart from zero, so the run will not match an uninterrupted one", path)
-        s = self.state
-        s.step, s.samples_count = int(model["step"]), int(model["samples_count"])
         if resharded:
-            self._restart_streams(s.step, saved_world_size=int(model["world_size"]))
+            self._restart_streams(s.step, saved_world_size=saved_world)
         else:
             restore_rng_state(rank["rng"], self.generator)
             self.loader.load_state_dict(rank["data"])
-            s.reached_target = bool(rank.get("reached_target", False))
+        s.reached_target = bool(rank.get("reached_target", False))  # the same on every rank
         s.last_checkpoint = Path(path)
         self.progress.log_resume(s.step, s.samples_count, str(path))
         logger.info("resumed from %s at step %d (%d samples)", path, s.step, s.samples_count)
+
+    def _check_reshard(self, step: int, samples_count: int, saved_world: int) -> None:
+        """A resharded resume keeps the global batch (step <-> samples, lr, evaluation cadence) and the backend."""
+        here = self.checkpointer.world_size
+        backend = self.dp.resolution.name
+        if backend != "torch":
+            raise ValueError(f"checkpoint.allow_reshard: the checkpoint was written by {saved_world} ranks and this "
+                             f"run has {here}, and parallel.backend={backend} resumes only on the world size it "
+                             "saved. Resume with that many ranks, or train with parallel.backend=torch.")
+        saved_gbs = samples_count // step if step else self.plan.global_batch_size
+        if saved_gbs != self.plan.global_batch_size:
+            raise ValueError(
+                f"checkpoint.allow_reshard: the checkpoint trained with a global batch of {saved_gbs} on {saved_world} "
+                f"ranks; this run's is {self.plan.global_batch_size} on {here}. A resharded run keeps the global batch "
+                "(the lr, the step <-> samples count and the evaluation points depend on it): set "
+                f"training.micro_batch_size x ranks x training.grad_accumulation_steps = {saved_gbs}.")
 
     def _restart_streams(self, step: int, *, saved_world_size: int) -> None:
         """After a resharded resume: noise RNG and data streams from (run.seed, rank, step), fresh."""
@@ -233,10 +253,10 @@ class Trainer:
         if restart_at is None:
             raise RuntimeError(f"checkpoint.allow_reshard: the training loader ({type(self.loader).__name__}) has no "
                                "restart_at(batches) to start fresh data streams; resume with the saved world size.")
-        restart_at(step * self.plan.grad_accumulation_steps)  # the batches each rank has delivered by `step`
+        restart_at(step * self.plan.grad_accumulation_steps)  # this rank's batches by `step` at the new size
         # The step's generator was seeded from (run.seed, rank); move it on with the step, as the loader does.
         self.generator.manual_seed((self.generator.initial_seed() + 1_000_003 * step) % 2**63)
-        logger.warning("resumed a checkpoint of %d ranks on %d (checkpoint.allow_reshard): global batch now %d; "
+        logger.warning("resumed a checkpoint of %d ranks on %d (checkpoint.allow_reshard, global batch %d): the "
                        "noise and data streams restart, so the run does not match an uninterrupted one",
                        saved_world_size, self.checkpointer.world_size, self.plan.global_batch_size)
 
@@ -333,6 +353,8 @@ def build_trainer(cfg: Config, dist: DistInfo, *, evaluator: EvaluatorLike | Non
     resume_from = checkpointer.resolve(cfg.training.resume)
     if resume_from is not None:
         trainer.restore(resume_from)
+    else:
+        trainer.progress.log_start()
     # After resume (loading optimizer state replaces its tensors; a graph must record the final ones) and
     # before run_start (fit): warmup on synthetic inputs, changing no weights, as the MLPerf rules allow.
     step.warm_up()

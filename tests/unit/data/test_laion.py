@@ -112,6 +112,28 @@ def test_resume_after_a_settings_change_continues_exactly_on_the_next_resume(tmp
     assert head + tail == reference
 
 
+def test_restart_at_starts_fresh_streams_that_depend_on_the_position_and_resume_exactly(tmp_path):
+    """A resharded resume's restart: other samples than a fresh run's, the same for the same position."""
+    write_moment_shards(tmp_path, 4, 6)
+    fresh = [batch_ids(b) for b in _take(_loader(tmp_path), 3)]
+    restarted = _loader(tmp_path)
+    restarted.restart_at(5)
+    assert restarted.state_dict()["batches"] == 5
+    head = [batch_ids(b) for b in _take(restarted, 3)]
+    assert head != fresh
+    again = _loader(tmp_path)
+    again.restart_at(5)
+    assert [batch_ids(b) for b in _take(again, 3)] == head
+    other = _loader(tmp_path)
+    other.restart_at(6)
+    assert [batch_ids(b) for b in _take(other, 3)] != head
+    resumed = _loader(tmp_path)
+    resumed.load_state_dict(restarted.state_dict())  # the restarted streams are themselves resumable
+    reference = _loader(tmp_path)
+    reference.restart_at(5)
+    assert [batch_ids(b) for b in _take(resumed, 2)] == [batch_ids(b) for b in _take(reference, 5)][3:]
+
+
 @pytest.mark.skipif(not package_available("nvidia.dali"), reason="nvidia-dali-cuda120 is not installed")
 def test_batch_decoder_path_replaces_bad_images(tmp_path, sd_log):
     """decode_backend=dali (CPU variant here) decodes whole batches in the main process, as on the GPU."""

@@ -126,18 +126,26 @@ def test_another_world_sizes_checkpoint_is_found_then_refused_with_the_fix(tmp_p
         one_rank.load(ckpt)
 
 
-def test_allow_reshard_loads_weights_and_optimizer_without_the_rank_payload(tmp_path):
+def test_allow_reshard_loads_weights_optimizer_and_rank_zeros_payload(tmp_path):
     _save_as_two_ranks(tmp_path, 4)
     ckpt = tmp_path / "checkpoints" / step_dir_name(4)
     for world in (1, 3):
-        ck = Checkpointer(CheckpointConfig(allow_reshard=True), tmp_path, rank=0, world_size=world)
+        ck = Checkpointer(CheckpointConfig(allow_reshard=True), tmp_path, rank=world - 1, world_size=world)
         model, optimizer, rank = ck.load(ckpt)
         assert model["step"] == 4 and model["world_size"] == 2 and optimizer == {"opt": 4}
-        assert rank is None  # RNG and data positions belong to the 2 ranks that saved them
+        # Rank 0's file on every rank: its run-wide entries apply; its RNG and data position are the trainer's to skip.
+        assert rank["rank"] == 0 and rank["world_size"] == 2
 
 
-def test_a_gap_in_the_rank_files_is_incomplete(tmp_path):
+@pytest.mark.parametrize("damage", ["gap", "last rank missing"])
+def test_missing_rank_files_make_a_checkpoint_incomplete(tmp_path, damage):
+    _save_as_two_ranks(tmp_path, 2)
     _save_as_two_ranks(tmp_path, 4)
     ckpt = tmp_path / "checkpoints" / step_dir_name(4)
-    (ckpt / "rank_00001.pt").rename(ckpt / "rank_00002.pt")
-    assert not Checkpointer(CheckpointConfig(), tmp_path).is_complete(ckpt)
+    if damage == "gap":
+        (ckpt / "rank_00001.pt").rename(ckpt / "rank_00002.pt")
+    else:
+        (ckpt / "rank_00001.pt").unlink()  # the writers' count comes from rank 0's file, not from what is there
+    ck = Checkpointer(CheckpointConfig(), tmp_path, world_size=2)
+    assert not ck.is_complete(ckpt)
+    assert ck.resolve("auto") == tmp_path / "checkpoints" / step_dir_name(2)
