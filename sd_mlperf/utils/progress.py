@@ -73,12 +73,25 @@ class IntervalMeter:
         return out
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a `metrics.jsonl`, each step once: a resume drops what the killed run logged after it.
+def _ends_mid_line(path: Path) -> bool:
+    """True if `path` exists, is not empty, and its last byte is not a newline."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
-    A resumed run appends to the same file, after a `{"kind": "resume", "step": N}` record; the killed
-    run's records of steps after N describe steps that were trained again, so they are left out here.
-    Raises ValueError naming the file and line for a line that is not JSON.
+
+RESTART_KINDS = ("start", "resume")
+"""Records that begin a run's part of metrics.jsonl: a fresh start (step 0) or a resume (step N)."""
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a `metrics.jsonl`, each step once: a restart drops what earlier attempts logged after it.
+
+    Every run appends to the same file, first a `start` (fresh, step 0) or `resume` (step N) record;
+    records an earlier attempt wrote for later steps describe steps that were trained again, so they
+    are left out here. A line that is not JSON (a run killed mid-write) is skipped with a warning.
     """
     records: list[dict[str, Any]] = []
     with open(path, encoding="utf-8") as f:
@@ -88,9 +101,10 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number} is not a JSON record ({exc.msg}); a run killed mid-write can "
-                                 "leave a partial last line: delete that line") from exc
-            if record.get("kind") == "resume":
+                logger.warning("%s:%d: skipped a line that is not a JSON record (%s; a run killed mid-write leaves "
+                               "one)", path, number, exc.msg)
+                continue
+            if record.get("kind") in RESTART_KINDS:
                 records = [r for r in records if r.get("step", 0) <= record["step"]]
             records.append(record)
     return records
@@ -113,8 +127,12 @@ class Progress:
         if not enabled:
             return
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        # Line-buffered append: a resumed run continues the same file.
+        # Line-buffered append: a resumed run continues the same file. A run killed mid-write can leave a
+        # partial last line: end it, so the records of this run start on lines of their own.
+        ends_open = _ends_mid_line(self.metrics_path)
         self._file = open(self.metrics_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        if ends_open:
+            self._file.write("\n")
         stream = stream or sys.stderr
         self._stream = stream
         if show_progress_bar(cfg.progress_bar, stream):
@@ -165,6 +183,12 @@ class Progress:
                         f"({seconds:.1f} s)", record, level=logging.DEBUG)
         # Evaluation time is not training time: restart the throughput clock.
         self._last_time = time.perf_counter()
+
+    def log_start(self) -> None:
+        """Mark a fresh start (step 0) in the metrics: records of earlier attempts in the file are superseded."""
+        if self.enabled:
+            self._write("training starts from step 0", {"kind": "start", "step": 0, "samples": 0, "time": time.time()},
+                        level=logging.DEBUG)
 
     def log_resume(self, step: int, samples_count: int, checkpoint: str) -> None:
         """Mark a resume in the metrics: records after it supersede those of later steps before it."""

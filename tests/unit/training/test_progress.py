@@ -6,7 +6,6 @@ import io
 import json
 import math
 
-import pytest
 import torch
 
 from sd_mlperf.config.schema import LoggingConfig
@@ -107,10 +106,43 @@ def test_read_metrics_keeps_each_step_once_after_a_resume(tmp_path):
     assert [r["loss"] for r in records if r["kind"] == "train"] == [2.0, 4.0, 6.5, 8.5]
 
 
-def test_read_metrics_names_the_bad_line(tmp_path):
+def _log(progress: Progress, *steps: int, loss: float = 0.0) -> None:
+    for step in steps:
+        progress.log_train(step, 2 * step, {"loss": step + loss}, lr=1e-4, loss_scale=1.0, steps_to_checkpoint=1)
+
+
+def test_read_metrics_fresh_relaunches_repeated_resumes_and_evals(tmp_path):
+    cfg = LoggingConfig(progress_bar="off")
+    attempts = [(None, (1, 2)),      # killed before its first checkpoint
+                (None, (1, 2, 3)),   # relaunched fresh (nothing to resume); checkpoint at 2, killed after 3
+                (2, (3, 4, 5)),      # resumed from 2, checkpoint at 4, killed after 5
+                (4, (5, 6))]         # resumed from 4, finishes
+    for number, (resume_step, steps) in enumerate(attempts):
+        progress = Progress(cfg, tmp_path, enabled=True, total_steps=6, global_batch_size=2)
+        if resume_step is None:
+            progress.log_start()
+        else:
+            progress.log_resume(resume_step, 2 * resume_step, f"step_{resume_step}")
+        _log(progress, *steps, loss=number / 10)
+        if number == 2:
+            progress.log_eval(4, 8, fid=80.0, clip=0.2, seconds=1.0)
+        progress.close()
+    train = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert train == [(1, 1.1), (2, 2.1), (3, 3.2), (4, 4.2), (5, 5.3), (6, 6.3)]
+    evals = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "eval"]
+    assert evals == [4]  # logged by the attempt that resumed from 2, at a step the later resume (from 4) keeps
+
+
+def test_a_partial_line_is_ended_by_the_next_run_and_skipped_by_the_reader(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"kind": "train", "step": 1}\n{"kind": "tra\n')
-    with pytest.raises(ValueError, match="partial last line") as info:
-        read_metrics(path)
-    assert f"{path}:2" in str(info.value)
+    path.write_text('{"kind": "start", "step": 0}\n{"kind": "train", "step": 1, "loss": 1.0}\n{"kind": "tra')
+    progress = Progress(LoggingConfig(progress_bar="off"), tmp_path, enabled=True, total_steps=2, global_batch_size=2)
+    progress.log_resume(1, 2, "step_1")
+    _log(progress, 2)
+    progress.close()
+    assert path.read_text().splitlines()[2] == '{"kind": "tra'  # the resume record starts a line of its own
+    with caplog.at_level("WARNING"):
+        records = read_metrics(path)
+    assert [(r["kind"], r["step"]) for r in records] == [("start", 0), ("train", 1), ("resume", 1), ("train", 2)]
+    assert f"{path}:3: skipped" in caplog.text
 
