@@ -53,6 +53,14 @@ case "${1:-}" in
 esac
 
 mkdir -p "$OUT"
+# ARCHIVE is packed on every exit, an early one (import failure, outer timeout) included: then the logs matter most.
+# shellcheck disable=SC2329  # invoked by the EXIT trap below
+pack_archive() {
+  if [[ -n "${ARCHIVE:-}" ]]; then
+    mkdir -p "$(dirname "$ARCHIVE")" && tar -czf "$ARCHIVE" -C "$OUT" . && echo "packed $OUT into $ARCHIVE" >&2
+  fi
+}
+trap pack_archive EXIT
 START=$(date +%s)
 SUMMARY="$OUT/stages.tsv"
 printf 'stage\tstatus\tseconds\n' > "$SUMMARY"
@@ -87,10 +95,16 @@ run_stage() {
 # -- 1. install -----------------------------------------------------------------------------------
 export HF_HUB_OFFLINE=1
 if compgen -G "$WHEEL_DIR/*.whl" > /dev/null; then
-  # One pip call: a wheel that does not fit this Python stops it, and the log says which.
-  "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE_DIR" \
-    "$WHEEL_DIR"/*.whl > "$OUT/install.log" 2>&1 \
-    || { tail -n 3 "$OUT/install.log" >&2; echo "warning: the wheels in $WHEEL_DIR did not install" >&2; }
+  # One pip call per wheel: one that does not fit this Python (or is missing a dependency) stops only itself.
+  : > "$OUT/install.log"
+  failed_wheels=()
+  for whl in "$WHEEL_DIR"/*.whl; do
+    "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE_DIR" "$whl" >> "$OUT/install.log" 2>&1 || failed_wheels+=("$(basename "$whl")")
+  done
+  if (( ${#failed_wheels[@]} )); then
+    echo "warning: these wheels did not install (see $OUT/install.log): ${failed_wheels[*]}" >&2
+  fi
   export PYTHONPATH="$SITE_DIR${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package imports from the checkout, uninstalled
@@ -186,7 +200,4 @@ if rows:
 EOF
 failed=$(awk -F'\t' 'NR > 1 && $2 ~ /^FAIL/' "$SUMMARY" | wc -l)
 echo "total $(( $(date +%s) - START ))s; logs in $OUT"
-if [[ -n "${ARCHIVE:-}" ]]; then
-  mkdir -p "$(dirname "$ARCHIVE")" && tar -czf "$ARCHIVE" -C "$OUT" . && echo "packed $OUT into $ARCHIVE"
-fi
 exit $(( failed > 0 ))

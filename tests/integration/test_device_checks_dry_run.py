@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -19,15 +20,35 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _write_wheel(folder: Path, name: str, version: str = "0.1") -> Path:
+    """A minimal pure-Python wheel, as --prepare-wheels would have fetched one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": "VALUE = 42\n",
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as whl:
+        for member, text in files.items():
+            whl.writestr(member, text)
+        whl.writestr(f"{dist}/RECORD", "".join(f"{m},,\n" for m in [*files, f"{dist}/RECORD"]))
+    return path
+
+
 @pytest.mark.slow
 def test_cpu_dry_run_passes_and_summarizes(tmp_path):
-    out, archive = tmp_path / "out", tmp_path / "device_checks.tar.gz"
+    out, archive, site = tmp_path / "out", tmp_path / "device_checks.tar.gz", tmp_path / "site"
+    wheels = tmp_path / "wheels"
+    _write_wheel(wheels, "sdmlperf_probe")
+    (wheels / "broken-0.1-py3-none-any.whl").write_bytes(b"not a zip")  # must not stop the good one
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "ARCHIVE": str(archive), "SKIP_COMPILE": "1",
-           "WHEEL_DIR": str(tmp_path / "no_wheels"), "PYTHONUNBUFFERED": "1"}
+           "WHEEL_DIR": str(wheels), "SITE_DIR": str(site), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(["bash", "tests/gpu/run_device_checks.sh", "--cpu-dry-run"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
+    assert (site / "sdmlperf_probe" / "__init__.py").is_file()  # installed beside, not into, this Python
+    assert "these wheels did not install" in proc.stderr and "broken-0.1-py3-none-any.whl" in proc.stderr
     stages = dict(line.split("\t")[:2] for line in (out / "stages.tsv").read_text().splitlines()[1:])
     assert stages["gpu_tests"] == "ok" and stages["device_checks"] == "ok" and stages["bench_train"] == "ok"
     assert stages["bench_compile"] == "skipped (SKIP_COMPILE=1)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tarfile
 
 import pytest
 from deploy_helpers import REPO, run_script, script_env
@@ -78,3 +79,15 @@ def test_unknown_option_is_refused_with_usage():
     proc = run_script(SCRIPT, "--bogus")
     assert proc.returncode == 2
     assert "usage" in proc.stderr
+
+
+def test_archive_is_packed_when_the_script_stops_early(tmp_path):
+    broken_python = tmp_path / "python"
+    broken_python.write_text("#!/usr/bin/env bash\necho 'ModuleNotFoundError: No module named omegaconf' >&2\nexit 1\n")
+    broken_python.chmod(0o755)
+    out, archive = tmp_path / "out", tmp_path / "back" / "device_checks.tar.gz"
+    proc = run_script(SCRIPT, env=script_env(PYTHON=str(broken_python), OUT=str(out), ARCHIVE=str(archive),
+                                             WHEEL_DIR=str(tmp_path / "none")))
+    assert proc.returncode == 2 and "does not import" in proc.stderr
+    with tarfile.open(archive) as tar:
+        assert "./import.log" in tar.getnames()  # the log that explains the stop travels back
