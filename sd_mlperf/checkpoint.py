@@ -129,7 +129,8 @@ class Checkpointer:
 
     # -- saving ------------------------------------------------------------------------------------
     def save(self, step: int, samples_count: int, *, unet_state: Mapping[str, torch.Tensor],
-             optimizer_state: Mapping[str, Any] | None, rank_state: Mapping[str, Any]) -> Path:
+             optimizer_state: Mapping[str, Any] | None, rank_state: Mapping[str, Any],
+             global_batch_size: int | None = None) -> Path:
         """Write `step_XXXXXXX/` atomically (all ranks), point `latest` at it, prune old ones; return its path."""
         name = step_dir_name(step)
         final, tmp = self.dir / name, self.dir / f".{name}.tmp"
@@ -143,7 +144,8 @@ class Checkpointer:
         if self.rank == 0:
             cpu_state = {k: v.detach().cpu() for k, v in unet_state.items()}
             _save_file({"unet": cpu_state, "step": step, "samples_count": samples_count,
-                        "world_size": self.world_size, "format": FORMAT}, tmp / MODEL_FILE)
+                        "world_size": self.world_size, "global_batch_size": global_batch_size, "format": FORMAT},
+                       tmp / MODEL_FILE)
             if self.cfg.save_optimizer and optimizer_state is not None:
                 _save_file(dict(optimizer_state), tmp / OPTIMIZER_FILE)
             if self.cfg.export_ldm_weights:
@@ -189,7 +191,8 @@ class Checkpointer:
             return False
         try:
             saved_world = int(load_file(path / rank_file_name(0))["world_size"])
-        except (ValueError, KeyError, TypeError):
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # load_file: RuntimeError naming the file
+            logger.warning("checkpoint %s is not usable (%s); looking for an older one", path, exc)
             return False
         return all((path / rank_file_name(r)).is_file() for r in range(saved_world))
 

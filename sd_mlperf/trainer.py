@@ -198,7 +198,8 @@ class Trainer:
         # Collective: every rank calls it; the state is gathered on rank 0.
         optimizer_state = self.dp.state_dict() if self.checkpointer.cfg.save_optimizer else None
         s.last_checkpoint = self.checkpointer.save(s.step, s.samples_count, unet_state=self.dp.unwrapped.state_dict(),
-                                                   optimizer_state=optimizer_state, rank_state=self.rank_state())
+                                                   optimizer_state=optimizer_state, rank_state=self.rank_state(),
+                                                   global_batch_size=self.plan.global_batch_size)
         return s.last_checkpoint
 
     def restore(self, path: str | Path) -> None:
@@ -211,16 +212,17 @@ class Trainer:
         step, samples_count = int(model["step"]), int(model["samples_count"])
         saved_world = int(model.get("world_size", 1))
         resharded = saved_world != self.checkpointer.world_size  # checkpoint.allow_reshard let it through
+        self._check_global_batch(model, path)
         if resharded:
-            self._check_reshard(step, samples_count, saved_world)
+            self._check_reshard(saved_world)
         s = self.state
         s.step, s.samples_count = step, samples_count
         self.dp.unwrapped.load_state_dict(model["unet"])  # weights first: the optimizer may copy them
         if optimizer_state is not None:
             self.dp.load_state_dict(optimizer_state, reshard=resharded)
         else:
-            logger.warning("checkpoint %s has no optimizer state (checkpoint.save_optimizer=false): AdamW "
-                           "moments restart from zero, so the run will not match an uninterrupted one", path)
+            logger.warning("checkpoint %s has no optimizer state (checkpoint.save_optimizer=false): the AdamW "
+                           "moments and the loss scale restart, so the run will not match an uninterrupted one", path)
         if resharded:
             self._restart_streams(s.step, saved_world_size=saved_world)
         else:
@@ -231,29 +233,39 @@ class Trainer:
         self.progress.log_resume(s.step, s.samples_count, str(path))
         logger.info("resumed from %s at step %d (%d samples)", path, s.step, s.samples_count)
 
-    def _check_reshard(self, step: int, samples_count: int, saved_world: int) -> None:
-        """A resharded resume keeps the global batch (step <-> samples, lr, evaluation cadence) and the backend."""
+    def _check_global_batch(self, model: dict[str, Any], path: str | Path) -> None:
+        """A resumed run keeps the global batch: the lr, step <-> samples and the evaluation points depend on it."""
+        saved = model.get("global_batch_size")
+        if saved is None:  # checkpoints before the field: samples_count = step x global batch
+            saved, rest = divmod(int(model["samples_count"]), max(int(model["step"]), 1))
+            if rest:
+                logger.warning("checkpoint %s does not say its global batch; resuming with %d", path,
+                               self.plan.global_batch_size)
+                return
+        here = self.plan.global_batch_size
+        if int(saved) != here:
+            raise ValueError(
+                f"checkpoint {path} trained with a global batch of {saved} on {model.get('world_size', 1)} ranks; this "
+                f"run's is {here} on {self.checkpointer.world_size}. A resumed run keeps it (the lr, the step <-> "
+                "samples count and the evaluation points depend on it): set training.micro_batch_size x ranks x "
+                f"training.grad_accumulation_steps = {saved}, or start a new run (training.resume=never) from its "
+                "weights.")
+
+    def _check_reshard(self, saved_world: int) -> None:
+        """A resharded resume needs the torch backend and a loader that can restart its streams."""
         here = self.checkpointer.world_size
         backend = self.dp.resolution.name
         if backend != "torch":
             raise ValueError(f"checkpoint.allow_reshard: the checkpoint was written by {saved_world} ranks and this "
                              f"run has {here}, and parallel.backend={backend} resumes only on the world size it "
                              "saved. Resume with that many ranks, or train with parallel.backend=torch.")
-        saved_gbs = samples_count // step if step else self.plan.global_batch_size
-        if saved_gbs != self.plan.global_batch_size:
-            raise ValueError(
-                f"checkpoint.allow_reshard: the checkpoint trained with a global batch of {saved_gbs} on {saved_world} "
-                f"ranks; this run's is {self.plan.global_batch_size} on {here}. A resharded run keeps the global batch "
-                "(the lr, the step <-> samples count and the evaluation points depend on it): set "
-                f"training.micro_batch_size x ranks x training.grad_accumulation_steps = {saved_gbs}.")
+        if not hasattr(self.loader, "restart_at"):
+            raise RuntimeError(f"checkpoint.allow_reshard: the training loader ({type(self.loader).__name__}) has no "
+                               "restart_at(batches) to start fresh data streams; resume with the saved world size.")
 
     def _restart_streams(self, step: int, *, saved_world_size: int) -> None:
         """After a resharded resume: noise RNG and data streams from (run.seed, rank, step), fresh."""
-        restart_at = getattr(self.loader, "restart_at", None)
-        if restart_at is None:
-            raise RuntimeError(f"checkpoint.allow_reshard: the training loader ({type(self.loader).__name__}) has no "
-                               "restart_at(batches) to start fresh data streams; resume with the saved world size.")
-        restart_at(step * self.plan.grad_accumulation_steps)  # this rank's batches by `step` at the new size
+        self.loader.restart_at(step * self.plan.grad_accumulation_steps)  # type: ignore[attr-defined]
         # The step's generator was seeded from (run.seed, rank); move it on with the step, as the loader does.
         self.generator.manual_seed((self.generator.initial_seed() + 1_000_003 * step) % 2**63)
         logger.warning("resumed a checkpoint of %d ranks on %d (checkpoint.allow_reshard, global batch %d): the "

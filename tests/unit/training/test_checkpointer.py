@@ -149,3 +149,13 @@ def test_missing_rank_files_make_a_checkpoint_incomplete(tmp_path, damage):
     ck = Checkpointer(CheckpointConfig(), tmp_path, world_size=2)
     assert not ck.is_complete(ckpt)
     assert ck.resolve("auto") == tmp_path / "checkpoints" / step_dir_name(2)
+
+
+def test_a_corrupt_rank_file_falls_back_to_the_older_checkpoint(tmp_path, caplog):
+    ck = Checkpointer(CheckpointConfig(export_ldm_weights=False), tmp_path)
+    _save(ck, 1)
+    _save(ck, 2)
+    (tmp_path / "checkpoints" / step_dir_name(2) / "rank_00000.pt").write_bytes(b"truncated")
+    with caplog.at_level("WARNING"):
+        assert ck.resolve("auto") == tmp_path / "checkpoints" / step_dir_name(1)
+    assert "step_0000002 is not usable" in caplog.text

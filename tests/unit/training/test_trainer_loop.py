@@ -257,3 +257,19 @@ def test_benchmark_plan_follows_the_mlperf_cadence():
         assert plan.loss_scaling and plan.precision == "fp16" and plan.grad_accumulation_steps == 1
         assert (plan.target_fid, plan.target_clip) == (90.0, 0.15)
     assert plans["01x08x08"].steps_per_block == 8000 and plans["32x08x02"].steps_per_block == 1000
+
+
+@pytest.mark.parametrize("saved_field", [True, False])  # False: a checkpoint from before the field existed
+def test_resume_with_another_global_batch_is_refused(tmp_path, saved_field):
+    cfg = make_cfg(tmp_path, "training.max_steps=3")
+    trainer, _ = make_trainer(cfg, make_batches(2))
+    trainer.fit()
+    trainer.close()
+    model_path = tmp_path / "run" / "checkpoints" / "step_0000003" / "model.pt"
+    model = load_file(model_path)
+    assert model["global_batch_size"] == 2
+    if not saved_field:
+        torch.save({k: v for k, v in model.items() if k != "global_batch_size"}, model_path)
+    with pytest.raises(ValueError, match="global batch of 2 on 1 ranks; this run's is 4 on 1.*= 2"):
+        make_trainer(make_cfg(tmp_path, "training.max_steps=4", "training.micro_batch_size=4"),
+                     make_batches(2, batch_size=4))
