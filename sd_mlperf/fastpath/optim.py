@@ -53,7 +53,7 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
                 raise ValueError("CUDA graph capture of the optimizer step needs fused AdamW (fused=True); build it "
                                  "with fastpath.optim.adamw_kernel_options() or set training.cuda_graph=false")
             for p in group["params"]:
-                step = opt.state.get(p, {}).get("step")
+                step = (opt.state.get(p) or {}).get("step")  # ZeRO keeps None for other ranks' parameters
                 assert step is None or step.device == p.device, "fused AdamW keeps its step on the parameter's device"
             group["capturable"] = True
         # The warmup before capture steps uncaptured on purpose; torch would warn about that once.

@@ -7,9 +7,11 @@ device than the CPU": the placement rule is the same.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from sd_mlperf.fastpath.optim import place_step_counters
+from sd_mlperf.fastpath.optim import make_capturable, place_step_counters
 
 
 def _optimizer_with_cpu_steps(fused: bool) -> tuple[torch.optim.Optimizer, torch.nn.Parameter]:
@@ -41,3 +43,24 @@ def test_steps_already_in_place_are_left_as_they_are():
     before = opt.state[param]["step"]
     place_step_counters(opt)
     assert opt.state[param]["step"] is before and float(before) == 1.0
+
+
+def test_make_capturable_accepts_zeros_empty_entries_for_other_ranks_parameters():
+    mine, theirs = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([mine, theirs], lr=1e-3, fused=True)
+    mine.grad = torch.ones(3)
+    opt.step()
+    opt.state[theirs] = None  # what ZeroRedundancyOptimizer.load_state_dict leaves for another rank's shard
+    assert all(g["capturable"] for g in make_capturable(opt).param_groups)
+
+
+def test_the_torch_backend_places_step_counters_after_every_load(monkeypatch):
+    import sd_mlperf.parallel.torch_adapter as torch_adapter
+    from sd_mlperf.parallel.data_parallel import apply_data_parallel
+    from tests.unit.training._helpers import cpu_dist, make_cfg
+
+    dp = apply_data_parallel(torch.nn.Linear(2, 2), make_cfg(Path("/nonexistent")), cpu_dist())
+    calls = []
+    monkeypatch.setattr(torch_adapter, "place_step_counters", calls.append)
+    dp.load_state_dict(dp.state_dict())
+    assert calls == [dp.local_optimizer]
