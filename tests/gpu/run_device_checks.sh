@@ -95,14 +95,15 @@ run_stage() {
 # -- 1. install -----------------------------------------------------------------------------------
 export HF_HUB_OFFLINE=1
 if compgen -G "$WHEEL_DIR/*.whl" > /dev/null; then
-  # One pip call per wheel: one that does not fit this Python (or is missing a dependency) stops only itself.
-  : > "$OUT/install.log"
-  failed_wheels=()
-  for whl in "$WHEEL_DIR"/*.whl; do
-    "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target "$SITE_DIR" "$whl" >> "$OUT/install.log" 2>&1 || failed_wheels+=("$(basename "$whl")")
-  done
-  if (( ${#failed_wheels[@]} )); then
+  pip_target=("$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade
+              --target "$SITE_DIR")
+  # One call for all (wheels sharing a top-level folder stay together); if a wheel does not fit this Python
+  # that call installs nothing, so then one call per wheel, and only the misfits are left out.
+  if ! "${pip_target[@]}" "$WHEEL_DIR"/*.whl > "$OUT/install.log" 2>&1; then
+    failed_wheels=()
+    for whl in "$WHEEL_DIR"/*.whl; do
+      "${pip_target[@]}" "$whl" >> "$OUT/install.log" 2>&1 || failed_wheels+=("$(basename "$whl")")
+    done
     echo "warning: these wheels did not install (see $OUT/install.log): ${failed_wheels[*]}" >&2
   fi
   export PYTHONPATH="$SITE_DIR${PYTHONPATH:+:$PYTHONPATH}"
