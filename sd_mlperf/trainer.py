@@ -252,13 +252,9 @@ class Trainer:
                 "weights.")
 
     def _check_reshard(self, saved_world: int) -> None:
-        """A resharded resume needs the torch backend and a loader that can restart its streams."""
-        here = self.checkpointer.world_size
-        backend = self.dp.resolution.name
-        if backend != "torch":
-            raise ValueError(f"checkpoint.allow_reshard: the checkpoint was written by {saved_world} ranks and this "
-                             f"run has {here}, and parallel.backend={backend} resumes only on the world size it "
-                             "saved. Resume with that many ranks, or train with parallel.backend=torch.")
+        """A resharded resume needs a backend that reshards and a loader that can restart its streams."""
+        if not self.dp.supports_reshard:  # checked before loading anything (also without optimizer state)
+            raise ValueError(self.dp.reshard_refusal(saved_world))
         if not hasattr(self.loader, "restart_at"):
             raise RuntimeError(f"checkpoint.allow_reshard: the training loader ({type(self.loader).__name__}) has no "
                                "restart_at(batches) to start fresh data streams; resume with the saved world size.")

@@ -45,6 +45,8 @@ class DataParallelModel(ABC):
     """The plain UNet: state dicts (ldm names) and evaluation."""
     resolution: Resolution
     """Which `parallel.backend` ran, and why."""
+    supports_reshard: bool = False
+    """Whether rank 0's state_dict() loads on another world size (checkpoint.allow_reshard)."""
 
     def __init__(self, cfg: Config, dist: DistInfo) -> None:
         self.dist = dist
@@ -113,10 +115,19 @@ class DataParallelModel(ABC):
         if state.get("backend") != backend:
             raise ValueError(f"the optimizer state was saved with parallel.backend={state.get('backend')!r}; "
                              f"this run uses {backend!r}. Resume with the same parallel.backend.")
-        if state.get("world_size") != self.dist.world_size and not reshard:
-            raise ValueError(f"the optimizer state was saved with {state.get('world_size')} data-parallel ranks; "
-                             f"this run has {self.dist.world_size}. Resume with the same parallel.num_nodes x "
-                             "parallel.gpus_per_node (or start from the weights-only export).")
+        if state.get("world_size") != self.dist.world_size:
+            if not reshard:
+                raise ValueError(f"the optimizer state was saved with {state.get('world_size')} data-parallel ranks; "
+                                 f"this run has {self.dist.world_size}. Resume with the same parallel.num_nodes x "
+                                 "parallel.gpus_per_node (or start from the weights-only export).")
+            if not self.supports_reshard:
+                raise ValueError(self.reshard_refusal(int(state.get("world_size", 1))))
+
+    def reshard_refusal(self, saved_world_size: int) -> str:
+        """The error for checkpoint.allow_reshard on a backend that cannot load another world size's state."""
+        return (f"checkpoint.allow_reshard: parallel.backend={self.resolution.name} resumes only on the world size it "
+                f"saved ({saved_world_size} ranks; this run has {self.dist.world_size}). Resume with that many ranks, "
+                "or train with parallel.backend=torch.")
 
 
 def apply_data_parallel(model: nn.Module, cfg: Config, dist: DistInfo) -> DataParallelModel:

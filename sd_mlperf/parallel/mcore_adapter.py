@@ -164,10 +164,6 @@ class McoreDataParallel(DataParallelModel):
     def load_state_dict(self, state: dict[str, Any], *, reshard: bool = False) -> None:
         """Load rank 0's state_dict() on every rank; DP rank 0 scatters the shards (same world size only)."""
         self._check_state(state, BACKEND, reshard=reshard)
-        if state.get("world_size") != self.dist.world_size:  # only reached with reshard
-            raise ValueError(f"checkpoint.allow_reshard: parallel.backend=mcore resumes only on the world size "
-                             f"it saved ({state.get('world_size')} ranks; this run has {self.dist.world_size}). "
-                             "Resume with that many ranks, or train with parallel.backend=torch to reshard.")
         if bool(state.get("distributed_optimizer")) != self.distributed_optimizer:
             raise ValueError("the optimizer state was saved with another parallel.distributed_optimizer setting; "
                              "resume with the same value.")

@@ -33,6 +33,8 @@ BACKEND = "torch"
 class TorchDataParallel(DataParallelModel):
     """torch DDP (world size > 1) + AdamW or ZeroRedundancyOptimizer(AdamW) + DynamicLossScaler."""
 
+    supports_reshard = True  # rank 0 saves ZeRO's state merged, in plain AdamW's layout
+
     def __init__(self, model: nn.Module, cfg: Config, dist: DistInfo, resolution: Resolution) -> None:
         super().__init__(cfg, dist)
         self.unwrapped = model
