@@ -107,6 +107,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def saved_global_batch_size(model: Mapping[str, Any]) -> int | None:
+    """The global batch a checkpoint's model payload trained with; None if it cannot tell.
+
+    Recorded as `global_batch_size`; older checkpoints lack it, and there samples_count = step x batch.
+    """
+    if model.get("global_batch_size") is not None:
+        return int(model["global_batch_size"])
+    batch, rest = divmod(int(model["samples_count"]), max(int(model["step"]), 1))
+    return None if rest else batch
+
+
 def load_file(path: str | os.PathLike) -> Any:
     """torch.load with weights_only=True; a broken file is named in the error."""
     try:

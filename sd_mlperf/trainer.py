@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from sd_mlperf.backends import log_resolutions, resolutions_to_dict
-from sd_mlperf.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
+from sd_mlperf.checkpoint import Checkpointer, capture_rng_state, restore_rng_state, saved_global_batch_size
 from sd_mlperf.config.load import global_batch_size, learning_rate, save_resolved_config, steps_between_checkpoints
 from sd_mlperf.config.schema import Config
 from sd_mlperf.mlperf_log import MLPerfLogger
@@ -235,15 +235,10 @@ class Trainer:
 
     def _check_global_batch(self, model: dict[str, Any], path: str | Path) -> None:
         """A resumed run keeps the global batch: the lr, step <-> samples and the evaluation points depend on it."""
-        saved = model.get("global_batch_size")
-        if saved is None:  # checkpoints before the field: samples_count = step x global batch
-            saved, rest = divmod(int(model["samples_count"]), max(int(model["step"]), 1))
-            if rest:
-                logger.warning("checkpoint %s does not say its global batch; resuming with %d", path,
-                               self.plan.global_batch_size)
-                return
-        here = self.plan.global_batch_size
-        if int(saved) != here:
+        saved, here = saved_global_batch_size(model), self.plan.global_batch_size
+        if saved is None:
+            logger.warning("checkpoint %s does not say its global batch; resuming with %d", path, here)
+        elif saved != here:
             raise ValueError(
                 f"checkpoint {path} trained with a global batch of {saved} on {model.get('world_size', 1)} ranks; this "
                 f"run's is {here} on {self.checkpointer.world_size}. A resumed run keeps it (the lr, the step <-> "
