@@ -21,5 +21,14 @@ def _deterministic_torch():
 
 
 @pytest.fixture
+def one_intra_op_thread():
+    """One intra-op thread for the test (the 2-core CI machine is shared with other test processes)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
