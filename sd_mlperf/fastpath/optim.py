@@ -21,6 +21,11 @@ def adamw_kernel_options(device: torch.device, *, capturable: bool = False) -> d
     return options
 
 
+def _step_counter(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> Any:
+    """Adam's `step` for `p`, or None (no state yet, or None: ZeRO's entry for another rank's parameter)."""
+    return (optimizer.state.get(p) or {}).get("step")
+
+
 def place_step_counters(optimizer: torch.optim.Optimizer) -> None:
     """Put fused/capturable AdamW step counters back on their parameter's device, as float32.
 
@@ -33,7 +38,7 @@ def place_step_counters(optimizer: torch.optim.Optimizer) -> None:
         if not (group.get("fused") or group.get("capturable")):
             continue
         for p in group["params"]:
-            step = optimizer.state.get(p, {}).get("step")
+            step = _step_counter(optimizer, p)
             if torch.is_tensor(step) and (step.device != p.device or step.dtype != torch.float32):
                 optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
 
@@ -53,7 +58,7 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
                 raise ValueError("CUDA graph capture of the optimizer step needs fused AdamW (fused=True); build it "
                                  "with fastpath.optim.adamw_kernel_options() or set training.cuda_graph=false")
             for p in group["params"]:
-                step = (opt.state.get(p) or {}).get("step")  # ZeRO keeps None for other ranks' parameters
+                step = _step_counter(opt, p)
                 assert step is None or step.device == p.device, "fused AdamW keeps its step on the parameter's device"
             group["capturable"] = True
         # The warmup before capture steps uncaptured on purpose; torch would warn about that once.
