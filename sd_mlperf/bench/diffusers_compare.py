@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sd_mlperf.bench import bench_seed
 from sd_mlperf.bench.flops import unet_train_flops
 from sd_mlperf.bench.train import (
     SINGLE_PROCESS,
@@ -127,9 +128,9 @@ def compare_with_diffusers(config_files: Sequence[str], overrides: Sequence[str]
 
 def _compare(cfg: Config, settings: TrainBenchSettings) -> list[dict[str, Any]]:
     device = pick_device(cfg)
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(bench_seed(cfg))
     batch = synthetic_batch(cfg, device)
-    diff = max_output_difference(cfg.model.unet, batch, cfg.run.seed)
+    diff = max_output_difference(cfg.model.unet, batch, bench_seed(cfg))
     logger.info("bench train --diffusers: max |ours - diffusers| = %s (fp32, random weights)", diff)
     ours_unet, _, ours = build_runner(cfg, device, batch, settings.warmup_steps)
     theirs_model = DiffusersUNet(cfg.model.unet).to(device)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sd_mlperf.bench import bench_seed
 from sd_mlperf.config.schema import Config
 from sd_mlperf.utils.logging import logger
 from sd_mlperf.utils.manifest import count_parameters
@@ -56,7 +57,7 @@ def _bench_generation(cfg: Config, device: torch.device, label: str, steps: int,
 
     e, batch = cfg.eval, cfg.eval.batch_size
     side = cfg.data.image_size // 2 ** (len(cfg.model.vae.channel_mult) - 1)
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(bench_seed(cfg))
     unet = build_unet(cfg.model.unet).to(device).eval()
     vae = build_vae(cfg.model.vae).to(device).eval()
     text_encoder = build_text_encoder(cfg.model.text_encoder).to(device).eval()
@@ -65,8 +66,9 @@ def _bench_generation(cfg: Config, device: torch.device, label: str, steps: int,
     captions = [f"a photo of object number {i} on a table" for i in range(batch)]
 
     def generate() -> torch.Tensor:
-        return generate_images(unet, captions, list(range(batch)), cfg=e, schedule=schedule, uncond=uncond,
-                               text_encoder=text_encoder, vae=vae, scale_factor=cfg.model.vae.scale_factor,
+        return generate_images(unet, captions, list(range(batch)), cfg=e, noise_seed=bench_seed(cfg),
+                               schedule=schedule, uncond=uncond, text_encoder=text_encoder, vae=vae,
+                               scale_factor=cfg.model.vae.scale_factor,
                                latent_shape=(cfg.model.vae.embed_dim, side, side), device=device)
 
     seconds = _timed(generate, steps=max(1, steps // 5), warmup=min(warmup, 1), device=device)

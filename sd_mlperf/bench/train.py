@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from sd_mlperf.backends import backend_names, resolve_backend
+from sd_mlperf.bench import bench_seed
 from sd_mlperf.bench.table import add_ratios
 from sd_mlperf.config.load import load_config
 from sd_mlperf.config.schema import Config
@@ -196,7 +197,7 @@ def build_runner(cfg: Config, device: torch.device, batch: dict[str, torch.Tenso
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device, backend="none")
     dp = apply_data_parallel(unet, cfg, dist)
     lr_schedule = LRSchedule(cfg.optim, global_batch_size(cfg))
-    generator = torch.Generator(device=device).manual_seed(cfg.run.seed)  # draws where they are used
+    generator = torch.Generator(device=device).manual_seed(bench_seed(cfg))  # draws where they are used
     step = build_train_step(cfg, dp, conditioner=_ready_batch, lr_schedule=lr_schedule, generator=generator,
                             device=device)
     step.warm_up()  # as build_trainer does: the graph capture (training.cuda_graph), else nothing
@@ -229,7 +230,7 @@ def measure(cfg: Config, device: torch.device, settings: TrainBenchSettings, flo
 
     tr = cfg.training
     row: dict[str, Any] = {}
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(bench_seed(cfg))
     batch = synthetic_batch(cfg, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

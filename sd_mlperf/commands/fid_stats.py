@@ -45,15 +45,14 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     weights = args.inception_weights
-    seed = 0
     if weights is None:
         merged = merge_config(args.config, args.overrides)
         if OmegaConf.is_missing(merged.eval, "inception_weights"):
             raise ValueError("no Inception weights: pass --inception-weights FILE or set eval.inception_weights "
                              "(null = random weights, smoke tests only)")
-        weights, seed = merged.eval.inception_weights, int(merged.eval.seed)
+        weights = merged.eval.inception_weights
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    inception = load_fid_inception(weights, device, seed=seed)
+    inception = load_fid_inception(weights, device)
     mu, sigma = image_folder_stats(args.images, inception, batch_size=args.batch_size, device=device)
     write_fid_stats(out, mu, sigma)
     logger.info("wrote FID statistics of %s (%d-d) to %s", args.images, mu.shape[0], out)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
@@ -205,6 +206,18 @@ def global_batch_size(cfg: Config) -> int:
 def learning_rate(cfg: Config) -> float:
     """Peak learning rate: base per-sample lr x global batch (REFERENCE.md)."""
     return cfg.optim.base_lr_per_sample * global_batch_size(cfg)
+
+
+def evaluation_seed(cfg: Config) -> int:
+    """Seed of the evaluation noise: eval.seed, or one derived from the run's (logged) seed."""
+    if cfg.eval.seed is not None:
+        return cfg.eval.seed
+    if cfg.run.seed is None:
+        raise ValueError("run.seed is null and the run's drawn seed is not known here: evaluate a run directory "
+                         "(its config.yaml records the seed), or set run.seed or eval.seed")
+    # A stream of its own: [seed, rank] keys (parallel.distributed.rank_seed) never reach 2**32.
+    state = np.random.SeedSequence([cfg.run.seed, 2**32 + 1]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
 
 
 def steps_between_checkpoints(cfg: Config) -> int:

@@ -23,8 +23,10 @@ class RunConfig:
     """Run name; the run directory is `output_dir/name`."""
     output_dir: str = "results"
     """Parent folder of run directories."""
-    seed: int = 42
-    """Global seed; each rank and data worker derives its own from it."""
+    seed: int | None = None
+    """Global seed; each rank, data worker and the evaluation noise derive their own from it. null (the
+    MLPerf rule for a timed run): rank 0 draws it from the OS entropy source and every rank takes that one;
+    it is logged (`seed`) and saved in config.yaml and every checkpoint. Set it to reproduce a run bit for bit."""
     division: Literal["closed", "open"] = "closed"
     """MLPerf division. `closed` refuses hyperparameters the rules fix (AdamW betas, eps, wd)."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -257,8 +259,9 @@ class EvalConfig:
     batch_size: int = 8
     """Prompts per GPU per sampling batch."""
     precision: Precision = "fp16"
-    seed: int = 0
-    """Initial noise of prompt i is drawn from (seed, i): independent of world and batch size."""
+    seed: int | None = None
+    """Seed of the evaluation noise: prompt i starts from the noise of (seed, i), whatever the world and batch
+    size. null derives it from run.seed (the logged seed), as the closed division requires."""
     num_grid_images: int = 8
 
 

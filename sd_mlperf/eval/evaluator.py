@@ -2,7 +2,8 @@
 
 Every rank generates its contiguous block of prompts (sd_mlperf.eval.distributed); features and
 scores are gathered in prompt order, so the metrics are the same on every rank and for any world
-size. Prompt i always starts from the noise of (eval.seed, i). Rank 0 writes a PNG grid of the first
+size. Prompt i always starts from the noise of (evaluation seed, i), the evaluation seed deriving from
+the run's logged seed (config.load.evaluation_seed). Rank 0 writes a PNG grid of the first
 eval.num_grid_images prompts with their captions and a JSON with the metrics and timings under
 `run_dir/eval/`. The trainer logs the MLPerf eval_* events; the evaluator does not.
 """
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sd_mlperf.config.load import evaluation_seed
 from sd_mlperf.config.schema import Config, EvalConfig
 from sd_mlperf.data.coco import Prompt
 from sd_mlperf.diffusion.ddim import DDIMSchedule, PromptNoise, ddim_sample, make_ddim_schedule
@@ -73,11 +75,12 @@ def encode_prompts(text_encoder: nn.Module, captions: list[str], precision: str,
 
 @torch.no_grad()
 def generate_images(unet: Callable, captions: list[str], indices: Sequence[int], *, cfg: EvalConfig,
-                    schedule: DDIMSchedule, uncond: torch.Tensor, text_encoder: nn.Module, vae: nn.Module,
-                    scale_factor: float, latent_shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+                    noise_seed: int, schedule: DDIMSchedule, uncond: torch.Tensor, text_encoder: nn.Module,
+                    vae: nn.Module, scale_factor: float, latent_shape: tuple[int, int, int],
+                    device: torch.device) -> torch.Tensor:
     """Prompts -> DDIM with guidance -> VAE decode -> clamp((x + 1) / 2, 0, 1): float32 images (B, 3, H, W)."""
     cond = encode_prompts(text_encoder, captions, cfg.precision, device)
-    noise = PromptNoise(cfg.seed, indices)  # prompt i always starts from the noise of (seed, i)
+    noise = PromptNoise(noise_seed, indices)  # prompt i always starts from the noise of (seed, i)
     x_T = noise.draw(latent_shape, device)
     z = ddim_sample(unet, x_T, cond, uncond, schedule, guidance_scale=cfg.guidance_scale, noise=noise,
                     precision=cfg.precision)
@@ -92,8 +95,9 @@ class Evaluator:
     def __init__(self, cfg: EvalConfig, *, schedule: DDIMSchedule, prompts: Sequence[Prompt], frechet: FrechetReference,
                  vae: nn.Module, scale_factor: float, text_encoder: nn.Module, inception: nn.Module,
                  clip_scorer: ClipScorer, latent_shape: tuple[int, int, int], rank: int, world_size: int,
-                 device: torch.device, out_dir: Path, progress_bar: bool = False) -> None:
+                 device: torch.device, out_dir: Path, noise_seed: int, progress_bar: bool = False) -> None:
         self.cfg = cfg
+        self.noise_seed = noise_seed
         self.schedule = schedule
         self.prompts = list(prompts)
         self.frechet = frechet
@@ -145,8 +149,9 @@ class Evaluator:
         if self._uncond is None:
             self._uncond = encode_prompts(self.text_encoder, [""], self.cfg.precision, self.device)
         captions = [self.prompts[i].caption for i in indices]
-        return generate_images(unet, captions, indices, cfg=self.cfg, schedule=self.schedule, uncond=self._uncond,
-                               text_encoder=self.text_encoder, vae=self.vae, scale_factor=self.scale_factor,
+        return generate_images(unet, captions, indices, cfg=self.cfg, noise_seed=self.noise_seed,
+                               schedule=self.schedule, uncond=self._uncond, text_encoder=self.text_encoder,
+                               vae=self.vae, scale_factor=self.scale_factor,
                                latent_shape=self.latent_shape, device=self.device)
 
     # -- the whole evaluation -----------------------------------------------------------------------
@@ -210,7 +215,7 @@ class Evaluator:
         record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
         record.update({"images_per_s": result.num_images / max(result.seconds, 1e-9), "world_size": self.world_size,
                        "ddim_steps": self.schedule.num_steps, "guidance_scale": self.cfg.guidance_scale,
-                       "eta": self.cfg.eta, "seed": self.cfg.seed, "precision": self.cfg.precision,
+                       "eta": self.cfg.eta, "seed": self.noise_seed, "precision": self.cfg.precision,
                        "prompts_file": self.cfg.prompts_file, "fid_stats": self.cfg.fid_stats,
                        "inception_weights": self.cfg.inception_weights, "clip_weights": self.cfg.clip_weights,
                        "time": time.time()})
@@ -246,9 +251,9 @@ def build_evaluator(cfg: Config, *, vae: nn.Module, text_encoder: nn.Module, ran
     if len(prompts) < 2:
         raise ValueError(f"invalid value for 'eval.num_prompts': {e.num_prompts}; FID needs at least 2 images")
     # Loaded into host memory: the evaluator moves them to `device` only while it evaluates.
-    inception = load_fid_inception(e.inception_weights, "cpu", seed=e.seed)
+    inception = load_fid_inception(e.inception_weights, "cpu")
     mu, sigma = read_fid_stats(ensure_fid_stats(cfg, inception), FEATURE_DIM)
-    clip = load_clip(e.clip_weights, tiny=e.clip_tiny, device="cpu", seed=e.seed)
+    clip = load_clip(e.clip_weights, tiny=e.clip_tiny, device="cpu")
     factor = 2 ** (len(cfg.model.vae.channel_mult) - 1)
     if cfg.data.image_size % factor:
         raise ValueError(f"invalid value for 'data.image_size': {cfg.data.image_size}; must be a multiple of {factor}")
@@ -263,5 +268,5 @@ def build_evaluator(cfg: Config, *, vae: nn.Module, text_encoder: nn.Module, ran
                      scale_factor=cfg.model.vae.scale_factor, text_encoder=text_encoder, inception=inception,
                      clip_scorer=ClipScorer(clip, device=device, precision=e.precision),
                      latent_shape=(cfg.model.vae.embed_dim, side, side), rank=rank, world_size=world_size,
-                     device=device, out_dir=Path(run_dir) / out_subdir,
+                     device=device, out_dir=Path(run_dir) / out_subdir, noise_seed=evaluation_seed(cfg),
                      progress_bar=show_progress_bar(cfg.logging.progress_bar))

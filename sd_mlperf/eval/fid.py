@@ -94,7 +94,7 @@ def ensure_fid_stats(cfg: Config, inception: torch.nn.Module | None = None) -> P
         if inception is None:
             from sd_mlperf.eval.inception import load_fid_inception
 
-            inception = load_fid_inception(cfg.eval.inception_weights, seed=cfg.eval.seed)
+            inception = load_fid_inception(cfg.eval.inception_weights)
         device = next(inception.parameters()).device
         mu, sigma = image_folder_stats(image_dir, inception, device=device)
         write_fid_stats(path, mu, sigma)

@@ -164,6 +164,28 @@ def destroy_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
+MAX_SEED = 2**32 - 1
+"""Drawn seeds are in [0, MAX_SEED], as the MLPerf reference draws them."""
+
+
+def draw_seed() -> int:
+    """A seed from the OS entropy source (MLPerf rules, "Random numbers": clock, OS entropy, or an RNG seeded so)."""
+    return random.SystemRandom().randint(0, MAX_SEED)
+
+
+def agree_on_seed(seed: int | None, dist: DistInfo) -> int:
+    """The run seed of every rank: `seed` if given, else rank 0's draw from the OS, broadcast to all."""
+    if seed is not None:
+        return int(seed)
+    drawn = draw_seed() if dist.rank == 0 else 0
+    if dist.world_size > 1:
+        box = torch.tensor([drawn], dtype=torch.int64, device=dist.device)
+        torch.distributed.broadcast(box, src=0)
+        drawn = int(box.item())
+    logger.info("run.seed is null: drew seed %d from the OS entropy source", drawn)
+    return drawn
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """A 63-bit seed for `rank` derived from the run seed (independent streams, not seed + rank)."""
     state = np.random.SeedSequence([seed, rank]).generate_state(2, np.uint32)
