@@ -6,7 +6,7 @@ Layout of `run_dir/checkpoints/`:
       model.pt               {"unet": state_dict, "step", "samples_count", "world_size", "format"}  (rank 0)
       optimizer.pt           dp.state_dict(): AdamW state gathered to rank 0 + loss scaler (rank 0;
                              absent with checkpoint.save_optimizer=false)
-      rank_00000.pt          per rank: {"rng": every RNG state, "data": loader position,
+      rank_00000.pt          per rank: {"rng": every RNG state, "data": loader position, "run_seed",
       rank_00001.pt ...                 "lr_schedule": next step and lr, "reached_target"}
       unet_ldm.safetensors   optional, `model.diffusion_model.*` names (checkpoint.export_ldm_weights)
     latest                   text file holding the newest complete step directory name
@@ -116,6 +116,12 @@ def saved_global_batch_size(model: Mapping[str, Any]) -> int | None:
         return int(model["global_batch_size"])
     batch, rest = divmod(int(model["samples_count"]), max(int(model["step"]), 1))
     return None if rest else batch
+
+
+def saved_run_seed(path: str | os.PathLike) -> int | None:
+    """The run seed a checkpoint directory recorded (rank 0's file), or None for checkpoints older than that."""
+    seed = load_file(Path(path) / rank_file_name(0)).get("run_seed")
+    return None if seed is None else int(seed)
 
 
 def load_file(path: str | os.PathLike) -> Any:

@@ -21,7 +21,27 @@ from sd_mlperf.config.schema import Config
 LAION_TRAIN_SAMPLES = 6_513_144
 COCO_EVAL_SAMPLES = 30_000
 
+TRAINING_LOG_FILE = "mlperf_train.log"
+"""With offline evaluation (eval.inline=false) the trainer writes this log; `sd-mlperf evaluate --run-dir`
+adds the scored checkpoints and run_stop and writes the final log (logging.mlperf_log_file)."""
+RESUMED_KEY = "sd_mlperf_resumed"
+"""Marks a log whose run resumed from a checkpoint: not a valid timed run (`sd-mlperf package` refuses it).
+The compliance checker allows keys it does not know."""
+CACHE_CLEARED_ENV = "SD_MLPERF_CACHE_CLEARED"
+"""Set to 1 by the launcher that dropped the page cache before this run (slurm/run_and_time.sh); the log's
+cache_clear says true only then (MLPerf rules: the cache is flushed before each run)."""
+
 _instance_ids = itertools.count()
+
+
+def page_cache_cleared() -> bool:
+    """Whether the launcher says it dropped the page cache before this process started."""
+    return os.environ.get(CACHE_CLEARED_ENV, "") == "1"
+
+
+def training_log_path(cfg: Config, run_dir: str | os.PathLike) -> Path:
+    """The log the trainer writes: the final one with inline evaluation, else the training part of it."""
+    return Path(run_dir) / (cfg.logging.mlperf_log_file if cfg.eval.inline else TRAINING_LOG_FILE)
 
 
 def train_samples(cfg: Config) -> int:
@@ -74,10 +94,17 @@ class MLPerfLogger:
             self._mllog.end(key=key, value=value, metadata=metadata, time_ms=time_ms)
 
     # -- the run, in order ---------------------------------------------------------------------------
-    def init_start(self, time_ms: int | None = None) -> None:
-        """Start of initialisation; `time_ms` may be the process start, taken before imports."""
-        self.event("cache_clear", True)  # caches are cleared by the launcher before the process starts
+    def init_start(self, time_ms: int | None = None, *, cache_cleared: bool) -> None:
+        """Start of initialisation; `time_ms` may be the process start, taken before imports.
+
+        `cache_cleared`: whether the page cache was dropped before the run (by the launcher); logged as is.
+        """
+        self.event("cache_clear", bool(cache_cleared))
         self.start("init_start", time_ms=time_ms)
+
+    def resumed(self, checkpoint: str, samples_count: int) -> None:
+        """Mark this run as resumed from a checkpoint (not a valid timed run)."""
+        self.event(RESUMED_KEY, str(checkpoint), metadata={"samples_count": samples_count})
 
     def submission(self, cfg: Config) -> None:
         """The submission keys (exactly once each)."""
@@ -116,25 +143,28 @@ class MLPerfLogger:
         """End of a training block."""
         self.end("block_stop", metadata={"samples_count": samples_count})
 
-    def eval_start(self, samples_count: int) -> None:
+    def eval_start(self, samples_count: int, time_ms: int | None = None) -> None:
         """Start of an evaluation."""
-        self.start("eval_start", metadata={"samples_count": samples_count})
+        self.start("eval_start", metadata={"samples_count": samples_count}, time_ms=time_ms)
 
-    def eval_result(self, samples_count: int, fid: float, clip: float) -> None:
+    def eval_result(self, samples_count: int, fid: float, clip: float, time_ms: int | None = None) -> None:
         """One eval_accuracy line per metric (the checker aggregates them by samples_count)."""
-        self.event("eval_accuracy", float(fid), metadata={"samples_count": samples_count, "metric": "FID"})
-        self.event("eval_accuracy", float(clip), metadata={"samples_count": samples_count, "metric": "CLIP"})
+        self.event("eval_accuracy", float(fid), metadata={"samples_count": samples_count, "metric": "FID"},
+                   time_ms=time_ms)
+        self.event("eval_accuracy", float(clip), metadata={"samples_count": samples_count, "metric": "CLIP"},
+                   time_ms=time_ms)
 
-    def eval_stop(self, samples_count: int) -> None:
+    def eval_stop(self, samples_count: int, time_ms: int | None = None) -> None:
         """End of an evaluation."""
-        self.end("eval_stop", metadata={"samples_count": samples_count})
+        self.end("eval_stop", metadata={"samples_count": samples_count}, time_ms=time_ms)
 
-    def run_stop(self, samples_count: int, *, success: bool) -> None:
+    def run_stop(self, samples_count: int, *, success: bool, time_ms: int | None = None) -> None:
         """End of the run, once: status success (target reached) or aborted."""
         if self._run_stopped:
             return
         self._run_stopped = True
-        self.end("run_stop", metadata={"samples_count": samples_count, "status": "success" if success else "aborted"})
+        self.end("run_stop", metadata={"samples_count": samples_count, "status": "success" if success else "aborted"},
+                 time_ms=time_ms)
 
     def close(self) -> None:
         """Flush and close the file."""

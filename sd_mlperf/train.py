@@ -15,7 +15,8 @@ import torch
 from sd_mlperf.config import load_config
 from sd_mlperf.fastpath.runtime import configure_device
 from sd_mlperf.parallel.distributed import destroy_distributed, init_distributed
-from sd_mlperf.trainer import Trainer, TrainState, build_trainer
+from sd_mlperf.trainer import Trainer, TrainState
+from sd_mlperf.trainer_build import build_trainer
 from sd_mlperf.utils.logging import logger, setup_logging
 
 

@@ -9,7 +9,6 @@ device only at log intervals and at checkpoints (marked "host sync").
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,16 +16,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import yaml
 
-from sd_mlperf.backends import log_resolutions, resolutions_to_dict
 from sd_mlperf.checkpoint import Checkpointer, capture_rng_state, restore_rng_state, saved_global_batch_size
-from sd_mlperf.config.load import global_batch_size, learning_rate, save_resolved_config, steps_between_checkpoints
-from sd_mlperf.config.schema import Config
+from sd_mlperf.eval_checkpoints import EvalCheckpointWriter, stop_requested
 from sd_mlperf.mlperf_log import MLPerfLogger
-from sd_mlperf.parallel.distributed import DistInfo
 from sd_mlperf.train_step import TrainStep
-from sd_mlperf.utils.files import atomic_write_text
 from sd_mlperf.utils.logging import logger
 from sd_mlperf.utils.progress import IntervalMeter, Progress
 
@@ -70,6 +64,10 @@ class TrainPlan:
     target_fid: float
     target_clip: float
     stop_at_target: bool
+    seed: int
+    """The run seed (drawn or given), saved in every checkpoint so that a resume keeps it."""
+    save_resumable: bool
+    """Write the resumable checkpoint (weights, optimizer, RNGs, data position) at every block end."""
 
 
 @dataclass
@@ -88,8 +86,11 @@ class Trainer:
 
     def __init__(self, *, plan: TrainPlan, dp: Any, step: TrainStep, loader: Iterable[dict], lr_schedule: Any,
                  generator: torch.Generator, checkpointer: Checkpointer, mlperf: MLPerfLogger,
-                 progress: Progress, evaluator: EvaluatorLike | None = None,
+                 progress: Progress, run_dir: Path, evaluator: EvaluatorLike | None = None,
+                 collector: EvalCheckpointWriter | None = None,
                  reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """`collector` collects weights-only checkpoints for offline evaluation (eval.inline=false); then the
+        trainer writes no run_stop: `sd-mlperf evaluate --run-dir` places it in the final log."""
         self.plan = plan
         self.dp = dp
         self.step = step
@@ -100,6 +101,8 @@ class Trainer:
         self.mlperf = mlperf
         self.progress = progress
         self.evaluator = evaluator
+        self.collector = collector
+        self.run_dir = Path(run_dir)
         self.meter = IntervalMeter(reduce_mean)
         self.state = TrainState()
 
@@ -116,6 +119,7 @@ class Trainer:
             logger.info("nothing to train: step %d already reached the stop step %d", s.step, plan.max_steps)
             return s
         self.mlperf.run_start(s.samples_count)
+        end_reason = "error"
         try:
             self.mlperf.block_start(s.samples_count)
             batches = self._batches()
@@ -129,17 +133,48 @@ class Trainer:
                     self.log_progress()  # host sync
                 if s.step % plan.steps_per_block == 0 or s.step == plan.max_steps:
                     self.mlperf.block_stop(s.samples_count)
-                    self.save_checkpoint()  # host sync (finite check, state to CPU)
-                    self.evaluate()
-                    if s.reached_target and plan.stop_at_target:
+                    self.end_block()  # host sync (finite check, state to CPU)
+                    end_reason = self.stop_reason()
+                    if end_reason:
                         break
                     if s.step < plan.max_steps:
                         self.mlperf.block_start(s.samples_count)
+            end_reason = end_reason or "max_steps"
         finally:
-            self.mlperf.run_stop(s.samples_count, success=s.reached_target)
-        logger.info("training finished at step %d (%d samples); target %s", s.step, s.samples_count,
-                    "reached" if s.reached_target else "not reached")
+            self.end_run(end_reason)
+        logger.info("training finished at step %d (%d samples): %s; target %s", s.step, s.samples_count, end_reason,
+                    "reached" if s.reached_target else "not reached (inline)" if self.evaluator else
+                    "judged offline (sd-mlperf evaluate --run-dir)")
         return s
+
+    def end_block(self) -> None:
+        """At every block end: the resumable checkpoint, the weights for offline evaluation, inline evaluation."""
+        if self.plan.save_resumable:
+            self.save_checkpoint()
+        if self.collector is not None:
+            self.raise_if_nonfinite()
+            s = self.state
+            self.collector.collect(s.step, s.samples_count, self.dp.unwrapped.state_dict(),
+                                   global_batch_size=self.plan.global_batch_size, seed=self.plan.seed)
+        self.evaluate()
+
+    def stop_reason(self) -> str:
+        """Why to stop after this block ('' = go on): the target reached inline, or RUN/STOP (ranks agree)."""
+        if self.state.reached_target and self.plan.stop_at_target:
+            return "target"
+        flag = torch.tensor([float(stop_requested(self.run_dir))], device=self.generator.device)
+        if self.meter.reduce_mean(flag).item() > 0:  # host sync; every rank stops if any saw the file
+            logger.info("stopping at step %d: %s asks for it", self.state.step, self.run_dir / "STOP")
+            return "stop_requested"
+        return ""
+
+    def end_run(self, reason: str) -> None:
+        """End of training: run_stop (inline evaluation), or the end record for the offline evaluator."""
+        s = self.state
+        if self.collector is None:
+            self.mlperf.run_stop(s.samples_count, success=s.reached_target)
+        else:
+            self.collector.finish(s.samples_count, reason)
 
     def _batches(self) -> Iterator[dict]:
         while True:  # the reference samples shards with replacement: no epochs
@@ -187,7 +222,7 @@ class Trainer:
     def rank_state(self) -> dict[str, Any]:
         """This rank's part of a checkpoint: RNGs, data position, LR schedule position."""
         s = self.state
-        return {"rng": capture_rng_state(self.generator),
+        return {"rng": capture_rng_state(self.generator), "run_seed": self.plan.seed,
                 "data": self.loader.state_dict(), "reached_target": s.reached_target,
                 "lr_schedule": {"next_step": s.step, "next_lr": self.lr_schedule.lr_at(s.step)}}
 
@@ -230,6 +265,7 @@ class Trainer:
             self.loader.load_state_dict(rank["data"])
         s.reached_target = bool(rank.get("reached_target", False))  # the same on every rank
         s.last_checkpoint = Path(path)
+        self.mlperf.resumed(str(path), s.samples_count)  # a resumed run is not a valid timed run
         self.progress.log_resume(s.step, s.samples_count, str(path))
         logger.info("resumed from %s at step %d (%d samples)", path, s.step, s.samples_count)
 
@@ -267,125 +303,8 @@ class Trainer:
         """Close the writers (and the loader, if it holds workers or files)."""
         self.progress.close()
         self.mlperf.close()
+        if self.collector is not None:
+            self.collector.close()
         close_loader = getattr(self.loader, "close", None)
         if callable(close_loader):
             close_loader()
-
-
-def plan_from_config(cfg: Config) -> TrainPlan:
-    """The loop's numbers: block length from the MLPerf cadence, the stop step from max_steps/max_samples."""
-    tr, gbs = cfg.training, global_batch_size(cfg)
-    limits = [UNBOUNDED_STEPS]
-    if tr.max_steps is not None:
-        limits.append(tr.max_steps)
-    if tr.max_samples is not None:
-        limits.append(math.ceil(tr.max_samples / gbs))
-    return TrainPlan(global_batch_size=gbs, grad_accumulation_steps=tr.grad_accumulation_steps,
-                     steps_per_block=steps_between_checkpoints(cfg), max_steps=min(limits),
-                     log_interval_steps=cfg.logging.interval_steps, num_timesteps=cfg.diffusion.num_timesteps,
-                     loss_scaling=tr.precision == "fp16", precision=tr.precision, target_fid=tr.target_fid,
-                     target_clip=tr.target_clip, stop_at_target=tr.stop_at_target)
-
-
-def _mean_over_ranks(world_size: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    if world_size == 1:
-        return None
-
-    def reduce_mean(t: torch.Tensor) -> torch.Tensor:
-        torch.distributed.all_reduce(t)  # SUM then divide: gloo has no AVG
-        return t / world_size
-
-    return reduce_mean
-
-
-def _device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
-    if device.type == "cpu":
-        return generator
-    # Noise is drawn where it is used; seed the device generator from this rank's stream.
-    seeded = torch.Generator(device=device)
-    seeded.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
-    return seeded
-
-
-def build_trainer(cfg: Config, dist: DistInfo, *, evaluator: EvaluatorLike | None | str = "from_config",
-                  data: tuple[Iterable[dict], Callable[..., Any]] | None = None,
-                  init_time_ms: int | None = None) -> Trainer:
-    """Build every part from the config (MLPerf init events included), then resume per training.resume.
-
-    `evaluator` replaces the configured one (any object with `evaluate`, or None); `data` = (loader,
-    conditioner) replaces the configured data pipeline. Both exist for tests and tools.
-    """
-    from sd_mlperf.models.unet import build_unet
-    from sd_mlperf.parallel.data_parallel import apply_data_parallel
-    from sd_mlperf.parallel.distributed import seed_everything
-    from sd_mlperf.parallel.optimizer import LRSchedule
-    from sd_mlperf.train_step import build_train_step
-
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    plan = plan_from_config(cfg)
-    mlperf = MLPerfLogger(run_dir / cfg.logging.mlperf_log_file, enabled=dist.is_main)
-    mlperf.init_start(init_time_ms)
-    mlperf.submission(cfg)
-    mlperf.hyperparameters(cfg, global_batch_size=plan.global_batch_size, learning_rate=learning_rate(cfg))
-    if dist.is_main:
-        save_resolved_config(cfg, run_dir)
-
-    torch.manual_seed(cfg.run.seed)  # the same UNet init on every rank, whatever the backend
-    unet = build_unet(cfg.model.unet)
-    generator = _device_generator(seed_everything(cfg.run.seed, dist.rank), dist.device)
-    build_eval = evaluator == "from_config" and cfg.eval.inline
-    vae, text_encoder = _build_frozen(cfg, dist) if (data is None or build_eval) else (None, None)
-    loader, conditioner = data if data is not None else _build_data(cfg, dist, vae, text_encoder)
-    dp = apply_data_parallel(unet, cfg, dist)
-    resolutions = [*unet.backend_resolutions, dp.resolution]
-    log_resolutions(resolutions)
-    if dist.is_main:
-        atomic_write_text(run_dir / "resolved_backends.yaml", yaml.safe_dump(resolutions_to_dict(resolutions)))
-    if evaluator == "from_config":
-        evaluator = _build_evaluator(cfg, dist, vae, text_encoder, run_dir) if cfg.eval.inline else None
-    checkpointer = Checkpointer(cfg.checkpoint, run_dir, rank=dist.rank, world_size=dist.world_size,
-                                barrier=torch.distributed.barrier if dist.world_size > 1 else None)
-    lr_schedule = LRSchedule(cfg.optim, plan.global_batch_size)
-    step = build_train_step(cfg, dp, conditioner=conditioner, lr_schedule=lr_schedule, generator=generator,
-                            device=dist.device)
-    trainer = Trainer(
-        plan=plan, dp=dp, step=step, loader=loader, lr_schedule=lr_schedule, generator=generator,
-        checkpointer=checkpointer, mlperf=mlperf, evaluator=evaluator, reduce_mean=_mean_over_ranks(dist.world_size),
-        progress=Progress(cfg.logging, run_dir, enabled=dist.is_main, global_batch_size=plan.global_batch_size,
-                          total_steps=plan.max_steps if plan.max_steps < UNBOUNDED_STEPS else None))
-    resume_from = checkpointer.resolve(cfg.training.resume)
-    if resume_from is not None:
-        trainer.restore(resume_from)
-    else:
-        trainer.progress.log_start()
-    # After resume (loading optimizer state replaces its tensors; a graph must record the final ones) and
-    # before run_start (fit): warmup on synthetic inputs, changing no weights, as the MLPerf rules allow.
-    step.warm_up()
-    return trainer
-
-
-def _build_frozen(cfg: Config, dist: DistInfo) -> tuple[Any, Any]:
-    from sd_mlperf.models.checkpoint_io import build_frozen_encoders
-
-    # One hash per node: a bad file fails local rank 0, and the launcher then stops the job.
-    vae, text_encoder = build_frozen_encoders(cfg.model, verify_sha256=dist.local_rank == 0)
-    return vae.to(dist.device).eval(), text_encoder.to(dist.device).eval()
-
-
-def _build_data(cfg: Config, dist: DistInfo, vae: Any, text_encoder: Any) -> tuple[Iterable[dict], Callable[..., Any]]:
-    from sd_mlperf.data.conditioning import build_batch_conditioner
-    from sd_mlperf.data.laion import build_train_loader
-    from sd_mlperf.data.synthetic import ensure_synthetic_data
-
-    ensure_synthetic_data(cfg, vae, text_encoder)  # smoke runs: write + precompute the dataset once
-    loader = build_train_loader(cfg.data, micro_batch_size=cfg.training.micro_batch_size, rank=dist.rank,
-                                world_size=dist.world_size, seed=cfg.run.seed)
-    return loader, build_batch_conditioner(cfg, vae, text_encoder)
-
-
-def _build_evaluator(cfg: Config, dist: DistInfo, vae: Any, text_encoder: Any, run_dir: Path) -> EvaluatorLike:
-    from sd_mlperf.eval.evaluator import build_evaluator
-
-    # It also writes the FID reference statistics of the synthetic validation images (smoke runs).
-    return build_evaluator(cfg, vae=vae, text_encoder=text_encoder, rank=dist.rank, world_size=dist.world_size,
-                           device=dist.device, run_dir=run_dir)

@@ -238,7 +238,9 @@ class EvalConfig:
     """`eval`: FID and CLIP-score evaluation (DDIM sampling with classifier-free guidance)."""
 
     inline: bool = True
-    """Evaluate at each checkpoint during training."""
+    """Evaluate at each checkpoint during training (its time counts in run_start..run_stop). false: collect the
+    weights (eval_checkpoints/) for `sd-mlperf evaluate --run-dir`, the MLPerf submission path, whose time the
+    rules do not count."""
     prompts_file: str = MISSING
     """val2014_30k.tsv (image_id, id, caption)."""
     fid_stats: str = MISSING
@@ -270,7 +272,12 @@ class CheckpointConfig:
     """`checkpoint`: what each checkpoint holds and how many are kept."""
 
     keep_last: int = 3
-    """How many checkpoints to keep in the run directory."""
+    """How many resumable checkpoints (checkpoints/) to keep. The weights collected for offline evaluation
+    (eval_checkpoints/, eval.inline=false) are all kept: the rules score them after training."""
+    resumable: bool = True
+    """Write the resumable checkpoint (weights, AdamW state, RNGs, data position) at every block end. A timed
+    closed-division run is never resumed and offline evaluation reads eval_checkpoints/, so the benchmark config
+    turns it off: gathering the optimizer state on rank 0 would cost timed seconds at every block."""
     save_optimizer: bool = True
     export_ldm_weights: bool = True
     """Also write the UNet as `model.diffusion_model.*` safetensors for other tools."""

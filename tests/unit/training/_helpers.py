@@ -16,7 +16,8 @@ import torch
 from sd_mlperf.config import load_config
 from sd_mlperf.config.schema import Config
 from sd_mlperf.parallel.distributed import DistInfo
-from sd_mlperf.trainer import Trainer, build_trainer
+from sd_mlperf.trainer import Trainer
+from sd_mlperf.trainer_build import build_trainer
 
 REPO = Path(__file__).resolve().parents[3]
 SMOKE = REPO / "conf" / "smoke.yaml"
@@ -32,7 +33,7 @@ TINY_UNET = [
 
 def make_cfg(tmp_path: Path, *overrides: str) -> Config:
     """conf/smoke.yaml with a smaller UNet, the run directory under tmp_path, micro batch 2."""
-    base = [f"run.output_dir={tmp_path}", "run.name=run", "training.micro_batch_size=2",
+    base = [f"run.output_dir={tmp_path}", "run.name=run", "run.seed=1234", "training.micro_batch_size=2",
             "training.checkpoint_every_samples=6", "training.max_steps=6", "logging.interval_steps=1",
             "checkpoint.export_ldm_weights=false", "optim.warmup_steps=2", "optim.base_lr_per_sample=5e-4"]
     return load_config([SMOKE], [*base, *TINY_UNET, *overrides])

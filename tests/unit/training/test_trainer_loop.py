@@ -15,7 +15,8 @@ from sd_mlperf.mlperf_log import MLPerfLogger
 from sd_mlperf.parallel.data_parallel import apply_data_parallel
 from sd_mlperf.parallel.optimizer import LRSchedule
 from sd_mlperf.train_step import build_train_step
-from sd_mlperf.trainer import NonFiniteLossError, Trainer, plan_from_config
+from sd_mlperf.trainer import NonFiniteLossError, Trainer
+from sd_mlperf.trainer_build import plan_from_config
 from sd_mlperf.utils.progress import Progress, read_metrics
 from tests.unit.training._helpers import (
     FakeEvaluator,
@@ -55,8 +56,8 @@ def _scale_trainer(cfg, tmp_path, w=0.5, seed=7):
                             device=torch.device("cpu"))
     trainer = Trainer(plan=plan_from_config(cfg), dp=dp, step=step, loader=[], lr_schedule=lr_schedule,
                       generator=generator, checkpointer=Checkpointer(cfg.checkpoint, tmp_path),
-                      mlperf=MLPerfLogger(None), progress=Progress(cfg.logging, tmp_path, enabled=False,
-                                                                   total_steps=1, global_batch_size=2))
+                      mlperf=MLPerfLogger(None), run_dir=tmp_path,
+                      progress=Progress(cfg.logging, tmp_path, enabled=False, total_steps=1, global_batch_size=2))
     return trainer, dp
 
 

@@ -1,0 +1,192 @@
+"""Building a Trainer from the config: MLPerf init events, the run seed, every part, then resume and warm-up.
+
+`build_trainer` is the one place that knows how the parts fit; `Trainer` (sd_mlperf.trainer) only runs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from sd_mlperf.backends import log_resolutions, resolutions_to_dict
+from sd_mlperf.checkpoint import Checkpointer, saved_run_seed
+from sd_mlperf.config.load import global_batch_size, learning_rate, save_resolved_config, steps_between_checkpoints
+from sd_mlperf.config.schema import Config
+from sd_mlperf.eval_checkpoints import EVAL_CHECKPOINT_DIR, STOP_FILE, EvalCheckpointWriter
+from sd_mlperf.mlperf_log import TRAINING_LOG_FILE, MLPerfLogger, page_cache_cleared, training_log_path
+from sd_mlperf.parallel.distributed import DistInfo, agree_on_seed
+from sd_mlperf.trainer import UNBOUNDED_STEPS, EvaluatorLike, Trainer, TrainPlan
+from sd_mlperf.utils.files import atomic_write_text
+from sd_mlperf.utils.logging import log_once, logger
+from sd_mlperf.utils.progress import Progress
+
+
+def plan_from_config(cfg: Config) -> TrainPlan:
+    """The loop's numbers: block length from the MLPerf cadence, the stop step from max_steps/max_samples."""
+    tr, gbs = cfg.training, global_batch_size(cfg)
+    limits = [UNBOUNDED_STEPS]
+    if tr.max_steps is not None:
+        limits.append(tr.max_steps)
+    if tr.max_samples is not None:
+        limits.append(math.ceil(tr.max_samples / gbs))
+    return TrainPlan(global_batch_size=gbs, grad_accumulation_steps=tr.grad_accumulation_steps,
+                     steps_per_block=steps_between_checkpoints(cfg), max_steps=min(limits),
+                     log_interval_steps=cfg.logging.interval_steps, num_timesteps=cfg.diffusion.num_timesteps,
+                     loss_scaling=tr.precision == "fp16", precision=tr.precision, target_fid=tr.target_fid,
+                     target_clip=tr.target_clip, stop_at_target=tr.stop_at_target, seed=cfg.run.seed,
+                     save_resumable=cfg.checkpoint.resumable)
+
+
+def _mean_over_ranks(world_size: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    if world_size == 1:
+        return None
+
+    def reduce_mean(t: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(t)  # SUM then divide: gloo has no AVG
+        return t / world_size
+
+    return reduce_mean
+
+
+def _device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    if device.type == "cpu":
+        return generator
+    # Noise is drawn where it is used; seed the device generator from this rank's stream.
+    seeded = torch.Generator(device=device)
+    seeded.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
+    return seeded
+
+
+def build_trainer(cfg: Config, dist: DistInfo, *, evaluator: EvaluatorLike | None | str = "from_config",
+                  data: tuple[Iterable[dict], Callable[..., Any]] | None = None,
+                  init_time_ms: int | None = None) -> Trainer:
+    """Build every part from the config (MLPerf init events included), then resume per training.resume.
+
+    `evaluator` replaces the configured one (any object with `evaluate`, or None); `data` = (loader,
+    conditioner) replaces the configured data pipeline. Both exist for tests and tools. A null run.seed is
+    drawn here (or taken from the checkpoint a run resumes); `trainer.plan.seed` holds the one used.
+    """
+    from sd_mlperf.models.unet import build_unet
+    from sd_mlperf.parallel.data_parallel import apply_data_parallel
+    from sd_mlperf.parallel.distributed import seed_everything
+    from sd_mlperf.parallel.optimizer import LRSchedule
+    from sd_mlperf.train_step import build_train_step
+
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir, rank=dist.rank, world_size=dist.world_size,
+                                barrier=torch.distributed.barrier if dist.world_size > 1 else None)
+    resume_from = checkpointer.resolve(cfg.training.resume)
+    check_fresh_run_dir(cfg, run_dir)
+    if dist.world_size > 1:
+        torch.distributed.barrier()  # every rank has looked at the run directory before rank 0 writes into it
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=_run_seed(cfg, dist, resume_from)))
+    plan = plan_from_config(cfg)
+    if dist.is_main and resume_from is None and (run_dir / STOP_FILE).exists():
+        logger.warning("removing %s left by an earlier run: this run starts fresh", run_dir / STOP_FILE)
+        (run_dir / STOP_FILE).unlink()
+    mlperf = MLPerfLogger(training_log_path(cfg, run_dir), enabled=dist.is_main)
+    cleared = page_cache_cleared()
+    if not cleared and dist.is_main:
+        log_once("cache-not-cleared", "the launcher did not drop the page cache before this run (the MLPerf rules "
+                 "require it for a timed run): cache_clear is logged false. slurm/run_and_time.sh drops it where "
+                 "permitted and sets SD_MLPERF_CACHE_CLEARED=1; elsewhere run `sync; echo 3 > "
+                 "/proc/sys/vm/drop_caches` as root on every node and set that variable.")
+    mlperf.init_start(init_time_ms, cache_cleared=cleared)
+    mlperf.submission(cfg)
+    mlperf.hyperparameters(cfg, global_batch_size=plan.global_batch_size, learning_rate=learning_rate(cfg))
+    if dist.is_main:
+        save_resolved_config(cfg, run_dir)
+
+    torch.manual_seed(cfg.run.seed)  # the same UNet init on every rank, whatever the backend
+    unet = build_unet(cfg.model.unet)
+    generator = _device_generator(seed_everything(cfg.run.seed, dist.rank), dist.device)
+    build_eval = evaluator == "from_config" and cfg.eval.inline
+    vae, text_encoder = _build_frozen(cfg, dist) if (data is None or build_eval) else (None, None)
+    loader, conditioner = data if data is not None else _build_data(cfg, dist, vae, text_encoder)
+    dp = apply_data_parallel(unet, cfg, dist)
+    resolutions = [*unet.backend_resolutions, dp.resolution]
+    log_resolutions(resolutions)
+    if dist.is_main:
+        atomic_write_text(run_dir / "resolved_backends.yaml", yaml.safe_dump(resolutions_to_dict(resolutions)))
+    if evaluator == "from_config":
+        evaluator = _build_evaluator(cfg, dist, vae, text_encoder, run_dir) if cfg.eval.inline else None
+    lr_schedule = LRSchedule(cfg.optim, plan.global_batch_size)
+    step = build_train_step(cfg, dp, conditioner=conditioner, lr_schedule=lr_schedule, generator=generator,
+                            device=dist.device)
+    trainer = Trainer(
+        plan=plan, dp=dp, step=step, loader=loader, lr_schedule=lr_schedule, generator=generator,
+        checkpointer=checkpointer, mlperf=mlperf, evaluator=evaluator, reduce_mean=_mean_over_ranks(dist.world_size),
+        run_dir=run_dir, collector=None if cfg.eval.inline else EvalCheckpointWriter(run_dir, enabled=dist.is_main),
+        progress=Progress(cfg.logging, run_dir, enabled=dist.is_main, global_batch_size=plan.global_batch_size,
+                          total_steps=plan.max_steps if plan.max_steps < UNBOUNDED_STEPS else None))
+    if resume_from is not None:
+        trainer.restore(resume_from)
+    else:
+        trainer.progress.log_start()
+    # After resume (loading optimizer state replaces its tensors; a graph must record the final ones) and
+    # before run_start (fit): warmup on synthetic inputs, changing no weights, as the MLPerf rules allow.
+    step.warm_up()
+    return trainer
+
+
+def check_fresh_run_dir(cfg: Config, run_dir: Path) -> None:
+    """Closed division: a timed run starts in a run directory of its own, unless a resume is asked for by path.
+
+    A relaunch with a reused run name would otherwise resume silently (training.resume=auto) or overwrite the
+    earlier run (never); neither is a valid timed run.
+    """
+    if cfg.run.division != "closed" or cfg.training.resume not in ("auto", "never"):
+        return
+    names = (cfg.logging.mlperf_log_file, TRAINING_LOG_FILE, "checkpoints", EVAL_CHECKPOINT_DIR)
+    earlier = [str(run_dir / n) for n in names if (run_dir / n).exists()]
+    if earlier:
+        raise ValueError(
+            f"run directory {run_dir} already holds an earlier run ({', '.join(earlier)}). In the closed division "
+            "each timed run starts in its own directory: set run.name to a new name (slurm/sbatch.sh --num-runs "
+            "names them for you). To continue that run anyway, set training.resume to one of its checkpoints "
+            "(RUN/checkpoints/step_XXXXXXX); its log is then marked resumed and `sd-mlperf package` refuses it.")
+
+
+def _run_seed(cfg: Config, dist: DistInfo, resume_from: Path | None) -> int:
+    """run.seed, else the resumed checkpoint's, else rank 0's draw from the OS (every rank gets the same)."""
+    saved = saved_run_seed(resume_from) if resume_from is not None else None
+    if saved is not None and cfg.run.seed is None:
+        logger.info("run.seed is null: the resumed run keeps its seed %d", saved)
+        return saved
+    if saved is not None and saved != cfg.run.seed:
+        logger.warning("run.seed=%d differs from the seed %d of the resumed checkpoint %s; using %d", cfg.run.seed,
+                       saved, resume_from, cfg.run.seed)
+    return agree_on_seed(cfg.run.seed, dist)
+
+
+def _build_frozen(cfg: Config, dist: DistInfo) -> tuple[Any, Any]:
+    from sd_mlperf.models.checkpoint_io import build_frozen_encoders
+
+    # One hash per node: a bad file fails local rank 0, and the launcher then stops the job.
+    vae, text_encoder = build_frozen_encoders(cfg.model, verify_sha256=dist.local_rank == 0)
+    return vae.to(dist.device).eval(), text_encoder.to(dist.device).eval()
+
+
+def _build_data(cfg: Config, dist: DistInfo, vae: Any, text_encoder: Any) -> tuple[Iterable[dict], Callable[..., Any]]:
+    from sd_mlperf.data.conditioning import build_batch_conditioner
+    from sd_mlperf.data.laion import build_train_loader
+    from sd_mlperf.data.synthetic import ensure_synthetic_data
+
+    ensure_synthetic_data(cfg, vae, text_encoder)  # smoke runs: write + precompute the dataset once
+    loader = build_train_loader(cfg.data, micro_batch_size=cfg.training.micro_batch_size, rank=dist.rank,
+                                world_size=dist.world_size, seed=cfg.run.seed)
+    return loader, build_batch_conditioner(cfg, vae, text_encoder)
+
+
+def _build_evaluator(cfg: Config, dist: DistInfo, vae: Any, text_encoder: Any, run_dir: Path) -> EvaluatorLike:
+    from sd_mlperf.eval.evaluator import build_evaluator
+
+    # It also writes the FID reference statistics of the synthetic validation images (smoke runs).
+    return build_evaluator(cfg, vae=vae, text_encoder=text_encoder, rank=dist.rank, world_size=dist.world_size,
+                           device=dist.device, run_dir=run_dir)
