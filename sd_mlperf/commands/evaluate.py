@@ -1,11 +1,17 @@
-"""`sd-mlperf evaluate --checkpoint PATH...`: FID and CLIP of saved UNet checkpoints (offline evaluation).
+"""`sd-mlperf evaluate`: FID and CLIP of saved checkpoints (offline evaluation, as the MLPerf rules allow).
 
-The MLPerf rules allow evaluating saved checkpoints after training. For each checkpoint (a trainer
-`step_XXXXXXX/` directory, its `model.pt`, or an ldm export such as `unet_ldm.safetensors`) this
-loads the UNet, runs the same evaluator as inline evaluation (all prompts, split over the launched
-processes), writes the PNG grid and JSON under `RUN_DIR/eval_offline/`, prints one line, and appends
-eval_start / eval_accuracy (FID, CLIP) / eval_stop with the checkpoint's samples_count to the MLPerf
-log of the run the checkpoint belongs to (rank 0 only).
+Two forms:
+- `--run-dir RUN` (the submission path): scores the checkpoints a run collected with eval.inline=false
+  (RUN/eval_checkpoints/) as the rules require -- `--all` (every checkpoint up to the first passing one),
+  `--last-two` (the first passing one and the one before it, by bisection) or `--watch` (as they land, then
+  RUN/STOP tells the trainer to stop) -- and writes the run's final MLPerf log (RUN/mlperf.log): the training
+  log, the scores, and run_stop at the time the first passing checkpoint was collected (sd_mlperf.final_log).
+  The run's own config.yaml is the config (its seed gives the evaluation noise); overrides may follow.
+- `--checkpoint PATH` (repeatable): any trainer checkpoint directory, its model.pt or an ldm export (.safetensors
+  /.ckpt); prints FID and CLIP. With `--mlperf-log FILE` it appends eval_* lines there.
+
+Both run the inline evaluator (all prompts split over the launched processes) and write the PNG grid and JSON
+under RUN/eval_offline/.
 """
 
 from __future__ import annotations
@@ -19,21 +25,35 @@ from typing import Any
 from sd_mlperf.commands._common import add_config_arguments
 
 NAME = "evaluate"
-HELP = "evaluate saved checkpoints (FID, CLIP); writes a grid + JSON and appends MLPerf eval_* lines"
+HELP = "score saved checkpoints (FID, CLIP); --run-dir writes a run's final MLPerf log"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", nargs="+", required=True, metavar="PATH",
-                        help="checkpoint directories (run/checkpoints/step_XXXXXXX), model.pt files or ldm UNet "
-                             "exports (.safetensors/.ckpt), evaluated in order")
-    parser.add_argument("--num-prompts", type=int, metavar="N", help="evaluate only the first N prompts (quick look; "
-                        "same as eval.num_prompts=N; the MLPerf target needs all 30,000)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--run-dir", metavar="RUN", help="a run trained with eval.inline=false: score its collected "
+                      "checkpoints as the rules require and write RUN/mlperf.log")
+    what.add_argument("--checkpoint", action="append", metavar="PATH",
+                      help="a checkpoint directory (RUN/checkpoints/step_XXXXXXX), its model.pt, or an ldm UNet export "
+                           "(.safetensors/.ckpt); repeatable, evaluated in order")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--all", dest="strategy", action="store_const", const="all",
+                     help="--run-dir: every collected checkpoint up to the first passing one (default)")
+    how.add_argument("--last-two", dest="strategy", action="store_const", const="last_two",
+                     help="--run-dir: the first passing checkpoint and the one before it, found by bisection (assumes "
+                          "quality improves with training; the rules ask this of 9 of the 10 runs)")
+    how.add_argument("--watch", dest="strategy", action="store_const", const="watch",
+                     help="--run-dir: score checkpoints as the trainer collects them; once one passes, write RUN/STOP "
+                          "(the trainer stops at its next checkpoint) and the final log")
+    parser.set_defaults(strategy="all")
+    parser.add_argument("--poll-s", type=float, default=30.0, metavar="S", help="--watch: seconds between looks")
+    parser.add_argument("--watch-timeout-s", type=float, metavar="S",
+                        help="--watch: give up after S seconds without a passing checkpoint or the end of training")
+    parser.add_argument("--num-prompts", type=int, metavar="N", help="score only the first N prompts (a quick look; "
+                        "never written to the final log: the MLPerf target needs all 30,000)")
     parser.add_argument("--samples-count", type=int, metavar="N",
-                        help="samples_count for the MLPerf lines when the checkpoint does not record it (ldm exports)")
-    parser.add_argument("--mlperf-log", metavar="FILE", help="MLPerf log to append to (default: RUN_DIR/"
-                        "logging.mlperf_log_file, RUN_DIR being the checkpoint's run directory)")
-    parser.add_argument("--no-mlperf-log", action="store_true", help="do not write MLPerf lines")
+                        help="--checkpoint: samples_count for --mlperf-log when the file does not record it")
+    parser.add_argument("--mlperf-log", metavar="FILE", help="--checkpoint: append eval_* lines to FILE")
     add_config_arguments(parser)
 
 
@@ -67,8 +87,104 @@ def checkpoint_info(path: str | Path, samples_count: int | None = None) -> dict[
     return {"path": path, "state": state, "step": step or 0, "samples_count": count, "run_dir": run_dir}
 
 
+def _scoring_parts(cfg: Any, dist: Any, out_dir: Path) -> tuple[Any, Any]:
+    """(UNet, evaluator) on this rank's device; the frozen parts are the trainer's (same file or same seed)."""
+    from sd_mlperf.eval.evaluator import build_evaluator
+    from sd_mlperf.models.checkpoint_io import build_frozen_encoders
+    from sd_mlperf.models.unet import build_unet
+
+    vae, text_encoder = build_frozen_encoders(cfg.model)
+    vae.to(dist.device).eval()
+    text_encoder.to(dist.device).eval()
+    unet = build_unet(cfg.model.unet).to(dist.device).eval()
+    evaluator = build_evaluator(cfg, vae=vae, text_encoder=text_encoder, rank=dist.rank, world_size=dist.world_size,
+                                device=dist.device, run_dir=out_dir.parent, out_subdir=out_dir.name)
+    return unet, evaluator
+
+
+def _check_num_prompts(n: int | None) -> None:
+    if n is not None and n < 2:
+        raise ValueError(f"--num-prompts must be at least 2 (FID needs 2 images), got {n}")
+
+
+def _evaluate_run_dir(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from sd_mlperf.config import load_config
+    from sd_mlperf.config.load import evaluation_seed
+    from sd_mlperf.models.checkpoint_io import check_state_dict
+    from sd_mlperf.offline_eval import RunEvaluation
+    from sd_mlperf.parallel.distributed import destroy_distributed, init_distributed, read_launch_env
+    from sd_mlperf.utils.logging import setup_logging
+
+    run_dir = Path(args.run_dir)
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} does not exist: --run-dir takes a run directory of `sd-mlperf train`")
+    # The run's own config (seed, targets, evaluation settings); the processes are this launch's, not training's.
+    world = read_launch_env().world_size
+    cfg = load_config([config, *args.config], ["parallel.num_nodes=1", f"parallel.gpus_per_node={world}",
+                                              *args.overrides])
+    if cfg.eval.inline:
+        raise ValueError(f"{run_dir} trained with eval.inline=true: its {cfg.logging.mlperf_log_file} is final "
+                         "already. Use --checkpoint to score its checkpoints again.")
+    _check_num_prompts(args.num_prompts)
+    num_prompts = args.num_prompts or cfg.eval.num_prompts
+    scoring_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, num_prompts=num_prompts))
+    if cfg.run.num_threads:
+        torch.set_num_threads(cfg.run.num_threads)
+    dist = init_distributed(cfg.run, cfg.parallel)
+    setup_logging(cfg.logging.level, rank=dist.rank)
+    try:
+        unet, evaluator = _scoring_parts(scoring_cfg, dist, run_dir / "eval_offline")
+
+        def evaluate(payload: dict) -> tuple[float, float]:
+            check_state_dict(unet, payload["unet"], source=f"{run_dir} step {payload['step']}")
+            unet.load_state_dict(payload["unet"], strict=True)
+            result = evaluator.evaluate(unet, samples_count=int(payload["samples_count"]), step=int(payload["step"]))
+            return result.fid, result.clip
+
+        runner = RunEvaluation(run_dir, evaluate=evaluate, num_prompts=num_prompts, noise_seed=evaluation_seed(cfg),
+                               target_fid=cfg.training.target_fid, target_clip=cfg.training.target_clip,
+                               is_main=dist.is_main, final_num_prompts=cfg.eval.num_prompts)
+        if args.strategy == "watch":
+            runner.watch(poll_s=args.poll_s, timeout_s=args.watch_timeout_s)
+        else:
+            records, _ = runner.collected()
+            if not records:
+                raise ValueError(f"{run_dir}/eval_checkpoints holds no collected checkpoint yet (the trainer collects "
+                                 "one at every checkpoint_every_samples)")
+            (runner.score_all if args.strategy == "all" else runner.score_last_two)(records)
+        return _report(runner, run_dir / cfg.logging.mlperf_log_file, is_main=dist.is_main)
+    finally:
+        destroy_distributed()
+
+
+def _report(runner: Any, log_path: Path, *, is_main: bool) -> int:
+    """Write the final log if it can be written; print the outcome (rank 0). 0 = a passing checkpoint."""
+    first = runner.first_passing()
+    if not is_main:
+        return 0 if first is not None else 1
+    for score in sorted(runner.scores.values(), key=lambda s: s.step):
+        sys.stdout.write(f"step {score.step} samples {score.samples_count}: FID {score.fid:.4f} CLIP {score.clip:.4f}"
+                         f" {'PASS' if runner.passes(score) else 'fail'}\n")
+    try:
+        runner.write_final_log(log_path)
+    except ValueError as exc:
+        sys.stdout.write(f"no final log written: {exc}\n")
+        return 1
+    if first is None:
+        sys.stdout.write(f"not converged: {log_path} ends with run_stop (aborted)\n")
+        return 1
+    sys.stdout.write(f"converged at {first.samples_count} samples (step {first.step}): {log_path} ends with "
+                     "run_stop (success) at that checkpoint's collection time\n")
+    return 0
+
+
 def _append_mlperf(log_path: Path, samples_count: int, fid: float, clip: float) -> None:
-    """Append one evaluation's eval_start / eval_accuracy (FID, CLIP) / eval_stop to a run's MLPerf log."""
+    """Append one evaluation's eval_start / eval_accuracy (FID, CLIP) / eval_stop to an MLPerf log."""
     from sd_mlperf.mlperf_log import MLPerfLogger
 
     mlperf = MLPerfLogger(log_path, append=True)
@@ -80,46 +196,45 @@ def _append_mlperf(log_path: Path, samples_count: int, fid: float, clip: float) 
         mlperf.close()
 
 
-def run(args: argparse.Namespace) -> int:
+def _seed_from_run(cfg: Any, infos: list[dict[str, Any]]) -> list[str]:
+    """Overrides that give a null run.seed the value of the run the checkpoints come from (its config.yaml)."""
+    from omegaconf import OmegaConf
+
+    if cfg.run.seed is not None or cfg.eval.seed is not None:
+        return []
+    for info in infos:
+        config = Path(info["run_dir"] or "/nonexistent") / "config.yaml"
+        if config.is_file() and OmegaConf.load(config).run.get("seed") is not None:
+            return [f"run.seed={OmegaConf.load(config).run.seed}"]
+    return []
+
+
+def _evaluate_checkpoints(args: argparse.Namespace) -> int:
     import torch
 
     from sd_mlperf.config import load_config
-    from sd_mlperf.eval.evaluator import build_evaluator
-    from sd_mlperf.models.checkpoint_io import build_frozen_encoders, check_state_dict
-    from sd_mlperf.models.unet import build_unet
+    from sd_mlperf.models.checkpoint_io import check_state_dict
     from sd_mlperf.parallel.distributed import destroy_distributed, init_distributed
     from sd_mlperf.utils.logging import logger, setup_logging
 
-    # `--checkpoint A B key=value` hands the overrides to --checkpoint (nargs="+"): take back every entry
-    # that looks like an override and is not an existing path (Lightning names such as epoch=1.ckpt exist).
-    checkpoints = [c for c in args.checkpoint if "=" not in c or Path(c).exists()]
-    overrides = [c for c in args.checkpoint if c not in checkpoints] + list(args.overrides)
-    if not checkpoints:
-        raise ValueError("--checkpoint needs at least one checkpoint path")
-    if args.num_prompts is not None:
-        if args.num_prompts < 2:
-            raise ValueError(f"--num-prompts must be at least 2 (FID needs 2 images), got {args.num_prompts}")
-        overrides.append(f"eval.num_prompts={args.num_prompts}")
+    _check_num_prompts(args.num_prompts)
+    overrides = list(args.overrides) + ([f"eval.num_prompts={args.num_prompts}"] if args.num_prompts else [])
     cfg = load_config(args.config, overrides)
+    infos = [checkpoint_info(spec, args.samples_count) for spec in args.checkpoint]
+    seed = _seed_from_run(cfg, infos)
+    if seed:
+        cfg = load_config(args.config, [*overrides, *seed])
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
     dist = init_distributed(cfg.run, cfg.parallel)
     setup_logging(cfg.logging.level, rank=dist.rank)
     try:
         default_run_dir = Path(cfg.run.output_dir) / cfg.run.name
-        vae, text_encoder = build_frozen_encoders(cfg.model)  # random ones (smoke) are the trainer's too
-        vae.to(dist.device).eval()
-        text_encoder.to(dist.device).eval()
-        unet = build_unet(cfg.model.unet).to(dist.device).eval()
-        evaluator = build_evaluator(cfg, vae=vae, text_encoder=text_encoder, rank=dist.rank,
-                                    world_size=dist.world_size, device=dist.device, run_dir=default_run_dir,
-                                    out_subdir="eval_offline")
-        for spec in checkpoints:
-            info = checkpoint_info(spec, args.samples_count)
+        unet, evaluator = _scoring_parts(cfg, dist, default_run_dir / "eval_offline")
+        for info in infos:
             check_state_dict(unet, info["state"], source=str(info["path"]))
             unet.load_state_dict(info["state"], strict=True)
-            run_dir = info["run_dir"] or default_run_dir
-            evaluator.out_dir = Path(run_dir) / "eval_offline"
+            evaluator.out_dir = Path(info["run_dir"] or default_run_dir) / "eval_offline"
             count = info["samples_count"]
             result = evaluator.evaluate(unet, samples_count=count or 0, step=info["step"])
             if dist.rank != 0:
@@ -127,15 +242,17 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(f"{info['path']}: step {info['step']} samples {count} FID {result.fid:.4f} "
                              f"CLIP {result.clip:.4f} ({result.num_images} images, {result.seconds:.1f} s) "
                              f"-> {result.json_path}\n")
-            if args.no_mlperf_log:
-                continue
-            if count is None:
+            if args.mlperf_log and count is None:
                 logger.warning("%s records no samples_count: no MLPerf lines written (pass --samples-count N)",
                                info["path"])
-                continue
-            log_path = Path(args.mlperf_log) if args.mlperf_log else Path(run_dir) / cfg.logging.mlperf_log_file
-            _append_mlperf(log_path, count, result.fid, result.clip)
-            logger.info("appended eval_* lines (samples_count %d) to %s", count, log_path)
+            elif args.mlperf_log:
+                _append_mlperf(Path(args.mlperf_log), count, result.fid, result.clip)
+                logger.info("appended eval_* lines (samples_count %d) to %s", count, args.mlperf_log)
     finally:
         destroy_distributed()
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return _evaluate_run_dir(args) if args.run_dir else _evaluate_checkpoints(args)
+

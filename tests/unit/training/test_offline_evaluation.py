@@ -1,0 +1,142 @@
+"""Offline evaluation of a run directory: which checkpoints are scored, and the final log the checkers read."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sd_mlperf.eval_checkpoints import STOP_FILE, read_index
+from sd_mlperf.final_log import parse_mllog_line
+from sd_mlperf.offline_eval import RunEvaluation
+from tests.unit.training._helpers import make_batches, make_cfg, make_trainer
+
+PASS, FAIL = (80.0, 0.2), (120.0, 0.1)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A real tiny run with eval.inline=false: 6 collected checkpoints (every 2 steps, 4 samples)."""
+    tmp = tmp_path_factory.mktemp("offline")
+    cfg = make_cfg(tmp, "eval.inline=false", "checkpoint.resumable=false", "training.max_steps=12",
+                   "training.checkpoint_every_samples=4")
+    trainer, _ = make_trainer(cfg, make_batches(3))
+    trainer.fit()
+    trainer.close()
+    return tmp / "run"
+
+
+def _runner(run_dir, verdicts, calls, **kw):
+    """RunEvaluation with a stand-in for FID/CLIP: verdicts[i] is the score of the i-th collected checkpoint."""
+    steps = [r["step"] for r in read_index(run_dir)[0]]
+
+    def evaluate(payload):
+        calls.append(payload["step"])
+        return verdicts[steps.index(payload["step"])]
+
+    args = {"num_prompts": 30000, "noise_seed": 5, "target_fid": 90.0, "target_clip": 0.15, "is_main": True,
+            "final_num_prompts": 30000, **kw}
+    return RunEvaluation(run_dir, evaluate=evaluate, **args)
+
+
+def _copy(run_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(run_dir, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _events(path):
+    return [r for r in (parse_mllog_line(line) for line in path.read_text().splitlines()) if r]
+
+
+def _check(log, cwd):
+    cmd = [sys.executable, "-m", "mlperf_logging.compliance_checker", "--usage", "training", "--ruleset", "5.0.0",
+           str(log)]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_all_scores_in_order_up_to_the_first_pass_and_times_run_stop_at_its_collection(run_dir, tmp_path):
+    run = _copy(run_dir, tmp_path)
+    calls: list[int] = []
+    runner = _runner(run, [FAIL, FAIL, FAIL, PASS, FAIL, PASS], calls)
+    records, _ = runner.collected()
+    runner.score_all(records)
+    assert calls == [2, 4, 6, 8]
+    log = runner.write_final_log(run / "mlperf.log")
+    events = _events(log)
+    keys = [e["key"] for e in events]
+    assert keys.count("eval_accuracy") == 8 and keys[-1] == "run_stop"
+    stop = events[-1]
+    assert stop["metadata"] == {**stop["metadata"], "status": "success", "samples_count": 16}
+    assert stop["time_ms"] == records[3]["collected_ms"]
+    # No block after the passing checkpoint's; each evaluation right after its block, at its collection time.
+    assert max(e["metadata"]["samples_count"] for e in events if e["key"] == "block_start") == 12
+    for record in records[:4]:
+        i = next(i for i, e in enumerate(events) if e["key"] == "block_stop"
+                 and e["metadata"]["samples_count"] == record["samples_count"])
+        assert [e["key"] for e in events[i + 1: i + 5]] == ["eval_start", "eval_accuracy", "eval_accuracy", "eval_stop"]
+        assert {e["time_ms"] for e in events[i + 1: i + 5]} == {record["collected_ms"]}
+    result = _check(log, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # A second call scores nothing again: the scores are kept in RUN/eval_offline/scores.jsonl.
+    again = _runner(run, [FAIL] * 6, calls)
+    again.score_all(records)
+    assert calls == [2, 4, 6, 8] and again.first_passing().step == 8
+
+
+def test_last_two_bisects_and_logs_the_pair(run_dir, tmp_path):
+    run = _copy(run_dir, tmp_path)
+    calls: list[int] = []
+    runner = _runner(run, [FAIL, FAIL, FAIL, FAIL, PASS, PASS], calls)
+    runner.score_last_two(runner.collected()[0])
+    assert calls[0] == 12 and set(calls) >= {8, 10} and len(calls) <= 4  # about log2(6) + 1, not 6
+    events = _events(runner.write_final_log(run / "mlperf.log"))
+    scored = sorted({e["metadata"]["samples_count"] for e in events if e["key"] == "eval_accuracy"})
+    assert scored[-2:] == [16, 20] and events[-1]["metadata"]["samples_count"] == 20
+    assert _check(run / "mlperf.log", tmp_path).returncode == 0
+
+
+def test_last_two_reports_not_converged_when_the_last_checkpoint_fails(run_dir, tmp_path):
+    run = _copy(run_dir, tmp_path)
+    calls: list[int] = []
+    runner = _runner(run, [FAIL] * 6, calls)
+    runner.score_last_two(runner.collected()[0])
+    assert calls == [12] and runner.first_passing() is None
+    events = _events(runner.write_final_log(run / "mlperf.log"))
+    end = read_index(run)[1]
+    assert events[-1]["metadata"]["status"] == "aborted" and events[-1]["time_ms"] == end["time_ms"]
+    assert events[-1]["metadata"]["samples_count"] == end["samples_count"]
+
+
+def test_watch_stops_the_trainer_at_the_first_pass(run_dir, tmp_path):
+    run = _copy(run_dir, tmp_path)
+    calls: list[int] = []
+    runner = _runner(run, [FAIL, PASS, PASS, PASS, PASS, PASS], calls)
+    runner.watch(poll_s=0.01, timeout_s=5)
+    assert calls == [2, 4] and "step 4" in (run / STOP_FILE).read_text()
+    assert _events(runner.write_final_log(run / "mlperf.log"))[-1]["metadata"]["status"] == "success"
+
+
+def test_quick_looks_never_write_the_final_log(run_dir, tmp_path):
+    run = _copy(run_dir, tmp_path)
+    runner = _runner(run, [PASS] * 6, [], num_prompts=500)
+    runner.score_all(runner.collected()[0])
+    with pytest.raises(ValueError, match="quick look"):
+        runner.write_final_log(run / "mlperf.log")
+    full = _runner(run, [FAIL] * 6, [])
+    assert full.scores == {}  # a 500-prompt score is not a full one
+
+
+def test_no_final_log_while_training_runs_without_a_pass(run_dir, tmp_path):
+    run = _copy(run_dir, tmp_path)
+    index = run / "eval_checkpoints" / "index.jsonl"
+    index.write_text("".join(line + "\n" for line in index.read_text().splitlines()
+                             if "training_end" not in line))
+    runner = _runner(run, [FAIL] * 6, [])
+    runner.score_all(runner.collected()[0])
+    with pytest.raises(ValueError, match="training has not ended"):
+        runner.write_final_log(run / "mlperf.log")
+    assert json.loads(index.read_text().splitlines()[-1])["step"] == 12
