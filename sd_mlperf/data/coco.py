@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
-import io
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 
@@ -14,6 +14,12 @@ from sd_mlperf.utils.files import atomic_path, atomic_write_text
 
 PROMPT_COLUMNS = ("image_id", "id", "caption")
 FID_FEATURE_DIM = 2048
+# pandas.read_csv's default na_values (pandas._libs.parsers.STR_NA_VALUES; a test keeps this copy in sync).
+# A caption equal to one of these becomes float NaN in the reference, whose CLIP tokenizer then fails on it.
+PANDAS_NA_STRINGS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+                               "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+_FORMAT = ("a tab-separated file with columns image_id, id, caption, written as pandas' to_csv(sep='\\t', "
+           "index=False) writes it (like MLCommons' val2014_30k.tsv)")
 
 
 @dataclass(frozen=True)
@@ -26,41 +32,118 @@ class Prompt:
 
 
 def read_prompts(path: str | os.PathLike) -> list[Prompt]:
-    """Read a tab-separated prompts file with a header holding image_id, id and caption."""
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{path}: empty prompts file; expected a header with columns {', '.join(PROMPT_COLUMNS)}.")
-        missing = [c for c in PROMPT_COLUMNS if c not in header]
-        if missing:
-            raise ValueError(f"{path}: header {header} lacks column(s) {missing}; the file must be tab-separated "
-                             f"with columns {', '.join(PROMPT_COLUMNS)} (like MLCommons' val2014_30k.tsv).")
-        cols = [header.index(c) for c in PROMPT_COLUMNS]
-        prompts = []
-        for line_no, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise ValueError(f"{path}:{line_no}: {len(row)} fields, the header has {len(header)}; "
-                                 f"is a caption holding a tab?")
-            try:
-                prompts.append(Prompt(int(row[cols[0]]), int(row[cols[1]]), row[cols[2]]))
-            except ValueError as exc:
-                raise ValueError(f"{path}:{line_no}: image_id and id must be integers ({exc}).") from exc
-    if not prompts:
+    """Read a prompts TSV exactly as the MLCommons reference does: pandas.read_csv(path, sep='\\t', header=0).
+
+    Captions come back as pandas yields them (quotes undone, tabs and newlines kept). Where pandas yields no
+    string (a caption such as "", "NA" or "null" becomes NaN; a column of only numbers becomes numbers) the
+    reference's CLIP tokenizer fails, so this raises a ValueError naming the line and the text instead.
+    """
+    # pandas itself, not the csv module: csv cannot reproduce its tokenizer on whitespace-only lines, an
+    # unclosed quote at EOF or blank lines in '\r'-terminated files. Imported here: only evaluation needs it.
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, sep="\t", header=0)
+    except pd.errors.EmptyDataError as exc:
+        raise ValueError(f"{path}: empty prompts file; expected {_FORMAT}.") from exc
+    except pd.errors.ParserError as exc:
+        raise ValueError(f"{path}: pandas cannot parse it ({exc}); a caption holding a tab, a newline or a "
+                         f"leading '\"' must be quoted; expected {_FORMAT}.") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc}); expected {_FORMAT}.") from exc
+    header = [str(c) for c in df.columns]
+    missing = [c for c in PROMPT_COLUMNS if c not in header]
+    if missing:
+        raise ValueError(f"{path}: header {header} lacks column(s) {missing}; expected {_FORMAT}.")
+    if not isinstance(df.index, pd.RangeIndex):
+        # pandas takes the extra leading field(s) of a first row longer than the header as the index and
+        # shifts every column right; almost always an unquoted tab in the first caption.
+        raise ValueError(f"{_where(path, 0, len(df))}: the first row has more fields than the header "
+                         f"({len(header)}), so pandas would shift every column; quote captions that hold a tab; "
+                         f"expected {_FORMAT}.")
+    if df.empty:
         raise ValueError(f"{path}: no prompts after the header.")
-    return prompts
+    ids = {}
+    for col in ("image_id", "id"):
+        if not pd.api.types.is_integer_dtype(df[col].dtype):
+            raise _bad_id(path, col, df[col].dtype)
+        ids[col] = df[col].tolist()
+    captions = df["caption"].tolist()
+    for row, caption in enumerate(captions):
+        if not isinstance(caption, str):
+            raise _bad_caption(path, row, caption)
+    return [Prompt(int(i), int(j), c) for i, j, c in zip(ids["image_id"], ids["id"], captions, strict=True)]
+
+
+def _raw_rows(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows as pandas tokenizes them, every value the text in the file (for error messages only)."""
+    import pandas as pd
+
+    df = pd.read_csv(path, sep="\t", header=0, dtype=str, keep_default_na=False, na_filter=False)
+    return df.to_dict("records")
+
+
+def _where(path: str | os.PathLike, row: int, num_rows: int) -> str:
+    """'path:line (data row n)' for data row `row`; the line comes from the csv module, so only if it agrees."""
+    starts, line = [], 1
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter="\t")
+            for fields in reader:
+                all_spaces = len(fields) == 1 and fields[0] != "" and not fields[0].strip(" ")
+                if fields and not all_spaces:  # pandas skips blank lines and lines of only spaces
+                    starts.append(line)
+                line = reader.line_num + 1
+    except (OSError, UnicodeError, csv.Error):
+        starts = []
+    if len(starts) == num_rows + 1:  # header + rows: csv and pandas saw the same records
+        return f"{path}:{starts[row + 1]} (data row {row + 1})"
+    return f"{path}: data row {row + 1}"
+
+
+def _bad_id(path: str | os.PathLike, col: str, dtype: object) -> ValueError:
+    """The error for an image_id or id column that pandas does not read as integers."""
+    raw = _raw_rows(path)
+    for row, fields in enumerate(raw):
+        if not re.fullmatch(r" *[+-]?[0-9]+ *", fields[col]):
+            return ValueError(f"{_where(path, row, len(raw))}: {col} {fields[col]!r} is not an integer; image_id "
+                              f"and id must be integers; expected {_FORMAT}.")
+    return ValueError(f"{path}: pandas reads column {col} as {dtype}; image_id and id must be integers.")
+
+
+def _bad_caption(path: str | os.PathLike, row: int, value: object) -> ValueError:
+    """The error for a caption that pandas does not read as a string (NaN, a number, a bool)."""
+    import pandas as pd
+
+    raw = _raw_rows(path)
+    what = "a missing value (NaN)" if pd.isna(value) else f"{type(value).__name__} {value!r}"
+    return ValueError(f"{_where(path, row, len(raw))}: caption {raw[row]['caption']!r} is read by pandas as {what}, "
+                      f"not text, and the MLCommons reference's CLIP tokenizer fails on it; write a real caption "
+                      f"(pandas' default na_values: {sorted(PANDAS_NA_STRINGS)}) or drop the row.")
 
 
 def write_prompts(path: str | os.PathLike, prompts: list[Prompt]) -> None:
-    """Write prompts in the val2014_30k.tsv format (atomically); tabs and newlines in captions become spaces."""
-    buf = io.StringIO()
-    buf.write("\t".join(PROMPT_COLUMNS) + "\n")
+    """Write prompts as pandas' to_csv(sep='\\t', index=False) does, atomically; read_prompts returns them as given.
+
+    A caption that pandas would read back as NaN (see PANDAS_NA_STRINGS) is an error. A file whose captions are
+    all numbers (or all true/false) is read by pandas as a numeric column, which read_prompts rejects.
+    """
+    lines = ["\t".join(PROMPT_COLUMNS)]
     for p in prompts:
-        caption = " ".join(p.caption.split())
-        buf.write(f"{p.image_id}\t{p.id}\t{caption}\n")
-    atomic_write_text(path, buf.getvalue())
+        if p.caption in PANDAS_NA_STRINGS:
+            raise ValueError(f"{path}: caption {p.caption!r} (image_id {p.image_id}, id {p.id}) would be read back "
+                             f"by pandas.read_csv as NaN, which the reference cannot use; give it a real caption.")
+        lines.append(f"{p.image_id}\t{p.id}\t{_quote(p.caption)}")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _quote(field: str) -> str:
+    """QUOTE_MINIMAL as pandas' to_csv applies it, plus quoting a lone carriage return."""
+    # to_csv (Python's csv writer, lineterminator '\n') leaves '\r' unquoted and pandas then reads it as a line
+    # break; quoting it too keeps such captions whole and changes nothing else.
+    if any(c in field for c in '\t\n\r"'):
+        return '"' + field.replace('"', '""') + '"'
+    return field
 
 
 def read_fid_stats(path: str | os.PathLike, feature_dim: int = FID_FEATURE_DIM) -> tuple[np.ndarray, np.ndarray]:
