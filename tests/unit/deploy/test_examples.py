@@ -65,8 +65,16 @@ def test_offline_eval_dry_run_lists_the_runs_checkpoints_in_order(tmp_path):
                       "eval.num_prompts=8")
     assert proc.returncode == 0, proc.stderr
     assert _commands(proc.stdout) == [[
-        "python", "-m", "sd_mlperf", "evaluate", "--config", f"{run_dir}/config.yaml", "eval.num_prompts=8",
-        "--checkpoint", f"{run_dir}/checkpoints/step_0000010/model.pt", f"{run_dir}/checkpoints/step_0000020/model.pt"]]
+        "python", "-m", "sd_mlperf", "evaluate", "--config", f"{run_dir}/config.yaml",
+        "--checkpoint", f"{run_dir}/checkpoints/step_0000010/model.pt",
+        "--checkpoint", f"{run_dir}/checkpoints/step_0000020/model.pt", "eval.num_prompts=8"]]
+    _assert_cli_calls_exist(_commands(proc.stdout))
+    # A run that collected checkpoints for offline evaluation is scored as the rules require.
+    (run_dir / "eval_checkpoints").mkdir()
+    (run_dir / "eval_checkpoints" / "index.jsonl").write_text("")
+    proc = run_script("examples/03_offline_eval.sh", "--dry-run", "--run-dir", str(run_dir), "--last-two")
+    assert _commands(proc.stdout) == [["python", "-m", "sd_mlperf", "evaluate", "--run-dir", str(run_dir),
+                                       "--last-two"]]
     _assert_cli_calls_exist(_commands(proc.stdout))
     empty = run_script("examples/03_offline_eval.sh", "--run-dir", str(tmp_path / "none"))
     assert empty.returncode != 0 and "no checkpoints" in empty.stderr

@@ -22,7 +22,8 @@ TINY_EVAL = [
 
 def make_cfg(tmp_path: Path, *overrides: str) -> Config:
     """conf/smoke.yaml with its run directory under tmp_path and a 5-prompt, 2-step evaluation."""
-    return load_config([SMOKE], [f"run.output_dir={tmp_path}", "run.name=run", *TINY_EVAL, *overrides])
+    return load_config([SMOKE], [f"run.output_dir={tmp_path}", "run.name=run", "run.seed=1234", *TINY_EVAL,
+                                 *overrides])
 
 
 def build_parts(cfg: Config):

@@ -61,7 +61,7 @@ def test_unreadable_image_names_the_file(folder_and_features, tmp_path):
 def test_ensure_fid_stats_makes_smoke_statistics_once(folder_and_features, tmp_path):
     folder, _, expected = folder_and_features
     cfg = make_cfg(tmp_path, f"data.synthetic_dir={folder.parent}", f"eval.fid_stats={tmp_path}/stats.npz")
-    path = ensure_fid_stats(cfg)  # random Inception of eval.seed, the one the fixture used
+    path = ensure_fid_stats(cfg)  # the fixed-seed random Inception, the one the fixture used
     mu, sigma = read_fid_stats(path)
     ref_mu, _ = feature_statistics(expected)
     np.testing.assert_allclose(mu, ref_mu, rtol=1e-5, atol=1e-7)
