@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A timed benchmark run on one 8-GPU node, in the container: run_and_time.sh logs cache_clear,
+# A timed benchmark run on one 8-GPU node, in the container: run_and_time.sh drops the page cache,
 # starts 8 training processes with torchrun and prints the MLPerf RESULT line.
 #   examples/04_single_node_8gpu.sh [--dry-run] [--config conf/system/01x08x08.yaml] [--in-container]
 # First: docker/build.sh, and the data under /data/mlcommons (examples/06_download_data.sh).

@@ -99,7 +99,7 @@ def test_multi_node_example_is_the_seed_example():
                         "conf/system/02x08x08.yaml", "--checkpoint",
                         "/data/mlcommons/sd-checkpoint-3.0/512-base-ema.ckpt", "--dry-run")
     assert example.returncode == 0, example.stderr
-    assert example.stdout == direct.stdout and len(_commands(example.stdout)) == 4
+    assert example.stdout == direct.stdout and len(_commands(example.stdout)) == 3
 
 
 def test_download_dry_run_fetches_every_checkpoint_with_the_pinned_hash():
