@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from sd_mlperf.bench import bench_seed
 from sd_mlperf.bench.table import parse_text_table
 from sd_mlperf.bench.train import COLUMNS, SINGLE_PROCESS, compare_variants, parse_variant
 from sd_mlperf.cli import main
@@ -138,7 +139,7 @@ def test_bench_runs_the_trainers_step_after_a_warmup_that_changes_nothing():
     dp = apply_data_parallel(build_unet(cfg.model.unet), cfg, DistInfo(0, 1, 0, device, "none"))
     lr_schedule = LRSchedule(cfg.optim, global_batch_size(cfg))
     step = build_train_step(cfg, dp, conditioner=lambda b, generator, device: (b["z0"], b["context"]),
-                            lr_schedule=lr_schedule, generator=torch.Generator().manual_seed(cfg.run.seed),
+                            lr_schedule=lr_schedule, generator=torch.Generator().manual_seed(bench_seed(cfg)),
                             device=device)
     assert isinstance(step, EagerTrainStep)
     train_out = step([batch], lr_schedule.first_peak_step())
