@@ -15,23 +15,12 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
+from sd_mlperf.config.closed_division import check_closed_division
+from sd_mlperf.config.errors import ConfigError
 from sd_mlperf.config.schema import Config
 from sd_mlperf.utils.files import atomic_write_text
 
-# Values the MLPerf closed division fixes (REFERENCE.md, "Optimizer and schedule").
-CLOSED_DIVISION_FIXED = {
-    "optim.beta1": 0.9,
-    "optim.beta2": 0.999,
-    "optim.eps": 1e-8,
-    "optim.weight_decay": 0.01,
-}
-
-
 _YAML11_BOOL_WORDS = {"on", "off", "yes", "no", "y", "n"}
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error; the message names the key and the fix."""
 
 
 def _describe(exc: OmegaConfBaseException, source: str) -> ConfigError:
@@ -117,6 +106,7 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
 
 def validate(cfg: Config | DictConfig) -> None:
     """Cross-field checks that single types cannot express. Works on a Config or a merged DictConfig."""
+    check_closed_division(cfg)  # first: a closed-division user learns that a key is fixed, not how to fix its value
     threads = cfg.run.num_threads
     _check(threads is None or threads > 0, "run.num_threads", threads, "must be positive or null")
     u = cfg.model.unet
@@ -168,17 +158,6 @@ def validate(cfg: Config | DictConfig) -> None:
     _check(0 < o.warmup_start_factor <= 1, "optim.warmup_start_factor", o.warmup_start_factor, "must be in (0, 1]")
     _check(o.grad_clip_norm is None or o.grad_clip_norm > 0, "optim.grad_clip_norm", o.grad_clip_norm,
            "must be positive or null")
-    if cfg.run.division == "closed":
-        for key, ref in CLOSED_DIVISION_FIXED.items():
-            val = getattr(o, key.split(".")[1])
-            _check(math.isclose(val, ref, rel_tol=1e-12), key, val,
-                   f"the MLPerf closed division fixes it to {ref}; set run.division=open to change it")
-        # The reference clips no gradient and feeds the VAE [0, 1] pixels (its known bug, which the
-        # quality target was set with); either change is an open-division one.
-        _check(o.grad_clip_norm is None, "optim.grad_clip_norm", o.grad_clip_norm,
-               "the MLPerf closed division clips no gradient (null); set run.division=open to clip")
-        _check(cfg.data.image_range == "zero_one", "data.image_range", cfg.data.image_range,
-               "the MLPerf closed division keeps the reference's zero_one; set run.division=open for minus1_1")
 
     d = cfg.data
     _check(0 <= d.max_bad_fraction < 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1)")

@@ -28,7 +28,8 @@ class RunConfig:
     MLPerf rule for a timed run): rank 0 draws it from the OS entropy source and every rank takes that one;
     it is logged (`seed`) and saved in config.yaml and every checkpoint. Set it to reproduce a run bit for bit."""
     division: Literal["closed", "open"] = "closed"
-    """MLPerf division. `closed` refuses hyperparameters the rules fix (AdamW betas, eps, wd)."""
+    """MLPerf division. `closed` refuses every value the rules fix (config/closed_division.py: model, data,
+    schedule, AdamW, cadence, target, evaluation); `open` allows them all."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """Where to train: `auto` takes CUDA when present, else the CPU."""
     submission_org: str = "sd_mlperf"

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sd_mlperf.config.closed_division import FROZEN_CHECKPOINT_SHA256
 from sd_mlperf.utils.files import atomic_path
 from sd_mlperf.utils.logging import log_once, logger
 
@@ -37,7 +38,7 @@ SCHEDULE_BUFFERS = frozenset({
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
 })
 KNOWN_EXTRA_PREFIXES = ("model_ema.",)
-SD2_BASE_EMA_SHA256 = "d635794c1fedfdfa261e065370bea59c651fc9bfa65dc6d67ad29e11869a1824"
+SD2_BASE_EMA_SHA256 = FROZEN_CHECKPOINT_SHA256  # the closed division accepts only this one
 
 
 class _LightningStandIn:

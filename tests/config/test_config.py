@@ -103,21 +103,7 @@ def test_missing_required_keys_are_listed():
     assert "model.frozen_checkpoint" in missing_keys(merge_config())
 
 
-def test_closed_division_fixes_adamw_hyperparameters():
-    smoke = REPO / "conf" / "smoke.yaml"
-    with pytest.raises(ConfigError, match=r"optim\.weight_decay.*closed division.*run\.division=open"):
-        load_config([smoke], ["optim.weight_decay=0.1"])
-    cfg = load_config([smoke], ["optim.weight_decay=0.1", "run.division=open"])
-    assert cfg.optim.weight_decay == 0.1
-
-
-@pytest.mark.parametrize("override, key", [("optim.grad_clip_norm=1.0", r"optim\.grad_clip_norm"),
-                                           ("data.image_range=minus1_1", r"data\.image_range")])
-def test_closed_division_refuses_open_only_changes(override, key):
-    smoke = REPO / "conf" / "smoke.yaml"
-    with pytest.raises(ConfigError, match=rf"{key}.*closed division.*run\.division=open"):
-        load_config([smoke], [override])
-    load_config([smoke], [override, "run.division=open"])
+# What the closed division refuses: tests/config/test_closed_division.py.
 
 
 @pytest.mark.parametrize("override, key", [

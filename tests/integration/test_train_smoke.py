@@ -42,8 +42,13 @@ def test_smoke_train_then_resume(tmp_path):
     assert [r["step"] for r in records if r["kind"] == "eval"] == [2, 4]  # two FID+CLIP points
 
     # Every rule of the official checker but the quality target. Random-weight FID Inception and CLIP give
-    # meaningless numbers that may or may not meet it, so that rule alone is allowed to fail.
-    out = _checker(run / "mlperf.log", tmp_path)
+    # meaningless numbers that may or may not meet it, so that rule alone is allowed to fail. The smoke run is
+    # open division (tiny models); a relabelled copy of its log reaches the closed rules (AdamW values etc.).
+    text = (run / "mlperf.log").read_text()
+    assert text.count('"value": "open"') == 1
+    closed_log = tmp_path / "mlperf_closed.log"
+    closed_log.write_text(text.replace('"value": "open"', '"value": "closed"'))
+    out = _checker(closed_log, tmp_path)
     problems = [x for x in out.splitlines() if x.startswith(("WARNING", "ERROR")) and x.strip() != "ERROR - FAILED"]
     assert "Compliance checks: training_5.0.0/closed_stable_diffusion.yaml" in out, out
     assert all("aggregated_eval_accuracy" in x and "<= 90.0" in x for x in problems), out
