@@ -76,3 +76,35 @@ def test_evaluate_cli_on_a_smoke_checkpoint(tmp_path, capsys):
     assert "FID" in capsys.readouterr().out
     assert _mlperf_events(log) == before
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nope"), "--config", str(SMOKE), *overrides]) == 1
+
+
+@pytest.mark.slow
+def test_evaluate_run_dir_writes_the_final_log(tmp_path, capsys):
+    """A run trained with eval.inline=false, scored with the run's own config: the CLI form of the submission path."""
+    import subprocess
+    import sys
+
+    overrides = [f"run.output_dir={tmp_path}", "run.name=off", *TINY_EVAL, *TRAIN, "training.max_steps=4",
+                 "eval.inline=false", "checkpoint.export_ldm_weights=false"]
+    assert main(["train", "--config", str(SMOKE), *overrides]) == 0
+    run_dir = tmp_path / "off"
+    assert not (run_dir / "mlperf.log").exists() and (run_dir / "mlperf_train.log").exists()
+    # A target nothing reaches: every checkpoint is scored, the run did not converge (exit 1), the log says aborted.
+    capsys.readouterr()
+    assert main(["evaluate", "--run-dir", str(run_dir), "training.target_fid=-1"]) == 1
+    assert "not converged" in capsys.readouterr().out
+    events = _mlperf_events(run_dir / "mlperf.log")
+    assert [e["metadata"]["samples_count"] for e in events if e["key"] == "eval_accuracy"] == [8, 8, 16, 16]
+    assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "aborted"
+    cmd = [sys.executable, "-m", "mlperf_logging.compliance_checker", "--usage", "training", "--ruleset", "5.0.0",
+           str(run_dir / "mlperf.log")]
+    assert subprocess.run(cmd, cwd=tmp_path, capture_output=True, timeout=120).returncode == 0
+    # --watch with a target the second checkpoint reaches: no scoring again, RUN/STOP written, exit 0.
+    scores = (run_dir / "eval_offline" / "scores.jsonl").read_text()
+    fid = json.loads(scores.splitlines()[1])["fid"]
+    assert main(["evaluate", "--run-dir", str(run_dir), "--watch", "--poll-s", "0.01",
+                 f"training.target_fid={fid}", "training.target_clip=-1"]) == 0
+    assert (run_dir / "eval_offline" / "scores.jsonl").read_text() == scores
+    assert (run_dir / "STOP").is_file()
+    # An inline run's log is final already.
+    assert main(["evaluate", "--run-dir", str(run_dir), "eval.inline=true"]) == 1
