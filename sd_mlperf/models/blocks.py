@@ -180,5 +180,8 @@ class TimestepEmbedSequential(nn.Sequential):
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Run the layers; recompute them in backward when activation checkpointing is on."""
         if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._run, x, emb, context, use_reentrant=False)
+            # No RNG state to preserve: the UNet draws no random numbers (its dropouts have p=0, which returns the
+            # input without a draw). Preserving it would read the CUDA RNG state, which torch before 2.10 refuses
+            # inside a CUDA-graph capture (training.cuda_graph with activation checkpointing).
+            return checkpoint(self._run, x, emb, context, use_reentrant=False, preserve_rng_state=False)
         return self._run(x, emb, context)

@@ -158,6 +158,22 @@ def test_activation_checkpointing_same_gradients():
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-6, msg=n)
 
 
+def test_unet_draws_no_random_numbers_in_training(monkeypatch):
+    """What lets activation checkpointing skip saving RNG state: forward + backward leave every RNG untouched."""
+    unet = build_unet(tiny_cfg(activation_checkpointing=True)).train()
+    randomize(unet)
+    x, t, ctx = inputs()
+    before = torch.get_rng_state()
+
+    def refuse(*args, **kwargs):  # as torch < 2.10 refuses reading the CUDA RNG state inside a graph capture
+        raise RuntimeError("RNG state read during capture")
+
+    monkeypatch.setattr(torch, "get_rng_state", refuse)
+    unet(x, t, ctx).square().mean().backward()
+    monkeypatch.undo()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_bf16_autocast_forward_on_cpu():
     unet = build_unet(tiny_cfg(attention_backend="sdpa"))
     randomize(unet)
