@@ -105,10 +105,10 @@ class EvalCheckpointWriter:
         """Take the weights now (host copy) and publish them as a checkpoint (in the background)."""
         if not self.enabled:
             return
-        collected_ms = int(time.time() * 1e3)
         self._wait()  # one write in flight at most: bounds host memory, and keeps the index in step order
         # A copy, not a view: training changes the weights while the file is written.
         state = {k: v.detach().to("cpu", copy=True) for k, v in unet_state.items()}
+        collected_ms = int(time.time() * 1e3)  # after the copy: the timed run includes taking the weights
         payload = {"unet": state, "step": step, "samples_count": samples_count, "collected_ms": collected_ms,
                    "global_batch_size": global_batch_size, "seed": seed, "format": FORMAT}
         if self.background:

@@ -114,7 +114,7 @@ class MLPerfLogger:
         self.event("submission_platform", cfg.run.submission_platform)
         self.event("submission_status", "onprem")
 
-    def hyperparameters(self, cfg: Config, *, global_batch_size: int, learning_rate: float) -> None:
+    def hyperparameters(self, cfg: Config, *, global_batch_size: int) -> None:
         """Dataset sizes, seed, batch and optimizer keys (exactly once each)."""
         o = cfg.optim
         self.event("seed", cfg.run.seed)
@@ -127,7 +127,9 @@ class MLPerfLogger:
         self.event("opt_adamw_beta_2", o.beta2)
         self.event("opt_adamw_epsilon", o.eps)
         self.event("opt_adamw_weight_decay", o.weight_decay)
-        self.event("opt_base_learning_rate", learning_rate)
+        # The per-sample base (lr = base x global batch), as the reference's base_learning_rate and the RCP files
+        # (rcps_stable_diffusion.json: 1.25e-7 at GBS 1024 and 2048) record it; not the peak lr.
+        self.event("opt_base_learning_rate", o.base_lr_per_sample)
         self.event("opt_learning_rate_warmup_steps", o.warmup_steps)
 
     def run_start(self, samples_count: int = 0) -> None:

@@ -18,6 +18,7 @@ calls: rank 0 reads the index and the score file and broadcasts what it read.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,7 +65,9 @@ class RunEvaluation:
         path = self.run_dir / SCORES_FILE
         found: dict[int, Score] = {}
         if self.is_main and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+                if not line.endswith("\n"):  # an evaluator killed while appending: that score is computed again
+                    break
                 record = json.loads(line)
                 if {k: record.get(k) for k in self.key} == self.key:
                     found[record["step"]] = Score(record["step"], record["samples_count"], record["collected_ms"],
@@ -89,6 +92,8 @@ class RunEvaluation:
             path_scores.parent.mkdir(parents=True, exist_ok=True)
             with open(path_scores, "a", encoding="utf-8") as f:
                 f.write(line + "\n")
+                f.flush()
+                os.fsync(f.fileno())
         verdict = "passes" if self.passes(score) else "does not pass"
         logger.info("checkpoint step %d (%d samples): FID %.4f CLIP %.4f, %s the target", step, score.samples_count,
                     score.fid, score.clip, verdict)
@@ -129,7 +134,8 @@ class RunEvaluation:
                     return
             if end is not None:
                 return
-            if timeout_s is not None and time.monotonic() - start > timeout_s:
+            expired = timeout_s is not None and time.monotonic() - start > timeout_s
+            if broadcast_object(expired if self.is_main else None):  # rank 0's clock decides for all
                 raise TimeoutError(f"--watch: no passing checkpoint and no end of training in {self.run_dir} within "
                                    f"{timeout_s:.0f} s")
             time.sleep(poll_s)
@@ -140,7 +146,11 @@ class RunEvaluation:
         return first_passing(list(self.scores.values()), self.target_fid, self.target_clip)
 
     def write_final_log(self, path: str | Path) -> Path:
-        """Write the run's final MLPerf log (rank 0; atomic). Raises ValueError while it cannot be written yet."""
+        """Write the run's final MLPerf log (rank 0 writes, atomically). Raises ValueError while it cannot be written.
+
+        Every rank calls it (it reads the index collectively) and composes the same lines from the same scores, so
+        every rank raises the same error or none.
+        """
         if not self.final:
             raise ValueError(f"these scores use {self.key['num_prompts']} prompts, not the run's eval.num_prompts: a "
                              "quick look never writes the final log")

@@ -151,7 +151,8 @@ class Trainer:
         """At every block end: the resumable checkpoint, the weights for offline evaluation, inline evaluation."""
         if self.plan.save_resumable:
             self.save_checkpoint()
-        if self.collector is not None:
+        if self.collector is not None and self.state.step % self.plan.steps_per_block == 0:
+            # Only on the 512,000-image cadence the rules score: not the off-cadence last step of max_samples.
             self.raise_if_nonfinite()
             s = self.state
             self.collector.collect(s.step, s.samples_count, self.dp.unwrapped.state_dict(),
@@ -173,8 +174,13 @@ class Trainer:
         s = self.state
         if self.collector is None:
             self.mlperf.run_stop(s.samples_count, success=s.reached_target)
-        else:
+        elif reason != "error":
             self.collector.finish(s.samples_count, reason)
+        else:  # training is failing already: record the end, but never hide that error behind a writer's
+            try:
+                self.collector.finish(s.samples_count, reason)
+            except Exception as exc:  # noqa: BLE001 -- logged; the training error propagates
+                logger.error("could not record the end of training in %s: %s", self.collector.dir, exc)
 
     def _batches(self) -> Iterator[dict]:
         while True:  # the reference samples shards with replacement: no epochs

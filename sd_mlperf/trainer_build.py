@@ -16,7 +16,7 @@ import yaml
 
 from sd_mlperf.backends import log_resolutions, resolutions_to_dict
 from sd_mlperf.checkpoint import Checkpointer, saved_run_seed
-from sd_mlperf.config.load import global_batch_size, learning_rate, save_resolved_config, steps_between_checkpoints
+from sd_mlperf.config.load import global_batch_size, save_resolved_config, steps_between_checkpoints
 from sd_mlperf.config.schema import Config
 from sd_mlperf.eval_checkpoints import EVAL_CHECKPOINT_DIR, STOP_FILE, EvalCheckpointWriter
 from sd_mlperf.mlperf_log import TRAINING_LOG_FILE, MLPerfLogger, page_cache_cleared, training_log_path
@@ -99,12 +99,15 @@ def build_trainer(cfg: Config, dist: DistInfo, *, evaluator: EvaluatorLike | Non
                  "/proc/sys/vm/drop_caches` as root on every node and set that variable.")
     mlperf.init_start(init_time_ms, cache_cleared=cleared)
     mlperf.submission(cfg)
-    mlperf.hyperparameters(cfg, global_batch_size=plan.global_batch_size, learning_rate=learning_rate(cfg))
+    mlperf.hyperparameters(cfg, global_batch_size=plan.global_batch_size)
     if dist.is_main:
         save_resolved_config(cfg, run_dir)
 
     torch.manual_seed(cfg.run.seed)  # the same UNet init on every rank, whatever the backend
-    unet = build_unet(cfg.model.unet)
+    # The UNet computes in training.precision, and in eval.precision when the inline evaluator runs it.
+    precisions = {"training.precision": cfg.training.precision, **({"eval.precision": cfg.eval.precision}
+                                                                  if cfg.eval.inline else {})}
+    unet = build_unet(cfg.model.unet, compute_precisions=precisions)
     generator = _device_generator(seed_everything(cfg.run.seed, dist.rank), dist.device)
     build_eval = evaluator == "from_config" and cfg.eval.inline
     vae, text_encoder = _build_frozen(cfg, dist) if (data is None or build_eval) else (None, None)

@@ -96,7 +96,8 @@ def _scoring_parts(cfg: Any, dist: Any, out_dir: Path) -> tuple[Any, Any]:
     vae, text_encoder = build_frozen_encoders(cfg.model)
     vae.to(dist.device).eval()
     text_encoder.to(dist.device).eval()
-    unet = build_unet(cfg.model.unet).to(dist.device).eval()
+    unet = build_unet(cfg.model.unet, compute_precisions={"eval.precision": cfg.eval.precision})
+    unet.to(dist.device).eval()
     evaluator = build_evaluator(cfg, vae=vae, text_encoder=text_encoder, rank=dist.rank, world_size=dist.world_size,
                                 device=dist.device, run_dir=out_dir.parent, out_subdir=out_dir.name)
     return unet, evaluator
@@ -163,27 +164,29 @@ def _evaluate_run_dir(args: argparse.Namespace) -> int:
 
 
 def _report(runner: Any, log_path: Path, *, is_main: bool) -> int:
-    """Write the final log if it can be written; print the outcome (rank 0). 0 = a passing checkpoint."""
+    """Write the final log if it can be written (every rank calls this); rank 0 prints. 0 = a valid converged run."""
     first = runner.first_passing()
-    if not is_main:
-        return 0 if first is not None else 1
-    for score in sorted(runner.scores.values(), key=lambda s: s.step):
-        sys.stdout.write(f"step {score.step} samples {score.samples_count}: FID {score.fid:.4f} CLIP {score.clip:.4f}"
-                         f" {'PASS' if runner.passes(score) else 'fail'}\n")
     try:
-        runner.write_final_log(log_path)
+        runner.write_final_log(log_path)  # collective: every rank, before any rank returns
+        error = None
     except ValueError as exc:
-        sys.stdout.write(f"no final log written: {exc}\n")
-        return 1
-    if first is None:
-        sys.stdout.write(f"not converged: {log_path} ends with run_stop (aborted)\n")
-        return 1
-    sys.stdout.write(f"converged at {first.samples_count} samples (step {first.step}): {log_path} ends with "
-                     "run_stop (success) at that checkpoint's collection time\n")
-    if not any(score.samples_count < first.samples_count for score in runner.scores.values()):
-        sys.stdout.write("warning: the first collected checkpoint passes, so the log holds one evaluation; the "
-                         "compliance checker wants two (training.checkpoint_every_samples is fixed at 512,000)\n")
-    return 0
+        error = str(exc)
+    lonely = first is not None and not any(s.samples_count < first.samples_count for s in runner.scores.values())
+    if is_main:
+        for score in sorted(runner.scores.values(), key=lambda s: s.step):
+            sys.stdout.write(f"step {score.step} samples {score.samples_count}: FID {score.fid:.4f} "
+                             f"CLIP {score.clip:.4f} {'PASS' if runner.passes(score) else 'fail'}\n")
+        if error is not None:
+            sys.stdout.write(f"no final log written: {error}\n")
+        elif first is None:
+            sys.stdout.write(f"not converged: {log_path} ends with run_stop (aborted)\n")
+        else:
+            sys.stdout.write(f"converged at {first.samples_count} samples (step {first.step}): {log_path} ends with "
+                             "run_stop (success) at that checkpoint's collection time\n")
+        if lonely:
+            sys.stdout.write("error: the first collected checkpoint already passes, so the log holds one evaluation "
+                             "and the compliance checker (which wants two) refuses it\n")
+    return 0 if error is None and first is not None and not lonely else 1
 
 
 def _append_mlperf(log_path: Path, samples_count: int, fid: float, clip: float) -> None:

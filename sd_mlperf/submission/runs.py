@@ -37,6 +37,8 @@ class RunRecord:
     samples_to_target: int | None = None
     num_nodes: int | None = None
     gpus_per_node: int | None = None
+    scored_every_checkpoint: bool = False
+    """Every block_stop up to run_stop has its evaluation (the rules ask this of at least 1 of the 10 runs)."""
 
     @property
     def log_path(self) -> Path:
@@ -99,6 +101,7 @@ def _read_log(lines: list, record: RunRecord) -> list[str]:
     """Fill `record` from the parsed log lines; the problems that disqualify the run."""
     first: dict[str, object] = {}
     evals: dict[int, dict[str, float]] = defaultdict(dict)
+    blocks: list[int] = []
     resumed = run_start_samples = None
     status = cache_clear = None
     for line in lines:
@@ -110,6 +113,8 @@ def _read_log(lines: list, record: RunRecord) -> list[str]:
             record.run_start_ms, run_start_samples = line.timestamp, metadata.get("samples_count", 0)
         elif line.key == "run_stop":
             record.run_stop_ms, status = line.timestamp, metadata.get("status")
+        elif line.key == "block_stop" and record.run_stop_ms is None:
+            blocks.append(int(metadata.get("samples_count", -1)))
         elif line.key == "eval_accuracy" and "metric" in metadata:
             evals[int(metadata["samples_count"])][metadata["metric"]] = float(value)
         elif line.key == "cache_clear":
@@ -120,6 +125,7 @@ def _read_log(lines: list, record: RunRecord) -> list[str]:
     logged_gbs = first.get("global_batch_size")
     passing = [n for n, m in evals.items() if m.get("FID", 1e9) <= TARGET_FID and m.get("CLIP", -1.0) >= TARGET_CLIP]
     record.samples_to_target = min(passing) if passing else None
+    record.scored_every_checkpoint = bool(blocks) and all(set(evals.get(n, {})) >= {"FID", "CLIP"} for n in blocks)
 
     problems = []
     if first.get("submission_benchmark") != BENCHMARK:
@@ -173,6 +179,10 @@ def check_runs(run_dirs: list[Path], *, required: int, allow_count_mismatch: boo
         record, own = read_run(run_dir)
         problems += [f"{run_dir}: {p}" for p in own]
         records.append(record)
+    if records and not any(r.scored_every_checkpoint for r in records):
+        problems.append("no run scores every collected checkpoint up to its first passing one: the rules ask this of "
+                        "1 of the 10 runs (the others may score just the first passing checkpoint and the one before "
+                        "it); evaluate one run with `sd-mlperf evaluate --run-dir RUN --all`")
     for attr, key in (("division", "submission_division"), ("org", "submission_org"),
                       ("platform", "submission_platform"), ("global_batch_size", "global_batch_size")):
         by_value: dict[object, list[str]] = defaultdict(list)

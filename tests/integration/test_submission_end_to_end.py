@@ -6,7 +6,8 @@ cannot reach the target with tiny random models) that makes run i converge at ch
 converge at different points. Run 0 is scored with `all` (every checkpoint up to the first passing one, as the
 rules ask of 1 run), the other 9 with `last_two` (the first passing one and the one before it). Then the package
 command validates, writes the submission layout and runs mlperf-logging's package checker, RCP checker, seed
-checker and result summarizer: every one must pass with no error.
+checker and result summarizer: every enforced one must pass with no error. (The RCP checker reports the missing
+RCP for a global batch of 2; it is not enforced in the open division, the only one tiny runs can belong to.)
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def test_ten_runs_evaluated_offline_package_and_pass_the_official_checkers(tmp_p
     assert summary["passed"] and summary["division"] == "open"
     assert {v["name"]: v["failed"] for v in summary["verdicts"]} == dict.fromkeys(
         [v["name"] for v in summary["verdicts"]], False)
+    verdicts = {v["name"]: v for v in summary["verdicts"]}
+    assert all(v["passed"] for name, v in verdicts.items() if "rcp" not in name.lower()), verdicts
     assert [r["samples_to_target"] for r in summary["runs"]] == [samples for _, samples in runs]
     assert len({r["seed"] for r in summary["runs"]}) == 10  # drawn from the OS, one per run
     checker_log = (out / "package_checker.log").read_text()

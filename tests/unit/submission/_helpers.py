@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from sd_mlperf.config import global_batch_size, learning_rate, load_config, save_resolved_config
+from sd_mlperf.config import global_batch_size, load_config, save_resolved_config
 from sd_mlperf.config.schema import Config
 from sd_mlperf.mlperf_log import MLPerfLogger
 
@@ -73,7 +73,7 @@ def write_run(run_dir: Path, seed: int, minutes: float, *overrides: str, evals: 
         log = MLPerfLogger(run_dir / "mlperf.log")
         log.init_start(cache_cleared=True)
         log.submission(cfg)
-        log.hyperparameters(cfg, global_batch_size=gbs, learning_rate=learning_rate(cfg))
+        log.hyperparameters(cfg, global_batch_size=gbs)
         clock.advance(60_000)  # one minute of untimed initialisation
         if resumed_marker:
             log.resumed("checkpoints/step_0000010", start_samples)

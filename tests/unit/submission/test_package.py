@@ -231,6 +231,32 @@ def test_mismatching_division_and_a_log_the_checker_rejects(runs, system_yaml, t
     assert f"{runs[8]}: compliance checker: Required EXACTLY_ONE occurrence of 'eval_samples' but found 0" in message
 
 
+def _keep_last_two_evaluations(log: Path) -> None:
+    """The log of a `--last-two` evaluation: no eval lines before the second-to-last scored block."""
+    counts = sorted({e["metadata"]["samples_count"] for e in _events(log) if e["key"] == "eval_accuracy"})
+    early = set(counts[:-2])
+    lines = log.read_text().splitlines(keepends=True)
+    scored = ('"key": "eval_start"', '"key": "eval_accuracy"', '"key": "eval_stop"')
+    log.write_text("".join(line for line in lines if not (
+        any(k in line for k in scored) and json.loads(line.split(":::MLLOG ", 1)[1])["metadata"]["samples_count"]
+        in early)))
+
+
+def test_one_run_must_score_every_checkpoint_up_to_its_first_pass(runs, system_yaml, tmp_path):
+    for i, run in enumerate(runs):
+        shutil.rmtree(run)
+        write_run(run, 3000 + i, 10.0 + i, evals=[(300.0, 0.05), (250.0, 0.08), (85.0, 0.16)])
+        _keep_last_two_evaluations(run / "mlperf.log")
+    message = _refused(runs, system_yaml, tmp_path / "out")
+    assert "no run scores every collected checkpoint" in message and "--all" in message
+    shutil.rmtree(runs[0])
+    write_run(runs[0], 3000, 10.0, evals=[(300.0, 0.05), (250.0, 0.08), (85.0, 0.16)])  # scored with --all
+    from sd_mlperf.submission.runs import check_runs
+
+    _, problems = check_runs(runs, required=10, allow_count_mismatch=False)
+    assert problems == []
+
+
 def test_the_run_count_is_the_rules_unless_allowed(runs, system_yaml, tmp_path):
     message = _refused(runs[:9], system_yaml, tmp_path / "out")
     assert "9 run(s) given; the rules require exactly 10 for stable_diffusion" in message
