@@ -130,6 +130,12 @@ class DataParallelModel(ABC):
                 "or train with parallel.backend=torch.")
 
 
+def channels_last_weights(model: nn.Module) -> list[nn.Parameter]:
+    """Trainable 4-D weights stored channels-last that a contiguous layout would change (kernels over 1x1)."""
+    return [p for p in model.parameters() if p.requires_grad and p.dim() == 4 and not p.is_contiguous()
+            and p.is_contiguous(memory_format=torch.channels_last)]
+
+
 def apply_data_parallel(model: nn.Module, cfg: Config, dist: DistInfo) -> DataParallelModel:
     """Move `model` to dist.device, wrap it for data parallelism and build its optimizer (backend per config)."""
     resolution = resolve_backend("parallel", cfg.parallel.backend)
@@ -140,6 +146,7 @@ def apply_data_parallel(model: nn.Module, cfg: Config, dist: DistInfo) -> DataPa
         raise ValueError(f"{dist.world_size} processes but parallel.num_nodes x parallel.gpus_per_node = "
                          f"{world_size(cfg)}; make them match.")
     model.to(dist.device)
+    num_nhwc = len(channels_last_weights(model))
     if resolution.name == "mcore":
         from sd_mlperf.parallel.mcore_adapter import McoreDataParallel
 
@@ -149,7 +156,9 @@ def apply_data_parallel(model: nn.Module, cfg: Config, dist: DistInfo) -> DataPa
 
         dp = TorchDataParallel(model, cfg, dist, resolution)
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("data parallel: %s over %d rank(s), %s params, lr %.4g, precision %s, distributed optimizer %s",
-                resolution.name, dist.world_size, f"{num_params:,}", learning_rate(cfg), cfg.training.precision,
-                cfg.parallel.distributed_optimizer and dist.world_size > 1)
+    # Both backends keep channels-last weights NHWC (mcore: see mcore_adapter._keep_channels_last).
+    logger.info("data parallel: %s over %d rank(s), %s params, lr %.4g, precision %s, distributed optimizer %s, "
+                "NHWC conv weights %d/%d", resolution.name, dist.world_size, f"{num_params:,}", learning_rate(cfg),
+                cfg.training.precision, cfg.parallel.distributed_optimizer and dist.world_size > 1,
+                len(channels_last_weights(model)), num_nhwc)
     return dp

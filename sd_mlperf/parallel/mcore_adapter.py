@@ -12,17 +12,25 @@ Numerics match the torch backend and the reference:
 - `config_overrides={}`: weight decay on every parameter. megatron's default skips biases and 1-d
   parameters (wd_mult 0); the reference's torch AdamW decays them all.
 - fp16: DynamicGradScaler(initial_loss_scale, min_loss_scale, growth 2, backoff 0.5,
-  loss_scale_window) with hysteresis 1, i.e. the torch GradScaler rule. bf16/fp32: a constant
-  scale of 1, so inf/NaN gradients are still detected and the step skipped.
+  loss_scale_window) with hysteresis 1, i.e. the torch GradScaler rule.
+- Non-finite gradients skip the step in EVERY combination, as on the torch backend. megatron alone
+  does not: fp32 without the distributed optimizer gets its FP32Optimizer, which has no grad scaler
+  and never checks. So `step()` runs megatron's ChainedOptimizer.step in its parts (prepare_grads:
+  unscale + inf check where a scaler exists; grad norm; clip; step_with_ready_grads) and applies
+  the update only when the global grad norm is finite. The trainer then stops a bf16/fp32 run
+  (train_step.step_metrics: fatal) and an fp16 run counts the skip.
 - clip_grad = 0 (no clipping) unless optim.grad_clip_norm is set (megatron's default is 1.0).
 - The UNet's parameters stay fp32 (the master weights); autocast does the fp16/bf16 math.
-megatron's step() reads found_inf and the grad norm on the host (one sync per step, in megatron).
+- channels-last conv weights (model.unet.channels_last) stay NHWC: see `_keep_channels_last`.
+megatron reads found_inf and the grad norm on the host (one sync per step, in megatron).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,7 +39,7 @@ from torch import nn
 from sd_mlperf.backends import Resolution
 from sd_mlperf.config.load import learning_rate
 from sd_mlperf.config.schema import Config
-from sd_mlperf.parallel.data_parallel import DataParallelModel
+from sd_mlperf.parallel.data_parallel import DataParallelModel, channels_last_weights
 from sd_mlperf.parallel.distributed import DistInfo
 
 BACKEND = "mcore"
@@ -73,6 +81,10 @@ class McoreDataParallel(DataParallelModel):
         self.unwrapped = model
         self.resolution = resolution
         self.distributed_optimizer = cfg.parallel.distributed_optimizer
+        # fp32 parameters are their own master weights: the distributed optimizer's main params are then
+        # views of megatron's buffer (not copies), which _keep_channels_last relies on.
+        assert all(p.dtype == torch.float32 for p in model.parameters()), "the UNet keeps fp32 parameters"
+        nhwc = channels_last_weights(model)  # before DDP: with the distributed optimizer it re-views them
         # DDP only reads generic fields of the TransformerConfig; the UNet is not a megatron transformer.
         transformer_config = TransformerConfig(num_layers=1, hidden_size=1, num_attention_heads=1,
                                                params_dtype=torch.float32)
@@ -105,6 +117,10 @@ class McoreDataParallel(DataParallelModel):
             clip_grad=cfg.optim.grad_clip_norm or 0.0,
         )
         self.optimizer = mopt.get_megatron_optimizer(optimizer_config, [self.module], config_overrides={})
+        # After the optimizer: megatron slices its shards with param.view(-1), which NHWC views refuse.
+        self._flat_grads = _keep_channels_last(self.module, nhwc)
+        self.num_nhwc_weights = len(nhwc)
+        """4-D weights kept channels-last (NHWC) in megatron's buffers; 0 without model.unet.channels_last."""
         self._num_skipped = 0
 
     def zero_grad(self) -> None:
@@ -128,15 +144,48 @@ class McoreDataParallel(DataParallelModel):
         return self.module.no_sync()
 
     def step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """megatron's step at `lr`: unscale, inf check (skips and backs off), optional clip, AdamW, param gather."""
+        """megatron's ChainedOptimizer.step with one more gate: no update unless the grad norm is finite.
+
+        prepare_grads copies the reduced grads to the main params, unscales them and, where megatron has
+        a grad scaler (fp16, bf16, distributed optimizer), checks for inf/NaN and moves the fp16 scale.
+        fp32 without the distributed optimizer has no such check: the finite-norm gate covers it, so an
+        inf/NaN gradient never reaches the weights in any combination.
+        """
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        ok, grad_norm, _ = self.optimizer.step()  # host values: megatron syncs inside
+        with self._flat_main_grads():
+            found_inf = self.optimizer.prepare_grads()  # host value: megatron syncs inside
+        grad_norm = float("nan") if found_inf else float(self.optimizer.get_grad_norm())  # host sync (megatron)
+        ok = math.isfinite(grad_norm)
+        if ok:
+            self._clip(grad_norm)
+            ok = bool(self.optimizer.step_with_ready_grads())
         if not ok:
             self._num_skipped += 1
         device = self.dist.device
-        norm = torch.tensor(float("nan") if grad_norm is None else float(grad_norm), device=device)
-        return torch.tensor(bool(ok), device=device), norm
+        return torch.tensor(ok, device=device), torch.tensor(grad_norm, device=device)
+
+    def _clip(self, grad_norm: float) -> None:
+        """Scale the main grads by optim.grad_clip_norm / grad_norm when that is below 1 (as megatron's step)."""
+        if not self.grad_clip_norm:
+            return
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        for opt in self._inner():
+            params = opt.get_parameters()
+            if params:
+                clip_grad_by_total_norm_fp32(params, max_norm=self.grad_clip_norm, total_norm=grad_norm)
+
+    @contextlib.contextmanager
+    def _flat_main_grads(self) -> Iterator[None]:
+        """Lend megatron's flat-order main_grad views to the optimizer (it slices main_grad.view(-1))."""
+        for param, flat, _ in self._flat_grads:
+            param.main_grad = flat
+        try:
+            yield
+        finally:
+            for param, _, nhwc in self._flat_grads:
+                param.main_grad = nhwc
 
     @property
     def loss_scale(self) -> torch.Tensor:
@@ -155,6 +204,7 @@ class McoreDataParallel(DataParallelModel):
         """megatron's common state (param groups, grad scaler) + param/Adam shards gathered on DP rank 0."""
         state: dict[str, Any] = {"backend": BACKEND, "world_size": self.dist.world_size,
                                  "distributed_optimizer": self.distributed_optimizer,
+                                 "num_nhwc_weights": self.num_nhwc_weights,
                                  "optimizer": self.optimizer.state_dict(), "num_skipped": self._num_skipped}
         if self.distributed_optimizer:
             # Collective over the data-parallel gloo group; None on ranks other than 0.
@@ -167,6 +217,13 @@ class McoreDataParallel(DataParallelModel):
         if bool(state.get("distributed_optimizer")) != self.distributed_optimizer:
             raise ValueError("the optimizer state was saved with another parallel.distributed_optimizer setting; "
                              "resume with the same value.")
+        saved_nhwc = int(state.get("num_nhwc_weights", 0))
+        if self.distributed_optimizer and saved_nhwc != self.num_nhwc_weights:
+            # The distributed optimizer's shards are flat buffer ranges, and the buffer order of a conv
+            # weight is NHWC or NCHW: loading across layouts would scramble weights and Adam moments.
+            raise ValueError(f"the optimizer state holds {saved_nhwc} conv weights in channels-last (NHWC) order and "
+                             f"this run {self.num_nhwc_weights}; resume with the model.unet.channels_last value it "
+                             f"was saved with ({'true' if saved_nhwc else 'false'}).")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.distributed_optimizer:
             if self.dist.rank == 0 and state["param_state"][0] is None:
@@ -194,3 +251,47 @@ def _without_step_entries(opt: Any) -> Any:
         for s, step in zip(states, steps):
             if step is not None:
                 s["step"] = step.detach().clone()
+
+
+def _as_nhwc(flat: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """`flat` (a buffer slice holding a weight in O,kh,kw,I order) as an (O,I,kh,kw) channels-last view."""
+    out_ch, in_ch, kh, kw = shape
+    return flat.view(out_ch, kh, kw, in_ch).permute(0, 3, 1, 2)
+
+
+def _keep_channels_last(ddp: Any, nhwc: list[nn.Parameter]) -> list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]:
+    """Re-view megatron's buffer slices of `nhwc` weights (and their main_grad) channels-last, in place.
+
+    megatron's _ParamAndGradBuffer gives every parameter a CONTIGUOUS view of its slice: main_grad
+    always, param.data too with the distributed optimizer. A channels-last conv weight would then be
+    NCHW, and every conv would transpose it, each pass. Instead, each slice holds the weight in NHWC
+    order and param.data / main_grad are channels-last views of the SAME slices, so param element k of
+    the flat buffer still pairs with grad element k: the reduce-scatter, the optimizer shards (flat
+    ranges, built before this) and the param all-gather are untouched, and AdamW is elementwise, so
+    the math does not change (only the buffer order of these weights, which the checkpoint records).
+    torch DDP's reducer does the same for its buckets (grad views with the parameter's strides).
+    Must run after the optimizer is built (it slices param.view(-1)) and before its first step (the
+    Adam moments are still zero, so reordering the weight values reorders nothing else).
+
+    Returns (param, megatron's flat-order main_grad, NHWC main_grad) for the weights whose main_grad the
+    distributed optimizer slices with view(-1) at each step (see McoreDataParallel._flat_main_grads).
+    """
+    if not nhwc:
+        return []
+    wanted = set(nhwc)
+    swaps = []
+    for buffer in [*ddp.buffers, *ddp.expert_parallel_buffers]:
+        for param, (start, end, _) in buffer.param_index_map.items():
+            if param not in wanted:
+                continue
+            flat_grad = param.main_grad
+            assert not flat_grad.any(), "re-view the grad buffer before the first backward"
+            param.main_grad = _as_nhwc(buffer.grad_data[start:end], param.shape)
+            if buffer.param_data is not None:  # distributed optimizer: param.data is a buffer view too
+                values = param.detach().clone()
+                param.data = _as_nhwc(buffer.param_data[start:end], param.shape)
+                param.data.copy_(values)
+                swaps.append((param, flat_grad, param.main_grad))
+            wanted.discard(param)
+    assert not wanted, "every channels-last weight lives in one of megatron's buffers"
+    return swaps

@@ -1,8 +1,9 @@
 """The megatron-core backend on CPU/gloo through the test-only CUDA->CPU harness.
 
 1 process: AdamW numerics (weight decay on every parameter, as the reference), overflow skipping,
-exact resume. 2 gloo processes (one spawned job): DDP + DistributedOptimizer equal the 1-process
-run on the same global batch, ranks hold identical parameters, and resume is bit-exact.
+exact resume (NCHW and NHWC conv weights). 2 gloo processes (one spawned job): DDP +
+DistributedOptimizer equal the 1-process run on the same global batch (NHWC weights too), ranks
+hold identical parameters, and resume is bit-exact.
 """
 
 from __future__ import annotations
@@ -30,11 +31,14 @@ STEPS = 4
 SPLIT = 2
 
 
-def _build(cfg, dist, seed=0, model=None):
+def _build(cfg, dist, seed=0, model=None, channels_last=False):
     from sd_mlperf.parallel.mcore_adapter import McoreDataParallel
 
+    model = model if model is not None else tiny_model(seed)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     # apply_data_parallel refuses mcore without CUDA; the harness stands in for CUDA, so build directly.
-    return McoreDataParallel(model if model is not None else tiny_model(seed), cfg, dist, RESOLUTION)
+    return McoreDataParallel(model, cfg, dist, RESOLUTION)
 
 
 def _run(dp, cfg, start, steps, rank=0, world=1, scale_loss=1.0):
@@ -84,6 +88,22 @@ def test_matches_plain_adamw(harness, distributed_optimizer):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("distributed_optimizer", [True, False])
+def test_grad_clipping_matches_the_torch_backend(harness, distributed_optimizer):
+    from sd_mlperf.parallel.torch_adapter import TorchDataParallel
+
+    cfgs = [make_cfg(backend=b, distributed_optimizer=distributed_optimizer) for b in ("mcore", "torch")]
+    for cfg in cfgs:
+        cfg.optim.grad_clip_norm = 1e-2  # below the grad norm of every step: each one is clipped
+    mcore = _build(cfgs[0], cpu_dist())
+    _, _, mcore_norm = _run(mcore, cfgs[0], 0, 3)
+    torch_dp = TorchDataParallel(tiny_model(), cfgs[1], cpu_dist(), RESOLUTION)
+    _, _, torch_norm = _run(torch_dp, cfgs[1], 0, 3)
+    assert mcore_norm > 1e-2 and mcore_norm == pytest.approx(torch_norm, rel=1e-5)  # the norm before clipping
+    for got, want in zip(mcore.parameters(), torch_dp.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_fp16_overflow_is_skipped(harness):
     cfg = make_cfg(backend="mcore", precision="fp16")
     dp = _build(cfg, cpu_dist())
@@ -97,14 +117,15 @@ def test_fp16_overflow_is_skipped(harness):
     assert all(torch.equal(a, b) for a, b in zip(before, dp.parameters()))
 
 
-def test_resume_is_bit_exact_one_process(harness):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_resume_is_bit_exact_one_process(harness, channels_last):
     cfg = make_cfg(backend="mcore", precision="fp16")
-    full = _build(cfg, cpu_dist())
+    full = _build(cfg, cpu_dist(), channels_last=channels_last)
     full_losses, _, _ = _run(full, cfg, 0, STEPS)
     full_params = [p.detach().clone() for p in full.parameters()]
     destroy_distributed()
 
-    first = _build(cfg, cpu_dist())
+    first = _build(cfg, cpu_dist(), channels_last=channels_last)
     _run(first, cfg, 0, SPLIT)
     weights = {k: v.clone() for k, v in first.unwrapped.state_dict().items()}
     state = first.state_dict()
@@ -112,7 +133,7 @@ def test_resume_is_bit_exact_one_process(harness):
 
     model = tiny_model(seed=7)
     model.load_state_dict(weights)
-    resumed = _build(cfg, cpu_dist(), model=model)
+    resumed = _build(cfg, cpu_dist(), model=model, channels_last=channels_last)
     resumed.load_state_dict(state)
     losses, _, _ = _run(resumed, cfg, SPLIT, STEPS - SPLIT)
     assert losses == full_losses[SPLIT:]
@@ -130,6 +151,19 @@ def test_reshard_to_another_world_size_is_refused_with_the_fix(harness):
         dp.load_state_dict(state)
 
 
+def test_distributed_optimizer_state_refuses_the_other_conv_layout(harness):
+    cfg = make_cfg(backend="mcore")
+    nhwc = _build(cfg, cpu_dist(), channels_last=True)
+    assert nhwc.num_nhwc_weights == 2  # conv_in, conv_out (3x3)
+    _run(nhwc, cfg, 0, 1)
+    state = nhwc.state_dict()
+    destroy_distributed()
+    nchw = _build(cfg, cpu_dist())
+    # Flat shards in NHWC order would land scrambled in NCHW slices.
+    with pytest.raises(ValueError, match="2 conv weights in channels-last.*model.unet.channels_last.*true"):
+        nchw.load_state_dict(state)
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     set_torchrun_env(rank, WORLD, port)
@@ -138,13 +172,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     dist = init_distributed(cfg.run, cfg.parallel)
     results = {}
     with cuda_on_cpu():
-        for distopt, overlap in ((True, True), (False, False)):
+        for distopt, overlap, channels_last in ((True, True, False), (False, False, False), (True, True, True)):
             cfg = make_cfg(world_size=WORLD, backend="mcore", distributed_optimizer=distopt)
             cfg.parallel.overlap_grad_reduce = overlap
-            dp = _build(cfg, dist, seed=rank)  # other weights per rank: broadcast_params must fix them
+            # Other weights per rank: broadcast_params must fix them.
+            dp = _build(cfg, dist, seed=rank, channels_last=channels_last)
             _, ok, norm = _run(dp, cfg, 0, STEPS, rank, WORLD)
-            results[f"distopt={distopt}"] = {"params": [p.detach().clone() for p in dp.parameters()],
-                                             "ok": ok, "norm": norm}
+            key = f"distopt={distopt}" + (",nhwc" if channels_last else "")
+            results[key] = {"params": [p.detach().clone() for p in dp.parameters()], "ok": ok, "norm": norm,
+                            "nhwc": dp.num_nhwc_weights}
         cfg = make_cfg(world_size=WORLD, backend="mcore", precision="fp16")
         dp = _build(cfg, dist)
         _run(dp, cfg, 0, SPLIT, rank, WORLD)
@@ -172,7 +208,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     expected = _reference_params(STEPS)
     for res in ranks:
-        for key in ("distopt=True", "distopt=False"):
+        assert res["distopt=True,nhwc"]["nhwc"] == 2  # sharded NHWC weights still match on both ranks
+        for key in ("distopt=True", "distopt=False", "distopt=True,nhwc"):
             assert res[key]["ok"]
             for got, want in zip(res[key]["params"], expected):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
