@@ -89,3 +89,32 @@ num_nodes $2 --num-nodes
 gpus_per_node $3 --gpus-per-node
 EOF2
 }
+
+# read_env_file FILE: the NAME=VALUE lines of a system environment file (slurm/env/*.env), without comments
+# and blank lines; dies naming the line of any other form. Values are literal: no quotes, no expansion.
+read_env_file() {
+    local line n=0
+    while IFS= read -r line || [ -n "$line" ]; do
+        n=$((n + 1))
+        [[ "$line" =~ ^[[:space:]]*(#|$) ]] && continue
+        [[ "$line" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] \
+            || die "$1:$n: expected NAME=VALUE (no spaces, no 'export'), got '$line'"
+        printf '%s\n' "$line"
+    done < "$1"
+}
+
+# rendezvous_addr NODELIST: where the other nodes reach the first node of a Slurm host list: its name when that
+# resolves here, else its NodeAddr from Slurm's node table (clusters whose node names are not in DNS or
+# /etc/hosts). Prints nothing and fails when neither is known.
+rendezvous_addr() {
+    local first addr
+    first=$(scontrol show hostnames "$1" 2>/dev/null | head -n 1)
+    [ -n "$first" ] || return 1
+    if getent hosts "$first" >/dev/null 2>&1; then
+        printf '%s\n' "$first"
+        return 0
+    fi
+    addr=$(scontrol show node "$first" -o 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')
+    [ -n "$addr" ] || return 1
+    printf '%s\n' "$addr"
+}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One timed benchmark run, as the MLPerf rules time it: drop the page cache where permitted, train,
 # then print the RESULT line with the elapsed seconds. The trainer logs cache_clear: true only when
-# SD_MLPERF_CACHE_CLEARED=1 says the cache was dropped (here, or by the caller on every node beforehand).
+# SD_MLPERF_CACHE_CLEARED=1 says the cache was dropped (here, or by the caller on every node beforehand:
+# slurm/srun.sh does that outside the container, and then this script does not drop it again).
 # Under slurm/srun.sh every GPU's task runs this script (one task per GPU). Standalone on one node it
 # starts one process per GPU itself with torchrun (--launcher auto).
 set -euo pipefail
@@ -20,6 +21,7 @@ Usage: slurm/run_and_time.sh --config FILE [--config FILE ...] [options] [-- KEY
   -k, --checkpoint PATH   frozen 512-base-ema.ckpt (sets model.frozen_checkpoint; default: the config's)
   -r, --results-dir DIR   parent of the run folder (sets run.output_dir; default: the config's)
       --run-name NAME     run folder name (sets run.name; default: the config's)
+      --venv DIR          Python environment to run in (DIR/bin first on PATH; default: the python on PATH)
       --launcher L        auto | none | torchrun: how training processes start (default auto: none under
                           Slurm, where srun starts one task per GPU; torchrun on one node with several GPUs)
       --dry-run           print the commands instead of running them
@@ -35,6 +37,7 @@ CHECKPOINT=""
 RESULTS_DIR=""
 RUN_NAME=""
 LAUNCHER=auto
+VENV=""
 DRY_RUN=0
 OVERRIDES=()
 
@@ -47,6 +50,7 @@ while [ $# -gt 0 ]; do
         -r|--results-dir) need_value "$1" $# "${2-}"; RESULTS_DIR=$2; shift ;;
         --run-name) need_value "$1" $# "${2-}"; RUN_NAME=$2; shift ;;
         --launcher) need_value "$1" $# "${2-}"; LAUNCHER=$2; shift ;;
+        --venv) need_value "$1" $# "${2-}"; VENV=$2; shift ;;
         --dry-run) DRY_RUN=1 ;;
         -h|--help) usage; exit 0 ;;
         --) shift; OVERRIDES=("$@"); break ;;
@@ -68,6 +72,15 @@ done
 for o in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do
     [[ "$o" == *=* ]] || die "override '$o' after -- is not of the form dotted.key=value"
 done
+BIN=""  # where python and torchrun come from: PATH, or the --venv
+if [ -n "$VENV" ]; then
+    [[ "$VENV" == /* ]] || die "--venv must be an absolute path (as every node sees it), got '$VENV'"
+    # Checked on the node that runs the task: the environment must be on a filesystem every node sees.
+    [ "$DRY_RUN" = 1 ] || [ -x "$VENV/bin/python" ] || die "--venv $VENV has no bin/python on $(hostname);" \
+        "create it on a filesystem every node sees (python3 -m venv DIR && DIR/bin/pip install -e .)"
+    BIN=$VENV/bin/
+    export VIRTUAL_ENV=$VENV PATH="$VENV/bin:$PATH"
+fi
 
 RANK_ID=${SLURM_PROCID:-${RANK:-0}}
 LOCAL_RANK_ID=${SLURM_LOCALID:-${LOCAL_RANK:-0}}
@@ -89,9 +102,9 @@ TRAIN_ARGS=(train "${CONFIG_ARGS[@]}" "parallel.num_nodes=$NUM_NODES" "parallel.
 [ -z "$RUN_NAME" ] || TRAIN_ARGS+=("run.name=$RUN_NAME")
 TRAIN_ARGS+=("${OVERRIDES[@]+"${OVERRIDES[@]}"}")
 if [ "$LAUNCHER" = torchrun ]; then
-    TRAIN=(torchrun --standalone --nnodes=1 --nproc-per-node="$GPUS_PER_NODE" -m sd_mlperf "${TRAIN_ARGS[@]}")
+    TRAIN=("${BIN}torchrun" --standalone --nnodes=1 --nproc-per-node="$GPUS_PER_NODE" -m sd_mlperf "${TRAIN_ARGS[@]}")
 else
-    TRAIN=(python -m sd_mlperf "${TRAIN_ARGS[@]}")
+    TRAIN=("${BIN}python" -m sd_mlperf "${TRAIN_ARGS[@]}")
 fi
 
 # Nothing may download during a timed run.
@@ -104,11 +117,11 @@ fi
 
 start=$(date +%s)
 start_fmt=$(date +'%Y-%m-%d %r')
-if [ "$LOCAL_RANK_ID" = 0 ]; then
-    # Dropping the page cache needs root on the host; inside a container it is usually not allowed.
-    if [ -w /proc/sys/vm/drop_caches ] && sync && echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then
+if [ "$LOCAL_RANK_ID" = 0 ] && [ "${SD_MLPERF_CACHE_CLEARED:-}" != 1 ]; then
+    # Nobody dropped it before this run: try here (needs root on the host; in a container usually not allowed).
+    if bash "$REPO/slurm/drop_caches.sh" --quiet; then
         export SD_MLPERF_CACHE_CLEARED=1
-    elif [ "${SD_MLPERF_CACHE_CLEARED:-}" != 1 ]; then
+    else
         note "cannot drop the page cache here (needs root on the host): the log says cache_clear false. Drop it on" \
              "each node before the run and set SD_MLPERF_CACHE_CLEARED=1"
     fi

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Submit a multi-node training run: sbatch runs slurm/srun.sh on the first node, which starts one
-# container task per GPU (pyxis/enroot), each running slurm/run_and_time.sh.
+# Submit a multi-node training job: sbatch runs slurm/srun.sh on the first node, which starts one task per GPU
+# on every node, each running slurm/run_and_time.sh: in a container (pyxis/enroot) or, with --container none,
+# in a Python environment the nodes share. --num-runs 10 makes a submission's ten timed runs in one allocation.
 #
 #   slurm/sbatch.sh --num-nodes 2 --gpus-per-node 8 --config conf/system/02x08x08.yaml \
 #       --checkpoint /data/mlcommons/sd-checkpoint-3.0/512-base-ema.ckpt
+#   slurm/sbatch.sh ... --container none --venv /shared/venvs/sd_mlperf      # no container
 #
-# --dry-run prints the sbatch command, the srun command it leads to and the training command of
-# each task, and submits nothing.
+# --dry-run prints the sbatch command and the commands of the job's first run (page-cache drop, srun, each
+# task's training command, offline evaluation, compliance checker), and submits nothing.
 set -euo pipefail
 PROG=sbatch.sh
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,16 +22,19 @@ Usage: slurm/sbatch.sh --num-nodes N --gpus-per-node G --config FILE [options] [
 Job (sbatch) options:
   -a, --account NAME      Slurm account (default: your default account)
   -p, --partition NAME    Slurm partition (default: the cluster's default)
-  -t, --walltime TIME     time limit, e.g. 04:00:00 or 1-00:00:00 (default 04:00:00)
-  -l, --log-dir DIR       where the job's output goes, as DIR/JOBID_JOBNAME.out (default ./results/logs)
+  -t, --walltime TIME     time limit of the whole job (all --num-runs runs), e.g. 04:00:00 or 1-00:00:00
+                          (default 04:00:00)
+  -l, --log-dir DIR       where the job's output goes, as DIR/JOBID_JOBNAME.out, and each run's as
+                          DIR/<datestamp>_<i>.log (default ./results/logs)
   -J, --job-name NAME     job name (default sd_mlperf_CONFIG)
       --sbatch-arg ARG    extra sbatch argument, repeatable (e.g. --sbatch-arg --qos=high)
       --dry-run           print the commands; submit nothing
   -h, --help
 Run options (passed to slurm/srun.sh, which checks them; see slurm/srun.sh --help):
   -n, --num-nodes N  -g, --gpus-per-node G  -c, --config FILE  -k, --checkpoint PATH
-  -d, --container IMAGE  -r, --results-dir DIR  -D, --dataset-dir DIR
-  --run-name NAME  --base-config FILE  --code-in-image
+  -d, --container IMAGE|none  --venv DIR  -r, --results-dir DIR  -D, --dataset-dir DIR
+  --run-name NAME  --num-runs N  --env-file FILE  --master-addr ADDR  --srun-arg ARG (repeatable)
+  --no-eval  --base-config FILE  --code-in-image
 Everything after -- is passed to the trainer as dotted overrides (e.g. training.max_steps=100).
 EOF
 }
@@ -63,14 +68,21 @@ while [ $# -gt 0 ]; do
         -g|--gpus-per-node) need_value "$1" $# "${2-}"; GPUS_PER_NODE=$2; SRUN_ARGS+=("$1" "$2"); shift ;;
         -c|--config) need_value "$1" $# "${2-}"; LAST_CONFIG=$2; SRUN_ARGS+=("$1" "$2"); shift ;;
         -r|--results-dir) need_value "$1" $# "${2-}"; RESULTS_DIR=$2; shift ;;
-        -d|--container)
-            # A relative .sqsh path must not change meaning when the job starts in the checkout.
+        -d|--container|--venv|--env-file)
+            # A relative path must not change meaning when the job starts in the checkout.
             need_value "$1" $# "${2-}"
-            if [[ "$2" == *.sqsh ]]; then SRUN_ARGS+=("$1" "$(realpath -m "$2")"); else SRUN_ARGS+=("$1" "$2"); fi
+            if [[ "$1" == --venv || "$1" == --env-file || "$2" == *.sqsh ]]; then
+                SRUN_ARGS+=("$1" "$(realpath -m "$2")")
+            else
+                SRUN_ARGS+=("$1" "$2")
+            fi
             shift ;;
-        -k|--checkpoint|-D|--dataset-dir|--run-name|--base-config)
+        -k|--checkpoint|-D|--dataset-dir|--run-name|--num-runs|--master-addr|--base-config)
             need_value "$1" $# "${2-}"; SRUN_ARGS+=("$1" "$2"); shift ;;
-        --code-in-image) SRUN_ARGS+=("$1") ;;
+        --srun-arg)
+            [ $# -ge 2 ] && [[ "${2-}" == -* ]] || die "--srun-arg needs an srun option such as --cpu-bind=none"
+            SRUN_ARGS+=("$1" "$2"); shift ;;
+        --code-in-image|--no-eval) SRUN_ARGS+=("$1") ;;
         --) SRUN_ARGS+=("$@"); break ;;
         *) die "unknown argument '$1' (see --help; trainer overrides go after --)" ;;
     esac
@@ -89,8 +101,8 @@ for name in "$ACCOUNT" "$PARTITION" "$JOB_NAME"; do
 done
 JOB_NAME=${JOB_NAME:-sd_mlperf_$(basename "$LAST_CONFIG" .yaml)}
 LOG_DIR=$(realpath -m "$LOG_DIR")
-# Relative to where you submit; the job itself starts in the checkout, so pass it absolute.
-SRUN_ARGS=(--results-dir "$(realpath -m "$RESULTS_DIR")" "${SRUN_ARGS[@]}")
+# Relative to where you submit; the job itself starts in the checkout, so pass them absolute.
+SRUN_ARGS=(--results-dir "$(realpath -m "$RESULTS_DIR")" --log-dir "$LOG_DIR" "${SRUN_ARGS[@]}")
 
 SBATCH=(sbatch)
 [ -z "$ACCOUNT" ] || SBATCH+=(--account="$ACCOUNT")
@@ -116,4 +128,8 @@ fi
 SD_MLPERF_REPO=$REPO bash "$REPO/slurm/srun.sh" --check-only "${SRUN_ARGS[@]}"
 command -v sbatch >/dev/null || die "sbatch is not on PATH: run this on a Slurm login node (or use --dry-run)"
 mkdir -p "$LOG_DIR"
-"${SBATCH[@]}"
+job_id=$("${SBATCH[0]}" --parsable "${SBATCH[@]:1}")
+job_id=${job_id%%;*}  # --parsable prints JOBID[;CLUSTER]
+echo "Submitted batch job $job_id"
+note "output: $LOG_DIR/${job_id}_$JOB_NAME.out (each run's also in $LOG_DIR/<datestamp>_<i>.log); state:" \
+     "squeue -j $job_id (sacct -j $job_id once it ended); cancel: scancel $job_id"

@@ -4,7 +4,8 @@ Launchers are recognised by their environment variables:
 - torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
 - Slurm (srun): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR defaults to the first host of
   SLURM_JOB_NODELIST and MASTER_PORT to 29500 (plus SLURM_JOB_ID mod 1000, so jobs sharing a node do
-  not collide).
+  not collide). Where node names do not resolve, slurm/srun.sh exports MASTER_ADDR (the first node's
+  Slurm NodeAddr, or --master-addr); an address that does not resolve fails at once, not at the timeout.
 - neither: one process, no process group.
 """
 
@@ -14,6 +15,7 @@ import datetime
 import os
 import random
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -107,6 +109,17 @@ def read_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
     return LaunchEnv("none", 0, 1, 0, None, None)
 
 
+def check_resolves(master_addr: str) -> None:
+    """Fail at once when the rendezvous host does not resolve here; the other ranks would retry until the timeout."""
+    try:
+        socket.getaddrinfo(master_addr, None)
+    except socket.gaierror as exc:
+        raise RuntimeError(
+            f"the rendezvous host {master_addr!r} (MASTER_ADDR, else the first host of SLURM_JOB_NODELIST) does not "
+            f"resolve on {socket.gethostname()} ({exc.strerror}); export MASTER_ADDR=<rank 0's IP address> "
+            "(slurm/srun.sh takes it from the node's Slurm NodeAddr, or from --master-addr)") from exc
+
+
 def _pick_device(run: RunConfig, local_rank: int) -> torch.device:
     if run.device == "cuda" or (run.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -137,6 +150,7 @@ def init_distributed(cfg: RunConfig, parallel: ParallelConfig) -> DistInfo:
         return DistInfo(0, 1, 0, device, "none")
     if launch.master_addr is None:
         raise RuntimeError(f"{launch.launcher} launch without MASTER_ADDR; export MASTER_ADDR (the host of rank 0).")
+    check_resolves(launch.master_addr)
     # env:// rendezvous reads these; Slurm does not set them.
     os.environ.update({"RANK": str(launch.rank), "WORLD_SIZE": str(launch.world_size),
                        "LOCAL_RANK": str(launch.local_rank), "MASTER_ADDR": launch.master_addr,

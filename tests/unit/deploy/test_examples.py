@@ -99,7 +99,13 @@ def test_multi_node_example_is_the_seed_example():
                         "conf/system/02x08x08.yaml", "--checkpoint",
                         "/data/mlcommons/sd-checkpoint-3.0/512-base-ema.ckpt", "--dry-run")
     assert example.returncode == 0, example.stderr
-    assert example.stdout == direct.stdout and len(_commands(example.stdout)) == 3
+    # sbatch, then the job's first run: cache drop, srun, each task's training, offline scoring, compliance check.
+    assert example.stdout == direct.stdout and len(_commands(example.stdout)) == 6
+    _assert_cli_calls_exist(_commands(example.stdout))
+    submission = run_script("examples/05_multi_node_slurm.sh", "--dry-run", "--num-runs", "10", "--env-file",
+                            "slurm/env/dgx_h100.env")
+    assert submission.returncode == 0, submission.stderr
+    assert "10 run(s) named 02x08x08_%j_01 ... 02x08x08_%j_10" in submission.stderr
 
 
 def test_download_dry_run_fetches_every_checkpoint_with_the_pinned_hash():

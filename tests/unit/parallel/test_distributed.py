@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 
 import numpy as np
 import pytest
@@ -84,6 +85,30 @@ def test_init_cuda_requested_without_gpu(monkeypatch):
     cfg.run.device = "cuda"
     with pytest.raises(RuntimeError, match="run.device=cpu"):
         D.init_distributed(cfg.run, cfg.parallel)
+
+
+def test_init_fails_at_once_when_the_rendezvous_host_does_not_resolve(monkeypatch):
+    # A Slurm cluster whose node names are not in DNS: the first host of the node list cannot be the rendezvous.
+    _clear_launch_env(monkeypatch)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "n[1-2]")
+
+    def no_such_host(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: pytest.fail("must not rendezvous"))
+    cfg = Config()
+    cfg.run.device = "cpu"
+    cfg.parallel.num_nodes = 2
+    with pytest.raises(RuntimeError, match=r"'n1' .* does not resolve .*export MASTER_ADDR=.*NodeAddr"):
+        D.init_distributed(cfg.run, cfg.parallel)
+
+
+def test_check_resolves_accepts_an_address():
+    D.check_resolves("127.0.0.1")  # what slurm/srun.sh exports from a NodeAddr
 
 
 def test_seed_everything_reproducible_and_per_rank():
