@@ -3,26 +3,33 @@
 Roles are the fast parts of the pipeline that have a plain-PyTorch twin. `auto` takes the first
 available name (the table order; the last one is the reference) and records why each better
 option was skipped; a named backend that is unavailable is an error naming the config key, the
-reason and the fix. Probes import nothing heavy: they look for packages with find_spec and ask
-torch whether CUDA is present.
+reason and the fix. Probes import nothing heavy: they look for packages and compiled extensions on
+disk (find_spec, file names) and ask torch whether CUDA is present. What only the caller knows (the
+compute precision, the memory format) comes in as `unsuitable`: names `auto` passes over, with why.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from sd_mlperf.utils.logging import logger
 
 
+class BackendUnavailable(RuntimeError):
+    """A backend named in the config cannot run on this machine; the message says why and how to fix it."""
+
+
 @dataclass(frozen=True)
 class Probe:
-    """Whether a backend can run here; `reason` says why not (and how to fix it)."""
+    """Whether a backend can run here; `reason` says why not, `fix` (optional) how to make it run."""
 
     ok: bool
     reason: str = ""
+    fix: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,22 @@ def package_available(name: str) -> bool:
     return True
 
 
+def module_source(name: str) -> Path | None:
+    """The .py file of module `name` (dotted), found on disk without importing it or its parents."""
+    top, *rest = name.split(".")
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not rest:
+        return Path(spec.origin) if spec is not None and spec.origin else None
+    for loc in spec.submodule_search_locations or []:
+        path = Path(loc).joinpath(*rest).with_suffix(".py")
+        if path.is_file():
+            return path
+    return None
+
+
 def cuda_available() -> bool:
     """True if torch sees a CUDA device."""
     import torch
@@ -89,6 +112,57 @@ def _always() -> Probe:
 
 NGC = "it ships in the NGC PyTorch container"
 
+# apex compiles its GroupNorm kernels as top-level extensions only when built with --group_norm
+# (setup.py; group_norm_v2_cuda also needs nvcc >= 12.4); apex/contrib/group_norm/group_norm.py
+# imports them at its top, group_norm_cuda always and group_norm_v2_cuda since 2025-03.
+APEX_GROUP_NORM_EXTENSIONS = ("group_norm_cuda", "group_norm_v2_cuda")
+APEX_GROUP_NORM_BUILD = ("Rebuild apex from its source tree with the GroupNorm extensions: APEX_CPP_EXT=1 "
+                         "APEX_CUDA_EXT=1 APEX_GROUP_NORM=1 pip install -v --no-build-isolation . (older apex: "
+                         "pip install --global-option=--group_norm ...), or use the NGC PyTorch container, which "
+                         "ships it built")
+
+
+def apex_group_norm_extensions() -> tuple[str, ...]:
+    """The compiled extensions the installed apex GroupNorm imports, read from its source (not imported)."""
+    source = module_source("apex.contrib.group_norm.group_norm")
+    try:
+        text = source.read_text(encoding="utf-8") if source else ""
+    except OSError:
+        text = ""
+    # Unindented imports only: those run unconditionally when the module loads.
+    names = tuple(dict.fromkeys(re.findall(r"^import\s+(group_norm\w*_cuda)\b", text, flags=re.MULTILINE)))
+    return names or APEX_GROUP_NORM_EXTENSIONS[:1]
+
+
+def _apex_group_norm() -> Probe:
+    if not package_available("apex.contrib.group_norm"):
+        return Probe(False, f"apex.contrib.group_norm is not installed ({NGC}; apex must be built with --group_norm)")
+    missing = [ext for ext in apex_group_norm_extensions() if not package_available(ext)]
+    if missing:
+        return Probe(False, f"apex is installed without the compiled GroupNorm extension(s) {', '.join(missing)} "
+                            "that apex.contrib.group_norm imports: apex builds them only with --group_norm",
+                     fix=APEX_GROUP_NORM_BUILD)
+    if not cuda_available():
+        return Probe(False, "no CUDA device is visible")
+    return Probe(True)
+
+
+# TE's fused and flash attention kernels take fp16/bf16 only; in fp32 TE falls back to its unfused
+# attention, which materialises B x H x L^2 fp32 scores (4096^2 per head at 64x64 latents).
+HALF_PRECISIONS = ("fp16", "bf16")
+TE_FP32_REASON = "fp32 compute: TE's fused kernels need fp16/bf16"
+
+
+def attention_unsuitable(compute_precisions: Mapping[str, str] | None) -> dict[str, str]:
+    """Attention backends that cannot serve a module computing in these precisions ({config key: value}), and why.
+
+    None means not stated (tools, tests): nothing is ruled out. Pass the result as resolve_backend's `unsuitable`.
+    """
+    if any(value not in HALF_PRECISIONS for value in (compute_precisions or {}).values()):
+        return {"te": TE_FP32_REASON}
+    return {}
+
+
 # role -> (config key, ordered {name: probe}); the last name is the reference twin.
 ROLES: dict[str, tuple[str, dict[str, Callable[[], Probe]]]] = {
     "attention": ("model.unet.attention_backend", {
@@ -97,7 +171,7 @@ ROLES: dict[str, tuple[str, dict[str, Callable[[], Probe]]]] = {
         "math": _always,
     }),
     "norm": ("model.unet.norm_backend", {
-        "apex": _needs("apex.contrib.group_norm", NGC + "; apex must be built with --group_norm", gpu=True),
+        "apex": _apex_group_norm,
         "torch": _always,
     }),
     "parallel": ("parallel.backend", {
@@ -121,16 +195,24 @@ def backend_names(role: str) -> list[str]:
     return list(ROLES[role][1])
 
 
-def resolve_backend(role: str, requested: str, *, allow_cpu_variant: bool = False) -> Resolution:
-    """Pick the backend for `role`: `auto` or a name. Raises RuntimeError if a named one cannot run."""
+def resolve_backend(role: str, requested: str, *, allow_cpu_variant: bool = False,
+                    unsuitable: Mapping[str, str] | None = None) -> Resolution:
+    """Pick the backend for `role`: `auto` or a name. Raises BackendUnavailable if a named one cannot run.
+
+    `unsuitable` maps names to why they cannot serve this build (the caller's dtypes or layout): `auto`
+    skips them with that reason; naming one is a ValueError (callers raise a more specific one first).
+    """
     if role not in ROLES:
         raise KeyError(f"unknown backend role {role!r}; roles: {sorted(ROLES)}")
     key, table = ROLES[role]
     reference = list(table)[-1]
+    unsuitable = unsuitable or {}
+    assert reference not in unsuitable, f"the reference backend of {role} must serve every build"
     if requested == "auto":
         skipped = []
         for name, probe in table.items():
-            result = probe()
+            # The build's own limits first: they hold on every machine, so the reason does not vary.
+            result = Probe(False, unsuitable[name]) if name in unsuitable else probe()
             if result.ok:
                 why = "auto: " + ("; ".join(skipped) if skipped else "first choice available")
                 return Resolution(role, key, requested, name, why)
@@ -138,15 +220,19 @@ def resolve_backend(role: str, requested: str, *, allow_cpu_variant: bool = Fals
         raise AssertionError(f"the reference backend of {role} must always be available")
     if requested not in table:
         raise ValueError(f"invalid value for '{key}': {requested!r}; allowed: auto, {', '.join(table)}.")
+    if requested in unsuitable:
+        raise ValueError(f"{key}={requested} cannot serve this build: {unsuitable[requested]}. "
+                         f"Set {key}=auto (or {key}={reference}, the reference implementation).")
     result = table[requested]()
     if not result.ok and allow_cpu_variant and (role, requested) in CPU_CAPABLE:
         result = CPU_CAPABLE[(role, requested)]()
         if result.ok:
             return Resolution(role, key, requested, requested, "requested (CPU variant: no CUDA device)")
     if not result.ok:
-        raise RuntimeError(
+        fix = f"{result.fix}. Or set" if result.fix else "Install it, or set"
+        raise BackendUnavailable(
             f"{key}={requested} cannot run here: {result.reason}. "
-            f"Install it, or set {key}=auto (or {key}={reference}, the reference implementation)."
+            f"{fix} {key}=auto (or {key}={reference}, the reference implementation)."
         )
     return Resolution(role, key, requested, requested, "requested")
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sd_mlperf.backends import BackendUnavailable
 from sd_mlperf.config.schema import Config, DataConfig
 from sd_mlperf.utils.logging import logger
 
@@ -90,7 +91,7 @@ def bench_decode(cfg: DataConfig, backend: str, *, steps: int, warmup: int, batc
     data_cfg = dataclasses.replace(cfg, decode_backend=backend)
     try:
         decoder = build_decoder(data_cfg, max_batch_size=batch)
-    except (RuntimeError, ValueError) as exc:
+    except BackendUnavailable as exc:  # only a missing backend skips; any other error is raised
         logger.info("bench data: decode %s skipped (%s)", backend, exc)
         return None
     jpegs = [make_train_sample(0, i, cfg.image_size)[0] for i in range(batch)]

@@ -58,7 +58,7 @@ def _bench_generation(cfg: Config, device: torch.device, label: str, steps: int,
     e, batch = cfg.eval, cfg.eval.batch_size
     side = cfg.data.image_size // 2 ** (len(cfg.model.vae.channel_mult) - 1)
     torch.manual_seed(bench_seed(cfg))
-    unet = build_unet(cfg.model.unet).to(device).eval()
+    unet = build_unet(cfg.model.unet, compute_precisions={"eval.precision": e.precision}).to(device).eval()
     vae = build_vae(cfg.model.vae).to(device).eval()
     text_encoder = build_text_encoder(cfg.model.text_encoder).to(device).eval()
     schedule = make_ddim_schedule(make_alphas_cumprod(cfg.diffusion), e.ddim_steps, e.eta)

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from sd_mlperf.backends import backend_names, resolve_backend
+from sd_mlperf.backends import BackendUnavailable, backend_names, resolve_backend
 from sd_mlperf.bench import bench_seed
 from sd_mlperf.bench.table import add_ratios
 from sd_mlperf.config.load import load_config
@@ -101,8 +101,10 @@ def compare_variants(cfg: Config, groups: Sequence[str] = COMPARE_GROUPS) -> lis
     variants: list[Variant] = []
     if "attention" in groups:
         chosen = resolve_backend("attention", u.attention_backend).name
+        # te computes in fp16/bf16 only: in an fp32 config its row would be a config error, not a measurement.
+        unsuitable = {"te"} if tr.precision == "fp32" else set()
         variants += [Variant(f"attention={n}", (f"model.unet.attention_backend={n}",))
-                     for n in backend_names("attention") if n != chosen]
+                     for n in backend_names("attention") if n != chosen and n not in unsuitable]
     if "norm" in groups:
         chosen = resolve_backend("norm", u.norm_backend).name
         # apex's kernel reads NHWC only, so its variant turns channels-last on as well.
@@ -186,14 +188,15 @@ def build_runner(cfg: Config, device: torch.device, batch: dict[str, torch.Tenso
     from sd_mlperf.train_step import build_train_step
 
     if cfg.training.cuda_graph and device.type != "cuda":
-        raise RuntimeError("training.cuda_graph=true needs a CUDA device")
+        raise BackendUnavailable("training.cuda_graph=true needs a CUDA device")
     if cfg.model.unet.compile:
         ok, why = compile_available(device)
         if not ok:
-            raise RuntimeError(why)
+            raise BackendUnavailable(why)
     if unet is None:
         with torch.device(device):  # initialise the weights where they will live
-            unet = build_unet(cfg.model.unet)  # applies channels-last and compile from the config
+            unet = build_unet(cfg.model.unet,  # applies channels-last and compile from the config
+                              compute_precisions={"training.precision": cfg.training.precision})
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device, backend="none")
     dp = apply_data_parallel(unet, cfg, dist)
     lr_schedule = LRSchedule(cfg.optim, global_batch_size(cfg))
@@ -270,6 +273,10 @@ def threads_as_configured(cfg: Config) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    return " ".join(str(exc).split())[:limit]
+
+
 def _release(device: torch.device, compiled: bool) -> None:
     gc.collect()
     if compiled:
@@ -280,7 +287,12 @@ def _release(device: torch.device, compiled: bool) -> None:
 
 def bench_train(config_files: Sequence[str], overrides: Sequence[str], variants: Sequence[Variant],
                 settings: TrainBenchSettings | None = None) -> list[dict[str, Any]]:
-    """Measure each variant in this process; a variant that cannot run here gets a `skipped:` row."""
+    """Measure each variant in this process; each row's status is `ok`, `skipped: why` or `failed: why`.
+
+    Only a backend this machine lacks (BackendUnavailable) skips a variant. Any other error (CUDA error,
+    out of memory, graph capture, a bad override) is that variant's failure: its traceback is logged and
+    the remaining variants still run.
+    """
     from sd_mlperf.fastpath.runtime import configure_device
 
     settings = settings or TrainBenchSettings()
@@ -295,10 +307,13 @@ def bench_train(config_files: Sequence[str], overrides: Sequence[str], variants:
             row = {"variant": variant.name, **describe(cfg, device)}
             try:
                 row.update(measure(cfg, device, settings, flops))
-            except (RuntimeError, ValueError) as exc:  # unavailable backend, no CUDA, out of memory
-                row["status"] = ("failed: out of memory" if isinstance(exc, torch.OutOfMemoryError)
-                                 else "skipped: " + " ".join(str(exc).split())[:200])
+            except BackendUnavailable as exc:  # a backend (or CUDA, for graphs) this machine lacks
+                row["status"] = "skipped: " + _one_line(exc)
                 logger.warning("bench train: %s %s", variant.name, row["status"])
+            except Exception as exc:  # anything else is a failure of this variant, with its traceback
+                row["status"] = ("failed: out of memory" if isinstance(exc, torch.OutOfMemoryError)
+                                 else f"failed: {type(exc).__name__}: {_one_line(exc)}")
+                logger.error("bench train: %s %s", variant.name, row["status"], exc_info=exc)
         rows.append(row)
         _release(device, cfg.model.unet.compile)
     return add_ratios(rows, "images_per_s", name="speedup")

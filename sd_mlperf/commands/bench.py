@@ -96,4 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         write_rows(args.output, rows)
         logger.info("bench %s: wrote %d rows to %s", args.mode, len(rows), args.output)
-    return 0
+    failed = [r for r in rows if str(r.get("status", "")).startswith("failed")]
+    if failed:  # a variant that broke is a failure of the command, not a row to overlook
+        logger.error("bench %s: %d of %d row(s) failed", args.mode, len(failed), len(rows))
+    return 1 if failed else 0

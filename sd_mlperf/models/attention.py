@@ -5,16 +5,25 @@ Core backends take and return bshd tensors (q_BLHD, k_BSHD, v_BSHD -> out_BLHD):
 - `math`: explicit softmax(q k^T * D^-0.5) v with the logits and softmax in fp32, as the ldm
   reference (`_ATTN_PRECISION = "fp32"`) computes it. The reference twin.
 - `sdpa`: torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient kernels).
-- `te`: Transformer Engine DotProductAttention, bshd, no mask (cuDNN fused attention on GPU).
+- `te`: Transformer Engine DotProductAttention, bshd, no mask (cuDNN fused attention on GPU). TE's
+  fused and flash kernels need fp16/bf16 inputs, so `auto` takes it only for half-precision compute
+  (models/unet.py). TE modules save an `_extra_state` entry each; ours is made to save none, so every
+  backend has the same state dict (see `_without_extra_state`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sd_mlperf.backends import BackendUnavailable
+
+# Where te builds before the no-extra-state fix saved their (empty) TE extra state, under a CrossAttention.
+LEGACY_TE_EXTRA_STATE = "core.core._extra_state"
 
 
 class CoreAttention(Protocol):
@@ -55,26 +64,55 @@ class SDPAttention(nn.Module):
         return out_BHLD.transpose(1, 2)
 
 
+@functools.cache
+def _without_extra_state(cls: type[nn.Module]) -> type[nn.Module]:
+    """`cls` with nn.Module's own (absent) extra state: no `_extra_state` key is saved or expected.
+
+    TE's base module overrides get_extra_state to save its FP8 metadata, so torch adds one
+    `prefix + "_extra_state"` entry per DotProductAttention (an empty tensor outside fp8_autocast,
+    which this UNet never uses) and then requires it on a strict load; TE's load hook forgives only
+    keys containing `core_attention._extra_state`. torch saves and expects that entry only when the
+    class overrides get_extra_state / set_extra_state, so a subclass that restores nn.Module's methods
+    removes it, and the te state dict equals the sdpa/math one (models never rename or add state).
+    """
+    return type(f"{cls.__name__}NoExtraState", (cls,), {
+        "__module__": __name__,
+        "get_extra_state": nn.Module.get_extra_state, "set_extra_state": nn.Module.set_extra_state,
+    })
+
+
 class TEAttention(nn.Module):
-    """Transformer Engine DotProductAttention (bshd, no mask); holds no parameters."""
+    """Transformer Engine DotProductAttention (bshd, no mask); holds no parameters and no state."""
 
     def __init__(self, *, num_heads: int, head_channels: int) -> None:
         super().__init__()
         try:
             from transformer_engine.pytorch import DotProductAttention
         except ImportError as exc:
-            raise RuntimeError(f"model.unet.attention_backend=te: transformer_engine cannot be imported ({exc}); "
-                               "it ships in the NGC PyTorch container. Set model.unet.attention_backend=sdpa."
-                               ) from exc
+            raise BackendUnavailable(f"model.unet.attention_backend=te: transformer_engine cannot be imported "
+                                     f"({exc}); it ships in the NGC PyTorch container. Set "
+                                     "model.unet.attention_backend=sdpa.") from exc
         self.num_heads = num_heads
         self.head_channels = head_channels
-        self.core = DotProductAttention(num_heads, head_channels, qkv_format="bshd", attn_mask_type="no_mask",
-                                        attention_dropout=0.0)
+        self.core = _without_extra_state(DotProductAttention)(
+            num_heads, head_channels, qkv_format="bshd", attn_mask_type="no_mask", attention_dropout=0.0)
 
     def forward(self, q_BLHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor) -> torch.Tensor:
         """TE returns [B, L, H*D]; reshape back to bshd."""
         out = self.core(q_BLHD.contiguous(), k_BSHD.contiguous(), v_BSHD.contiguous())
         return out.view(q_BLHD.shape[0], q_BLHD.shape[1], self.num_heads, self.head_channels)
+
+
+def _drop_legacy_te_extra_state(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load pre-hook: drop the empty TE extra state that te builds saved before they stopped saving it.
+
+    An empty tensor carries nothing (TE writes one outside FP8), so old te checkpoints and ldm exports
+    load strictly into every backend; a non-empty one (FP8 metadata) is left to fail as unexpected.
+    """
+    key = prefix + LEGACY_TE_EXTRA_STATE
+    value = state_dict.get(key)
+    if isinstance(value, torch.Tensor) and value.numel() == 0:
+        del state_dict[key]
 
 
 CORE_ATTENTION: dict[str, type[nn.Module]] = {"te": TEAttention, "sdpa": SDPAttention, "math": MathAttention}
@@ -104,6 +142,7 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
         self.core = build_core_attention(backend, num_heads=num_heads, head_channels=head_channels)
+        self.register_load_state_dict_pre_hook(_drop_legacy_te_extra_state)
 
     def forward(self, x_BLC: torch.Tensor, context_BSE: torch.Tensor | None = None) -> torch.Tensor:
         """Project, attend with the core backend, project out."""

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sd_mlperf.backends import APEX_GROUP_NORM_BUILD, BackendUnavailable
 from sd_mlperf.utils.logging import log_once
 
 Activation = Literal["silu", ""]
@@ -97,7 +98,10 @@ def _import_apex_group_norm() -> type:
     try:
         from apex.contrib.group_norm import GroupNorm
     except ImportError as exc:
-        raise RuntimeError("model.unet.norm_backend=apex: apex.contrib.group_norm cannot be imported "
-                           f"({exc}); it ships in the NGC PyTorch container (apex built with --group_norm). "
-                           "Set model.unet.norm_backend=torch to use the reference kernel.") from exc
+        # The probe found the package and its extensions on disk; they may still fail to load (missing
+        # symbols when apex was built against another torch or CUDA).
+        raise BackendUnavailable(
+            f"model.unet.norm_backend=apex: apex.contrib.group_norm cannot be imported ({exc}). "
+            f"{APEX_GROUP_NORM_BUILD}, against this torch. Or set model.unet.norm_backend=auto (or "
+            "model.unet.norm_backend=torch, the reference kernel).") from exc
     return GroupNorm

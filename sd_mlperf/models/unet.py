@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from sd_mlperf.backends import Resolution, resolve_backend, summarize
+from sd_mlperf.backends import (
+    HALF_PRECISIONS,
+    BackendUnavailable,
+    Resolution,
+    attention_unsuitable,
+    resolve_backend,
+    summarize,
+)
 from sd_mlperf.config.schema import UNetConfig
 from sd_mlperf.models.blocks import (
     Downsample,
@@ -120,24 +128,58 @@ def apply_compile(unet: UNetModel) -> None:
     logger.info("UNet wrapped in torch.compile (compiles on the first forward)")
 
 
+def _resolve_attention(cfg: UNetConfig, compute_precisions: Mapping[str, str] | None) -> Resolution:
+    unsuitable = attention_unsuitable(compute_precisions)
+    if cfg.attention_backend == "te" and "te" in unsuitable:
+        # An error, not a warning: TE's fused and flash kernels refuse fp32, and its unfused fallback
+        # materialises B x H x L^2 fp32 scores: many times slower than sdpa's fp32 kernels and near OOM at
+        # SD2 size. No run wants that path, so naming te with fp32 compute is a config mistake.
+        fp32 = [key for key, value in (compute_precisions or {}).items() if value not in HALF_PRECISIONS]
+        raise ValueError(
+            "model.unet.attention_backend=te cannot compute in fp32 (" + ", ".join(f"{k}=fp32" for k in fp32)
+            + "): TE's fused and flash kernels need fp16/bf16, and its unfused fallback materialises B x H x L^2 "
+            "fp32 scores (very slow, near OOM at 64x64 latents). Set model.unet.attention_backend=sdpa (or auto), "
+            "or set " + " and ".join(f"{k}=fp16" for k in fp32) + " (or bf16).")
+    return resolve_backend("attention", cfg.attention_backend, unsuitable=unsuitable)
+
+
 def _resolve_norm(cfg: UNetConfig) -> Resolution:
-    res = resolve_backend("norm", cfg.norm_backend)
-    if res.name == "apex" and not cfg.channels_last:
+    if cfg.norm_backend == "apex" and not cfg.channels_last:
         # apex's kernel reads NHWC only; without channels-last every call would fall back to torch.
+        raise ValueError("model.unet.norm_backend=apex needs NHWC activations but model.unet.channels_last=false;"
+                         " set model.unet.channels_last=true (or model.unet.norm_backend=torch).")
+    unsuitable = None if cfg.channels_last else {"apex": "model.unet.channels_last=false; apex needs NHWC input"}
+    return resolve_backend("norm", cfg.norm_backend, unsuitable=unsuitable)
+
+
+def _build_norm(cfg: UNetConfig) -> tuple[NormBuilder, Resolution]:
+    """The norm builder of the resolved backend; `auto` falls back to torch if apex fails to import."""
+    res = _resolve_norm(cfg)
+    if res.name != "apex":
+        return NormBuilder(res.name), res
+    try:
+        return NormBuilder("apex"), res
+    except BackendUnavailable as exc:
         if cfg.norm_backend == "apex":
-            raise ValueError("model.unet.norm_backend=apex needs NHWC activations but model.unet.channels_last=false;"
-                             " set model.unet.channels_last=true (or model.unet.norm_backend=torch).")
-        log_once("norm:apex-needs-channels-last", "apex GroupNorm needs NHWC input but model.unet.channels_last="
-                 "false; using torch GroupNorm. Set model.unet.channels_last=true to use apex.")
-        res = dataclasses.replace(res, name="torch", why=res.why + "; apex skipped (model.unet.channels_last=false)")
-    return res
+            raise
+        # The probe saw apex and its extensions on disk, but they do not load (e.g. built for another torch).
+        reason = f"apex.contrib.group_norm cannot be imported: {exc.__cause__ or exc}"
+        log_once("norm:apex-import", f"model.unet.norm_backend=auto: {reason}; using torch GroupNorm",
+                 level=logging.WARNING)
+        return NormBuilder("torch"), dataclasses.replace(res, name="torch", why=f"auto: apex skipped ({reason})")
 
 
-def build_unet(cfg: UNetConfig) -> UNetModel:
-    """Build the UNet: resolve backends, construct, apply channels-last and activation checkpointing."""
-    attention = resolve_backend("attention", cfg.attention_backend)
-    norm_res = _resolve_norm(cfg)
-    norm = NormBuilder(norm_res.name)
+def build_unet(cfg: UNetConfig, *, compute_precisions: Mapping[str, str] | None = None) -> UNetModel:
+    """Build the UNet: resolve backends, construct, apply channels-last and activation checkpointing.
+
+    Args:
+        compute_precisions: every precision this module will compute in, by the config key that sets
+            it (`{"training.precision": "fp16", "eval.precision": "fp16"}`: the inline evaluator runs
+            the same module). `auto` takes te only if all are fp16/bf16; a named te with an fp32 one is
+            an error. None (tools, tests) leaves te to `auto` wherever it is available.
+    """
+    attention = _resolve_attention(cfg, compute_precisions)
+    norm, norm_res = _build_norm(cfg)
     unet = UNetModel(cfg, attention_backend=attention.name, norm=norm)
     if norm_res.name == "apex":
         norm_res = dataclasses.replace(norm_res, why=norm_res.why + f"; {norm.summary()}")

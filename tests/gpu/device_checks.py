@@ -5,13 +5,19 @@ Run by tests/gpu/run_device_checks.sh on a machine with one NVIDIA GPU:
     python tests/gpu/device_checks.py [--out DIR] [--with-compile]
     python tests/gpu/device_checks.py --cpu-dry-run     # the same code on the CPU, tiny; GPU-only checks skip
 
-Checks (each a row: check, status ok/FAIL/skipped, measured error, tolerance, detail):
-- unet[...]: forward output and all parameter gradients of a small UNet with real channel counts
-  (128/256, so apex's kernel list covers them) on the device, per fast-path combination, against
-  the reference twin (CPU, fp32, math attention, torch GroupNorm, NCHW) with the same weights.
+Checks, most valuable first (each a row: check, status ok/FAIL/skipped, measured error, tolerance, detail):
+- unet[...]: each fast-path combination loads the reference twin's weights with strict=True (same ldm
+  names), then its forward output and all parameter gradients of a small UNet with real channel counts
+  (128/256, so apex's kernel list covers them) on the device are compared with the reference twin's
+  (CPU, fp32, math attention, torch GroupNorm, NCHW).
 - step_no_host_sync: one eager training step under torch.cuda.set_sync_debug_mode("error").
 - cuda_graph_*: the trainer's step as the bench builds it (fp16, loss scaling, fused AdamW):
   GraphedTrainStep's warmup + capture change no weights, and 3 replayed steps match 3 EagerTrainStep steps.
+
+A check is `skipped` only when a backend it names cannot run here (sd_mlperf.backends.BackendUnavailable:
+the library is absent, or there is no CUDA device in the dry run); the reason is in the row. Any other
+error (CUDA error, out of memory, strict-load mismatch, capture failure, assertion) is a FAIL whose
+traceback goes to stderr. The JSON is rewritten after each check, so a run cut short keeps what it did.
 Exit status 1 if any check fails.
 """
 
@@ -22,10 +28,13 @@ import dataclasses
 import json
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from sd_mlperf.backends import BackendUnavailable
 from sd_mlperf.bench.table import format_table
 from sd_mlperf.bench.train import SINGLE_PROCESS, build_runner, synthetic_batch
 from sd_mlperf.config import load_config
@@ -64,6 +73,28 @@ def _row(check: str, status: str, error: float | None = None, tol: float | None 
     return {"check": check, "status": status, "rel_err": error, "tolerance": tol, "detail": detail}
 
 
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    return " ".join(str(exc).split())[:limit]
+
+
+def error_row(check: str, exc: Exception) -> dict:
+    """The row for a check that raised: skipped only for BackendUnavailable; else FAIL, traceback to stderr."""
+    if isinstance(exc, BackendUnavailable):
+        return _row(check, "skipped", detail=_one_line(exc))
+    sys.stderr.write(f"device_checks: {check} raised:\n")
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    return _row(check, "FAIL", detail=f"{type(exc).__name__}: {_one_line(exc)}")
+
+
+def run_check(check: str, fn: Callable[[], dict | list[dict]]) -> list[dict]:
+    """fn()'s rows, or one error_row named `check` if it raises."""
+    try:
+        rows = fn()
+    except Exception as exc:  # error_row decides: skipped (backend absent) or FAIL
+        return [error_row(check, exc)]
+    return rows if isinstance(rows, list) else [rows]
+
+
 def _forward_backward(unet: torch.nn.Module, batch: dict, precision: str, device: torch.device):
     x = batch["z0"].to(device)
     t = torch.arange(x.shape[0], device=device) * 997 % 1000
@@ -89,20 +120,22 @@ def check_unet(base: UNetConfig, batch: dict, device: torch.device, variants: li
     ref_out, ref_grads = _forward_backward(ref, batch, "fp32", torch.device("cpu"))
     rows = []
     for name, precision, changes in variants:
+        unet = None
         try:
             cfg = dataclasses.replace(base, **changes)
             with torch.device(device):
-                unet = build_unet(cfg)
-            unet.load_state_dict(ref.state_dict())
+                unet = build_unet(cfg)  # BackendUnavailable here is the only skip
+            unet.load_state_dict(ref.state_dict(), strict=True)  # backends never rename parameters
             used = ", ".join(f"{r.role}={r.name}" for r in unet.backend_resolutions)
             out, grads = _forward_backward(unet, batch, precision, device)
-        except (RuntimeError, ValueError) as exc:
-            rows.append(_row(f"unet[{name}]", "skipped", detail=" ".join(str(exc).split())[:120]))
+        except Exception as exc:  # error_row: skipped if a backend is absent, else FAIL
+            rows.append(error_row(f"unet[{name}]", exc))
             continue
+        finally:
+            del unet
         err = max(rel_err(out, ref_out), rel_err(grads, ref_grads))
         tol = TOLERANCE[precision]
         rows.append(_row(f"unet[{name}]", "ok" if err <= tol else "FAIL", err, tol, used))
-        del unet
     return rows
 
 
@@ -115,13 +148,10 @@ def check_no_host_sync(cfg, device: torch.device) -> dict:
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        runner(batch)
-        status, detail = "ok", "eager step ran with set_sync_debug_mode('error')"
-    except RuntimeError as exc:
-        status, detail = "FAIL", " ".join(str(exc).split())[:160]
+        runner(batch)  # a host sync raises RuntimeError here: run_check makes it a FAIL with the traceback
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    return _row("step_no_host_sync", status, detail=detail)
+    return _row("step_no_host_sync", "ok", detail="eager step ran with set_sync_debug_mode('error')")
 
 
 def check_cuda_graph(cfg, device: torch.device) -> list[dict]:
@@ -183,16 +213,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_dry_run:  # CPU fp16 autocast is slow and not what these checks are about: use bf16
         variants = [(n.replace("fp16", "bf16"), "bf16" if p == "fp16" else p, c) for n, p, c in variants]
         variants = list({name: (name, p, c) for name, p, c in variants}.values())
+    checks = [  # most valuable first: the fast paths' numerics, then the training step, then its CUDA graph
+        ("unet", lambda: check_unet(cfg.model.unet, batch, device, variants)),
+        ("step_no_host_sync", lambda: check_no_host_sync(cfg, device)),
+        ("cuda_graph", lambda: check_cuda_graph(cfg, device)),
+    ]
     t0 = time.perf_counter()
-    rows = check_unet(cfg.model.unet, batch, device, variants)
-    rows.append(check_no_host_sync(cfg, device))
-    rows += check_cuda_graph(cfg, device)
+    rows: list[dict] = []
+    for check, fn in checks:
+        rows += run_check(check, fn)
+        if args.out:  # after each check: a run killed by the stage's timeout keeps what it measured
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "device_checks.json").write_text(json.dumps(rows, indent=1))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
     sys.stdout.write(f"device checks on {name}, torch {torch.__version__}, {time.perf_counter() - t0:.0f} s\n")
     sys.stdout.write(format_table(rows))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "device_checks.json").write_text(json.dumps(rows, indent=1))
     return 1 if any(r["status"] == "FAIL" for r in rows) else 0
 
 

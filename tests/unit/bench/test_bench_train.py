@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from sd_mlperf.backends import BackendUnavailable
 from sd_mlperf.bench import bench_seed
 from sd_mlperf.bench.table import parse_text_table
 from sd_mlperf.bench.train import COLUMNS, SINGLE_PROCESS, compare_variants, parse_variant
@@ -55,25 +56,29 @@ def test_bench_train_prints_a_well_formed_table(capsys):
 def test_compare_rows_run_or_say_why_not(capsys, tmp_path):
     out = tmp_path / "rows.json"
     header, rows = _table(capsys, "--compare", "attention,cuda_graph", "--output", str(out),
-                          "--variant", "nhwc: model.unet.channels_last=true")
+                          "--variant", "nhwc: model.unet.channels_last=true", "--variant",
+                          "te bf16: model.unet.attention_backend=te training.precision=bf16")
     by_name = {r["variant"]: r for r in rows}
-    assert list(by_name) == ["config", "attention=te", "attention=math", "cuda_graph=true", "nhwc"]
+    assert list(by_name) == ["config", "attention=math", "cuda_graph=true", "nhwc", "te bf16"]  # no te in fp32
     assert by_name["attention=math"]["status"] == "ok" and by_name["attention=math"]["attention"] == "math"
-    assert by_name["attention=te"]["status"].startswith("skipped: ")
+    assert by_name["te bf16"]["status"].startswith("skipped: model.unet.attention_backend=te cannot run here: ")
     assert by_name["cuda_graph=true"]["status"] == "skipped: training.cuda_graph=true needs a CUDA device"
     assert by_name["nhwc"]["channels_last"] == "yes" and by_name["nhwc"]["status"] == "ok"
     saved = json.loads(out.read_text())
     assert [r["variant"] for r in saved] == list(by_name)
-    assert saved[0]["speedup"] == 1.0 and saved[1]["speedup"] is None
+    assert saved[0]["speedup"] == 1.0 and saved[-1]["speedup"] is None  # a skipped row has no speedup
 
 
 def test_compare_variants_flip_one_choice_each():
     cfg = load_config([SMOKE], [*TINY, *SINGLE_PROCESS, "model.unet.attention_backend=sdpa"])
     names = [v.name for v in compare_variants(cfg)]
     assert len(names) == len(set(names))
-    assert {"attention=te", "attention=math", "norm=apex", "channels_last=true", "compile=true",
-            "cuda_graph=true", "precision=bf16"} <= set(names)
+    assert {"attention=math", "norm=apex", "channels_last=true", "compile=true", "cuda_graph=true",
+            "precision=bf16"} <= set(names)
     assert "attention=sdpa" not in names and "precision=fp32" not in names
+    assert "attention=te" not in names  # te computes in fp16/bf16 only: an fp32 config gets no te row
+    bf16 = load_config([SMOKE], [*TINY, *SINGLE_PROCESS, "training.precision=bf16"])
+    assert "attention=te" in [v.name for v in compare_variants(bf16, ["attention"])]
     apex = next(v for v in compare_variants(cfg, ["norm"]) if v.name == "norm=apex")
     assert "model.unet.channels_last=true" in apex.overrides
     with pytest.raises(ValueError, match="unknown group"):
@@ -146,3 +151,50 @@ def test_bench_runs_the_trainers_step_after_a_warmup_that_changes_nothing():
     assert torch.equal(bench_out["loss"], train_out["loss"])
     assert all(torch.equal(a, b) for a, b in zip(unet.parameters(), dp.unwrapped.parameters()))
     assert any(not torch.equal(p, start[k]) for k, p in unet.named_parameters())  # the timed step did train
+
+
+@pytest.mark.parametrize(("exc", "status"), [
+    (BackendUnavailable("model.unet.attention_backend=te cannot run here: no CUDA device is visible"),
+     "skipped: model.unet.attention_backend=te cannot run here: no CUDA device is visible"),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"),
+     "failed: RuntimeError: CUDA error: an illegal memory access was encountered"),
+    (RuntimeError("Error(s) in loading state_dict for UNetModel: Missing key(s)"),
+     "failed: RuntimeError: Error(s) in loading state_dict for UNetModel: Missing key(s)"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "failed: out of memory"),
+    (ValueError("training.cuda_graph=true needs parallel.backend=torch"),
+     "failed: ValueError: training.cuda_graph=true needs parallel.backend=torch"),
+])
+def test_only_an_unavailable_backend_skips_a_variant(monkeypatch, capsys, exc, status):
+    import sd_mlperf.bench.train as bench
+    from sd_mlperf.utils.logging import setup_logging
+
+    def broken(*args):
+        raise exc
+
+    setup_logging("INFO")
+    monkeypatch.setattr(bench, "measure", broken)
+    rows = bench.bench_train([SMOKE], TINY, [bench.Variant("a"), bench.Variant("b")], bench.TrainBenchSettings(1, 0))
+    assert [r["status"] for r in rows] == [status, status]  # a failure does not stop the other variants
+    err = capsys.readouterr().err
+    # A skip says why in one line; a failure logs its traceback.
+    assert ("Traceback" in err and "in broken" in err) == status.startswith("failed")
+
+
+def test_cuda_graph_without_cuda_is_an_unavailable_backend():
+    from sd_mlperf.bench.train import build_runner, synthetic_batch
+
+    cfg = load_config([SMOKE], [*TINY, *SINGLE_PROCESS, "training.cuda_graph=true"])
+    with pytest.raises(BackendUnavailable, match="training.cuda_graph=true needs a CUDA device"):
+        build_runner(cfg, torch.device("cpu"), synthetic_batch(cfg, torch.device("cpu")), warmup_steps=0)
+
+
+@pytest.mark.parametrize(("exc", "code"), [(RuntimeError("CUDA error: misaligned address"), 1),
+                                           (BackendUnavailable("no CUDA device is visible"), 0)])
+def test_the_command_fails_when_a_row_failed(monkeypatch, capsys, exc, code):
+    import sd_mlperf.bench.train as bench
+
+    def broken(*args):
+        raise exc
+
+    monkeypatch.setattr(bench, "measure", broken)
+    assert main(["bench", "train", "--config", SMOKE, "--steps", "1", "--warmup", "0", *TINY]) == code

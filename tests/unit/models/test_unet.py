@@ -12,15 +12,15 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from sd_mlperf.backends import Resolution
+from sd_mlperf.backends import ROLES, Probe
 from sd_mlperf.config import merge_config
 from sd_mlperf.config.schema import UNetConfig
 from sd_mlperf.models import norm as norm_mod
-from sd_mlperf.models import unet as unet_mod
 from sd_mlperf.models.blocks import ResBlock, SpatialTransformer, timestep_embedding
 from sd_mlperf.models.norm import TorchGroupNorm
 from sd_mlperf.models.unet import UNetModel, build_unet
 from sd_mlperf.utils.manifest import count_parameters, read_manifest, state_dict_manifest
+from tests.unit.stand_ins import install_fake_transformer_engine
 
 UNET_PREFIX = "model.diffusion_model."
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -132,7 +132,7 @@ def test_unavailable_named_backends_raise_with_fix():
     with pytest.raises(RuntimeError, match="attention_backend=te cannot run here"):
         build_unet(tiny_cfg(attention_backend="te"))
     with pytest.raises(RuntimeError, match="norm_backend=apex cannot run here"):
-        build_unet(tiny_cfg(norm_backend="apex"))
+        build_unet(tiny_cfg(norm_backend="apex", channels_last=True))
 
 
 def test_channels_last_matches_contiguous():
@@ -198,14 +198,7 @@ class FakeApexGroupNorm(TorchGroupNorm):
 
 def _fake_apex(monkeypatch):
     monkeypatch.setattr(norm_mod, "_import_apex_group_norm", lambda: FakeApexGroupNorm)
-    real = unet_mod.resolve_backend
-
-    def resolve(role, requested, **kw):
-        if role == "norm":
-            return Resolution("norm", "model.unet.norm_backend", requested, "apex", "test double")
-        return real(role, requested, **kw)
-
-    monkeypatch.setattr(unet_mod, "resolve_backend", resolve)
+    monkeypatch.setitem(ROLES["norm"][1], "apex", lambda: Probe(True))  # the probe passes; limits still apply
 
 
 def test_apex_path_counts_unsupported_shapes_and_keeps_names(monkeypatch):
@@ -265,3 +258,30 @@ def test_channels_last_reaches_every_group_norm():
                 args[0].is_contiguous(memory_format=torch.channels_last)))
     unet(*inputs())
     assert len(seen) == sum(isinstance(m, nn.GroupNorm) for m in unet.modules()) and all(seen)
+
+
+TE_FP32_WHY = "te skipped (fp32 compute: TE's fused kernels need fp16/bf16)"
+
+
+@pytest.mark.parametrize("precisions,chosen", [
+    ({"training.precision": "fp32"}, "sdpa"),
+    ({"training.precision": "fp16", "eval.precision": "fp32"}, "sdpa"),  # the inline evaluator runs the same module
+    ({"training.precision": "fp16", "eval.precision": "bf16"}, "te"),
+])
+def test_auto_takes_te_only_for_half_precision_compute(monkeypatch, precisions, chosen):
+    install_fake_transformer_engine(monkeypatch)  # TE "available": only the precision can rule it out
+    monkeypatch.setattr("sd_mlperf.backends.cuda_available", lambda: True)
+    unet = build_unet(tiny_cfg(attention_backend="auto"), compute_precisions=precisions)
+    res = {r.role: r for r in unet.backend_resolutions}["attention"]
+    assert res.name == chosen
+    assert (TE_FP32_WHY in res.why) == (chosen == "sdpa"), res.why
+
+
+def test_named_te_with_fp32_compute_is_a_config_error():
+    with pytest.raises(ValueError) as info:
+        build_unet(tiny_cfg(attention_backend="te"),
+                   compute_precisions={"training.precision": "fp16", "eval.precision": "fp32"})
+    msg = str(info.value)
+    assert "model.unet.attention_backend=te" in msg and "eval.precision=fp32" in msg  # key and value
+    assert "fp16/bf16" in msg  # the reason
+    assert "model.unet.attention_backend=sdpa" in msg and "eval.precision=fp16" in msg  # the fixes
