@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sd_mlperf.utils.logging import logger
 
@@ -235,6 +236,34 @@ def resolve_backend(role: str, requested: str, *, allow_cpu_variant: bool = Fals
             f"{fix} {key}=auto (or {key}={reference}, the reference implementation)."
         )
     return Resolution(role, key, requested, requested, "requested")
+
+
+APEX_NEEDS_NHWC = "model.unet.channels_last=false; apex needs NHWC input"
+MCORE_NO_GRAPH = ("training.cuda_graph=true: megatron-core's optimizer step reads found_inf on the host, which a CUDA "
+                  "graph cannot capture")
+
+
+def training_precisions(cfg: Any) -> dict[str, str]:
+    """Every precision the trained UNet computes in, by config key (the inline evaluator runs the same module)."""
+    precisions = {"training.precision": str(cfg.training.precision)}
+    if cfg.eval.inline:
+        precisions["eval.precision"] = str(cfg.eval.precision)
+    return precisions
+
+
+def config_unsuitable(cfg: Any) -> dict[str, dict[str, str]]:
+    """Per role, the backends a training run of `cfg` rules out whatever the machine, and why."""
+    return {
+        "attention": attention_unsuitable(training_precisions(cfg)),
+        "norm": {} if cfg.model.unet.channels_last else {"apex": APEX_NEEDS_NHWC},
+        "parallel": {"mcore": MCORE_NO_GRAPH} if cfg.training.cuda_graph else {},
+        "decode": {},
+    }
+
+
+def fallbacks(resolutions: list[Resolution]) -> list[Resolution]:
+    """The roles `auto` resolved to a slower twin than the role's fastest backend (named choices are choices)."""
+    return [r for r in resolutions if r.requested == "auto" and r.name != backend_names(r.role)[0]]
 
 
 def summarize(resolutions: list[Resolution]) -> str:

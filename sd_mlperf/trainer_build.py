@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import yaml
 
-from sd_mlperf.backends import log_resolutions, resolutions_to_dict
+from sd_mlperf.backends import fallbacks, log_resolutions, resolutions_to_dict, training_precisions
 from sd_mlperf.checkpoint import Checkpointer, saved_run_seed
 from sd_mlperf.config.load import global_batch_size, save_resolved_config, steps_between_checkpoints
 from sd_mlperf.config.schema import Config
@@ -40,7 +40,7 @@ def plan_from_config(cfg: Config) -> TrainPlan:
                      log_interval_steps=cfg.logging.interval_steps, num_timesteps=cfg.diffusion.num_timesteps,
                      loss_scaling=tr.precision == "fp16", precision=tr.precision, target_fid=tr.target_fid,
                      target_clip=tr.target_clip, stop_at_target=tr.stop_at_target, seed=cfg.run.seed,
-                     save_resumable=cfg.checkpoint.resumable)
+                     save_resumable=cfg.checkpoint.resumable, target_toy=dict(tr.target_toy))
 
 
 def _mean_over_ranks(world_size: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -72,6 +72,7 @@ def build_trainer(cfg: Config, dist: DistInfo, *, evaluator: EvaluatorLike | Non
     conditioner) replaces the configured data pipeline. Both exist for tests and tools. A null run.seed is
     drawn here (or taken from the checkpoint a run resumes); `trainer.plan.seed` holds the one used.
     """
+    from sd_mlperf.data.synthetic import ensure_synthetic_sources
     from sd_mlperf.models.unet import build_unet
     from sd_mlperf.parallel.data_parallel import apply_data_parallel
     from sd_mlperf.parallel.distributed import seed_everything
@@ -105,16 +106,16 @@ def build_trainer(cfg: Config, dist: DistInfo, *, evaluator: EvaluatorLike | Non
 
     torch.manual_seed(cfg.run.seed)  # the same UNet init on every rank, whatever the backend
     # The UNet computes in training.precision, and in eval.precision when the inline evaluator runs it.
-    precisions = {"training.precision": cfg.training.precision, **({"eval.precision": cfg.eval.precision}
-                                                                  if cfg.eval.inline else {})}
-    unet = build_unet(cfg.model.unet, compute_precisions=precisions)
+    unet = build_unet(cfg.model.unet, compute_precisions=training_precisions(cfg))
     generator = _device_generator(seed_everything(cfg.run.seed, dist.rank), dist.device)
     build_eval = evaluator == "from_config" and cfg.eval.inline
+    ensure_synthetic_sources(cfg)  # smoke runs: the pictures (and a fitted toy VAE) before the frozen parts load
     vae, text_encoder = _build_frozen(cfg, dist) if (data is None or build_eval) else (None, None)
     loader, conditioner = data if data is not None else _build_data(cfg, dist, vae, text_encoder)
     dp = apply_data_parallel(unet, cfg, dist)
     resolutions = [*unet.backend_resolutions, dp.resolution]
     log_resolutions(resolutions)
+    _warn_slow_twins(cfg, dist, resolutions)
     if dist.is_main:
         atomic_write_text(run_dir / "resolved_backends.yaml", yaml.safe_dump(resolutions_to_dict(resolutions)))
     if evaluator == "from_config":
@@ -136,6 +137,14 @@ def build_trainer(cfg: Config, dist: DistInfo, *, evaluator: EvaluatorLike | Non
     # before run_start (fit): warmup on synthetic inputs, changing no weights, as the MLPerf rules allow.
     step.warm_up()
     return trainer
+
+
+def _warn_slow_twins(cfg: Config, dist: DistInfo, resolutions: list) -> None:
+    """A benchmark run (closed division) on a GPU says at start which roles fell back to a plain-PyTorch twin."""
+    slow = fallbacks(resolutions)
+    if dist.is_main and dist.device.type == "cuda" and cfg.run.division == "closed" and slow:
+        logger.warning("this benchmark run uses slower twins: %s. `sd-mlperf backends --fast --config ...` checks "
+                       "a config on this machine.", "; ".join(f"{r.key}={r.name} ({r.why})" for r in slow))
 
 
 def check_fresh_run_dir(cfg: Config, run_dir: Path) -> None:

@@ -2,9 +2,12 @@
 
 This is the check to run inside a new container or on a new cluster: it goes through
 `sd_mlperf.backends.resolve_backend` exactly as a training run does, with the config's requested
-value for each role, and reads versions from package metadata without importing TE, apex, DALI or
-megatron-core. `--fast` requests the fastest backend of every role, so it fails (exit 1, with the
-reason and the fix) unless every fast path can run.
+value for each role and what the config rules out (fp32 compute for TE, channels_last=false for
+apex, a CUDA graph for megatron-core), and reads versions from package metadata without importing
+TE, apex, DALI or megatron-core. `--fast --config FILE...` fails (exit 1, with the reason) when that
+config resolves any `auto` role to a slower twin than its fastest backend here, or asks for a CUDA
+graph without CUDA; `--fast` alone requests the fastest backend of every role, so it fails unless
+every fast path can run.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Config files and overrides, plus --fast, --cpu-variants and --json."""
     add_config_arguments(parser)
     parser.add_argument("--fast", action="store_true",
-                        help="request the first (fastest) backend of every role instead of the config's values")
+                        help="with --config: fail unless the config resolves every auto role to its fastest backend "
+                             "here; alone: request the first (fastest) backend of every role")
     parser.add_argument("--cpu-variants", action="store_true",
                         help="accept a named backend's CPU variant (DALI CPU pipelines) where no GPU is visible")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -64,33 +68,54 @@ def device_summary() -> str:
             f"CUDA {torch.version.cuda}")
 
 
-def resolve_all(requested: dict[str, str], *, allow_cpu_variant: bool) -> list[dict[str, str]]:
-    """Resolve every role; an unavailable named backend becomes a row with status `error` and the reason."""
-    from sd_mlperf.backends import ROLES, resolve_backend
+def resolve_all(requested: dict[str, str], *, allow_cpu_variant: bool,
+                unsuitable: dict[str, dict[str, str]] | None = None, fast: bool = False) -> list[dict[str, str]]:
+    """Resolve every role; an unavailable named backend becomes a row with status `error` and the reason.
+
+    `unsuitable` is config_unsuitable(cfg); with `fast`, an `auto` role that resolves to a slower twin is an
+    error row too (the config fell back here).
+    """
+    from sd_mlperf.backends import ROLES, fallbacks, resolve_backend
 
     rows = []
     for role, value in requested.items():
         try:
-            r = resolve_backend(role, value, allow_cpu_variant=allow_cpu_variant)
-            rows.append({"role": role, "key": r.key, "requested": value, "chosen": r.name, "status": "ok",
-                         "why": r.why})
+            r = resolve_backend(role, value, allow_cpu_variant=allow_cpu_variant,
+                                unsuitable=(unsuitable or {}).get(role))
+            slow = fast and bool(fallbacks([r]))
+            rows.append({"role": role, "key": r.key, "requested": value, "chosen": r.name,
+                         "status": "error" if slow else "ok", "why": ("fell back to a slower twin: " if slow else "")
+                         + r.why})
         except (RuntimeError, ValueError) as exc:
             rows.append({"role": role, "key": ROLES[role][0], "requested": value, "chosen": "-",
                          "status": "error", "why": str(exc)})
     return rows
 
 
-def requested_backends(config_files: list[str], overrides: list[str], *, fast: bool) -> dict[str, str]:
-    """Each role's requested value: from the merged config, or its first (fastest) name with `fast`."""
+def requested_backends(config_files: list[str], overrides: list[str], *,
+                       fast: bool) -> tuple[dict[str, str], dict[str, dict[str, str]], list[dict[str, str]]]:
+    """(each role's requested value, what the config rules out per role, extra rows for other fast-path keys).
+
+    With `fast` and no config file: every role's first (fastest) name, nothing ruled out.
+    """
     from omegaconf import OmegaConf
 
-    from sd_mlperf.backends import ROLES, backend_names
+    from sd_mlperf.backends import ROLES, backend_names, config_unsuitable, cuda_available
     from sd_mlperf.config import merge_config
 
-    if fast:
-        return {role: backend_names(role)[0] for role in ROLES}
+    if fast and not config_files:
+        return {role: backend_names(role)[0] for role in ROLES}, {}, []
     merged = merge_config(config_files, overrides)
-    return {role: str(OmegaConf.select(merged, key)) for role, (key, _) in ROLES.items()}
+    # Training decodes images only from raw shards; with cached latents the decode role is not used.
+    used = [role for role in ROLES if role != "decode" or merged.data.train_format == "images"]
+    requested = {role: str(OmegaConf.select(merged, ROLES[role][0])) for role in used}
+    extra = []
+    if merged.training.cuda_graph:
+        ok = cuda_available()
+        extra.append({"role": "step", "key": "training.cuda_graph", "requested": "true",
+                      "chosen": "graph" if ok else "eager", "status": "ok" if ok or not fast else "error",
+                      "why": "one CUDA graph per step" if ok else "no CUDA device: the step runs eagerly"})
+    return requested, config_unsuitable(merged), extra
 
 
 def format_table(rows: list[dict[str, str]], versions: dict[str, str | None], device: str) -> str:
@@ -106,10 +131,11 @@ def format_table(rows: list[dict[str, str]], versions: dict[str, str | None], de
 
 def run(args: argparse.Namespace) -> int:
     """Print the report; exit 1 if any requested backend cannot run here."""
-    if args.fast and args.overrides:
-        raise ValueError("--fast requests every role's fastest backend; drop the KEY=VALUE overrides or --fast")
-    requested = requested_backends(args.config, args.overrides, fast=args.fast)
-    rows = resolve_all(requested, allow_cpu_variant=args.cpu_variants)
+    if args.fast and args.overrides and not args.config:
+        raise ValueError("--fast without --config requests every role's fastest backend; drop the KEY=VALUE overrides, "
+                         "or give --config to check what that config resolves to")
+    requested, unsuitable, extra = requested_backends(args.config, args.overrides, fast=args.fast)
+    rows = resolve_all(requested, allow_cpu_variant=args.cpu_variants, unsuitable=unsuitable, fast=args.fast) + extra
     versions = library_versions()
     device = device_summary()
     if args.json:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sd_mlperf.backends import (
+    APEX_NEEDS_NHWC,
     HALF_PRECISIONS,
     BackendUnavailable,
     Resolution,
@@ -148,7 +149,7 @@ def _resolve_norm(cfg: UNetConfig) -> Resolution:
         # apex's kernel reads NHWC only; without channels-last every call would fall back to torch.
         raise ValueError("model.unet.norm_backend=apex needs NHWC activations but model.unet.channels_last=false;"
                          " set model.unet.channels_last=true (or model.unet.norm_backend=torch).")
-    unsuitable = None if cfg.channels_last else {"apex": "model.unet.channels_last=false; apex needs NHWC input"}
+    unsuitable = None if cfg.channels_last else {"apex": APEX_NEEDS_NHWC}
     return resolve_backend("norm", cfg.norm_backend, unsuitable=unsuitable)
 
 

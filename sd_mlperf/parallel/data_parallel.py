@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sd_mlperf.backends import Resolution, resolve_backend
+from sd_mlperf.backends import Resolution, config_unsuitable, resolve_backend
 from sd_mlperf.config.load import learning_rate, world_size
 from sd_mlperf.config.schema import Config
 from sd_mlperf.parallel.distributed import DistInfo
@@ -138,7 +138,8 @@ def channels_last_weights(model: nn.Module) -> list[nn.Parameter]:
 
 def apply_data_parallel(model: nn.Module, cfg: Config, dist: DistInfo) -> DataParallelModel:
     """Move `model` to dist.device, wrap it for data parallelism and build its optimizer (backend per config)."""
-    resolution = resolve_backend("parallel", cfg.parallel.backend)
+    resolution = resolve_backend("parallel", cfg.parallel.backend,
+                                 unsuitable=config_unsuitable(cfg)["parallel"])  # auto + CUDA graph: torch
     if resolution.name == "mcore" and dist.device.type != "cuda":
         raise RuntimeError(f"parallel.backend=mcore needs CUDA (megatron-core allocates CUDA buffers) but the "
                            f"device is {dist.device}; set parallel.backend=torch for CPU runs.")
