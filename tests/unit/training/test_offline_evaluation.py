@@ -140,3 +140,36 @@ def test_no_final_log_while_training_runs_without_a_pass(run_dir, tmp_path):
     with pytest.raises(ValueError, match="training has not ended"):
         runner.write_final_log(run / "mlperf.log")
     assert json.loads(index.read_text().splitlines()[-1])["step"] == 12
+
+
+def test_watch_beside_a_training_run_stops_it_at_the_first_pass(tmp_path):
+    """The watcher in a thread beside the trainer, as it runs on other GPUs beside a benchmark run."""
+    import threading
+    import time
+
+    cfg = make_cfg(tmp_path, "eval.inline=false", "checkpoint.resumable=false", "training.max_steps=12",
+                   "training.checkpoint_every_samples=4")
+    trainer, _ = make_trainer(cfg, make_batches(3))
+    run = tmp_path / "run"
+    runner = RunEvaluation(run, evaluate=lambda payload: PASS if payload["step"] >= 4 else FAIL, num_prompts=30000,
+                           noise_seed=5, target_fid=90.0, target_clip=0.15, is_main=True, final_num_prompts=30000)
+    watcher = threading.Thread(target=runner.watch, kwargs={"poll_s": 0.01, "timeout_s": 60})
+    watcher.start()
+    collect = trainer.collector.collect
+
+    def collect_then_wait_for_the_watcher(step, *args, **kwargs):  # a trainer slower than its evaluator
+        collect(step, *args, **kwargs)
+        trainer.collector._wait()  # published
+        deadline = time.monotonic() + 30
+        while not (step in runner.scores and (not runner.passes(runner.scores[step]) or (run / STOP_FILE).exists())):
+            assert time.monotonic() < deadline, f"the watcher never scored step {step}"
+            time.sleep(0.01)
+
+    trainer.collector.collect = collect_then_wait_for_the_watcher
+    trainer.fit()
+    trainer.close()
+    watcher.join(60)
+    assert not watcher.is_alive()
+    assert trainer.state.step == 4 and read_index(run)[1]["reason"] == "stop_requested"
+    events = _events(runner.write_final_log(run / "mlperf.log"))
+    assert events[-1]["metadata"] == {**events[-1]["metadata"], "status": "success", "samples_count": 8}
