@@ -15,9 +15,10 @@ import torch
 from sd_mlperf.config import load_config
 from sd_mlperf.fastpath.runtime import configure_device
 from sd_mlperf.parallel.distributed import destroy_distributed, init_distributed
+from sd_mlperf.report.summary import log_run_summary
 from sd_mlperf.trainer import Trainer, TrainState
 from sd_mlperf.trainer_build import build_trainer
-from sd_mlperf.utils.logging import logger, setup_logging
+from sd_mlperf.utils.logging import setup_logging
 
 
 def main(config_files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = (), *,
@@ -34,12 +35,10 @@ def main(config_files: Sequence[str | os.PathLike] = (), overrides: Sequence[str
     try:
         trainer = build_trainer(cfg, dist, init_time_ms=init_time_ms)
         state = trainer.fit()
-        if state.evals:
-            best = min(state.evals, key=lambda e: e["fid"])
-            logger.info("best evaluation: FID %.3f CLIP %.4f at %d samples", best["fid"], best["clip"],
-                        best["samples_count"])
-        return state
     finally:
         if trainer is not None:
             trainer.close()
         destroy_distributed()
+    if dist.is_main:  # after close(): the summary reads the run's files back
+        log_run_summary(trainer.run_dir, cfg)
+    return state

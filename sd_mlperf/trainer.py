@@ -9,6 +9,7 @@ device only at log intervals and at checkpoints (marked "host sync").
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 class EvalResultLike(Protocol):
-    """What an evaluator returns (sd_mlperf.eval.evaluator.EvalResult has these and more)."""
+    """What an evaluator returns (sd_mlperf.eval.evaluator.EvalResult has these and more: the trainer also reads
+    its `extra` metrics, the toy metrics of synthetic runs, when present)."""
 
     fid: float
     clip: float
@@ -68,6 +70,8 @@ class TrainPlan:
     """The run seed (drawn or given), saved in every checkpoint so that a resume keeps it."""
     save_resumable: bool
     """Write the resumable checkpoint (weights, optimizer, RNGs, data position) at every block end."""
+    target_toy: dict[str, float] = field(default_factory=dict)
+    """Minimum values of extra (toy) metrics that the quality target also needs (training.target_toy)."""
 
 
 @dataclass
@@ -217,12 +221,14 @@ class Trainer:
         result = self.evaluator.evaluate(self.dp.unwrapped, samples_count=s.samples_count, step=s.step)
         seconds = time.perf_counter() - start
         fid, clip = float(result.fid), float(result.clip)
+        extra = dict(getattr(result, "extra", {}))  # only FID and CLIP go to the MLPerf log
         self.mlperf.eval_result(s.samples_count, fid, clip)
         self.mlperf.eval_stop(s.samples_count)
         self.dp.module.train()  # the evaluator may have switched to eval mode
-        s.evals.append({"step": s.step, "samples_count": s.samples_count, "fid": fid, "clip": clip})
-        self.progress.log_eval(s.step, s.samples_count, fid, clip, seconds)
-        if fid <= self.plan.target_fid and clip >= self.plan.target_clip:
+        s.evals.append({"step": s.step, "samples_count": s.samples_count, "fid": fid, "clip": clip, **extra})
+        self.progress.log_eval(s.step, s.samples_count, fid, clip, seconds, extra=extra)
+        toy_met = all(extra.get(name, -math.inf) >= value for name, value in self.plan.target_toy.items())
+        if fid <= self.plan.target_fid and clip >= self.plan.target_clip and toy_met:
             s.reached_target = True
 
     def rank_state(self) -> dict[str, Any]:

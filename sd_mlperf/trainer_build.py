@@ -24,7 +24,8 @@ from sd_mlperf.parallel.distributed import DistInfo, agree_on_seed
 from sd_mlperf.trainer import UNBOUNDED_STEPS, EvaluatorLike, Trainer, TrainPlan
 from sd_mlperf.utils.files import atomic_write_text
 from sd_mlperf.utils.logging import log_once, logger
-from sd_mlperf.utils.progress import Progress
+from sd_mlperf.utils.progress import Hardware, Progress
+from sd_mlperf.utils.tensorboard import build_tensorboard_sink, summary_writer_class
 
 
 def plan_from_config(cfg: Config) -> TrainPlan:
@@ -80,6 +81,8 @@ def build_trainer(cfg: Config, dist: DistInfo, *, evaluator: EvaluatorLike | Non
     from sd_mlperf.train_step import build_train_step
 
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    if cfg.logging.tensorboard:
+        summary_writer_class()  # every rank, before any work: a missing `tensorboard` package fails here
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, rank=dist.rank, world_size=dist.world_size,
                                 barrier=torch.distributed.barrier if dist.world_size > 1 else None)
     resume_from = checkpointer.resolve(cfg.training.resume)
@@ -104,6 +107,7 @@ def build_trainer(cfg: Config, dist: DistInfo, *, evaluator: EvaluatorLike | Non
     if dist.is_main:
         save_resolved_config(cfg, run_dir)
 
+    hardware = progress_hardware(cfg, dist)
     torch.manual_seed(cfg.run.seed)  # the same UNet init on every rank, whatever the backend
     # The UNet computes in training.precision, and in eval.precision when the inline evaluator runs it.
     unet = build_unet(cfg.model.unet, compute_precisions=training_precisions(cfg))
@@ -123,12 +127,15 @@ def build_trainer(cfg: Config, dist: DistInfo, *, evaluator: EvaluatorLike | Non
     lr_schedule = LRSchedule(cfg.optim, plan.global_batch_size)
     step = build_train_step(cfg, dp, conditioner=conditioner, lr_schedule=lr_schedule, generator=generator,
                             device=dist.device)
+    # TensorBoard (rank 0): the same records as metrics.jsonl, and the grids the inline evaluator writes to RUN/eval.
+    sinks = [build_tensorboard_sink(run_dir, run_dir / "eval")] if cfg.logging.tensorboard and dist.is_main else []
     trainer = Trainer(
         plan=plan, dp=dp, step=step, loader=loader, lr_schedule=lr_schedule, generator=generator,
         checkpointer=checkpointer, mlperf=mlperf, evaluator=evaluator, reduce_mean=_mean_over_ranks(dist.world_size),
         run_dir=run_dir, collector=None if cfg.eval.inline else EvalCheckpointWriter(run_dir, enabled=dist.is_main),
         progress=Progress(cfg.logging, run_dir, enabled=dist.is_main, global_batch_size=plan.global_batch_size,
-                          total_steps=plan.max_steps if plan.max_steps < UNBOUNDED_STEPS else None))
+                          total_steps=plan.max_steps if plan.max_steps < UNBOUNDED_STEPS else None, hardware=hardware,
+                          sinks=sinks))
     if resume_from is not None:
         trainer.restore(resume_from)
     else:
@@ -137,6 +144,25 @@ def build_trainer(cfg: Config, dist: DistInfo, *, evaluator: EvaluatorLike | Non
     # before run_start (fit): warmup on synthetic inputs, changing no weights, as the MLPerf rules allow.
     step.warm_up()
     return trainer
+
+
+def progress_hardware(cfg: Config, dist: DistInfo) -> Hardware:
+    """What the progress line needs for per-GPU img/s, MFU and peak memory, derived once here.
+
+    Rank 0 (the one that logs) counts the UNet's training FLOPs per image on the meta device (under a second for
+    the SD2 UNet); MFU is against the dense 16-bit peak of the GPU (n/a on the CPU, unknown GPUs and fp32).
+    """
+    from sd_mlperf.models.flops import peak_tflops, unet_train_flops
+    from sd_mlperf.train_step import latent_size
+
+    cuda = dist.device.type == "cuda"
+    flops = None
+    if dist.is_main:
+        flops = float(unet_train_flops(cfg.model.unet, latent_size=latent_size(cfg),
+                                       context_length=cfg.model.text_encoder.context_length))
+    peak = peak_tflops(torch.cuda.get_device_name(dist.device), cfg.training.precision) if cuda else None
+    return Hardware(world_size=dist.world_size, unit="GPU" if cuda else "rank", flop_per_image=flops,
+                    peak_flop_per_s=peak * 1e12 if peak else None, memory_device=dist.device if cuda else None)
 
 
 def _warn_slow_twins(cfg: Config, dist: DistInfo, resolutions: list) -> None:

@@ -1,4 +1,4 @@
-"""Benchmarks behind `sd-mlperf bench`: training step speed, FLOP counting, tables, diffusers comparison.
+"""Benchmarks behind `sd-mlperf bench`: training step speed, tables, diffusers comparison.
 
 Each bench returns rows (one dict per measured variant) that `sd_mlperf.bench.table` formats.
 Heavy imports stay inside the functions, so importing this package is cheap.

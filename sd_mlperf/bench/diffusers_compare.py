@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from sd_mlperf.bench import bench_seed
-from sd_mlperf.bench.flops import unet_train_flops
 from sd_mlperf.bench.train import (
     SINGLE_PROCESS,
     TrainBenchSettings,
@@ -36,6 +35,7 @@ from sd_mlperf.bench.train import (
 )
 from sd_mlperf.config.load import load_config
 from sd_mlperf.config.schema import Config, UNetConfig
+from sd_mlperf.models.flops import unet_train_flops
 from sd_mlperf.train_step import latent_size
 from sd_mlperf.utils.logging import logger
 from sd_mlperf.utils.manifest import count_parameters

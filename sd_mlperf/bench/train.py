@@ -13,7 +13,7 @@ Each variant (the config itself, or the config plus dotted overrides) builds a f
 optimizer, lets the step prepare itself as the trainer does (`warm_up()`: the graph capture), runs
 `warmup_steps` untimed steps that change no weights (fastpath.cuda_graph.TrainingStateSnapshot),
 then times each of `steps` steps (CUDA events on the GPU) and reports medians. Model FLOPs per image
-are counted on the real model (bench/flops.py); MFU is against the dense 16-bit peak of the device.
+are counted on the real model (models/flops.py); MFU is against the dense 16-bit peak of the device.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ class _FlopCache:
         self._cache: dict[str, float] = {}
 
     def per_image(self, cfg: Config) -> float:
-        from sd_mlperf.bench.flops import flop_config, unet_train_flops
+        from sd_mlperf.models.flops import flop_config, unet_train_flops
 
         key = repr((flop_config(cfg.model.unet), latent_size(cfg), cfg.model.text_encoder.context_length))
         if key not in self._cache:
@@ -229,7 +229,7 @@ def describe(cfg: Config, device: torch.device) -> dict[str, Any]:
 
 def measure(cfg: Config, device: torch.device, settings: TrainBenchSettings, flops: _FlopCache) -> dict[str, Any]:
     """The measured columns of a row: build, warm up, time `settings.steps` steps of `cfg` on `device`."""
-    from sd_mlperf.bench.flops import peak_tflops
+    from sd_mlperf.models.flops import peak_tflops
 
     tr = cfg.training
     row: dict[str, Any] = {}

@@ -112,7 +112,7 @@ FIXED: dict[str, Fixed] = {
     **_schema_defaults("optim", HYPERPARAMETERS,
                        ["name", "beta1", "beta2", "eps", "weight_decay", "warmup_start_factor", "grad_clip_norm"]),
     **_schema_defaults("training", EVAL_CADENCE, ["checkpoint_every_samples"]),
-    **_schema_defaults("training", TARGET, ["target_fid", "target_clip"]),
+    **_schema_defaults("training", TARGET, ["target_fid", "target_clip", "target_toy"]),
     **_schema_defaults("eval", EVAL_SET, ["num_prompts"]),
     **_schema_defaults("eval", SAMPLER, ["ddim_steps", "guidance_scale", "eta"]),
     "eval.inception_weights": Fixed(ANY_PATH, EVAL_NETWORKS),
@@ -185,7 +185,7 @@ def _lookup(cfg: Config | DictConfig, key: str) -> Any:
     if isinstance(node, DictConfig) and OmegaConf.is_missing(node, leaf):
         return _UNSET  # load_config reports unset keys; `sd-mlperf config` prints them
     value = getattr(node, leaf)
-    if isinstance(value, ListConfig):
+    if isinstance(value, (ListConfig, DictConfig)):
         value = OmegaConf.to_container(value, resolve=True)
     return _UNSET if isinstance(value, str) and value == MISSING else value
 

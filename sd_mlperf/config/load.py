@@ -161,6 +161,9 @@ def validate(cfg: Config | DictConfig) -> None:
 
     d = cfg.data
     _check(0 <= d.max_bad_fraction < 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1)")
+    _check(d.synthetic.fit_vae_steps >= 0, "data.synthetic.fit_vae_steps", d.synthetic.fit_vae_steps, "must be >= 0")
+    if d.synthetic.fit_vae_steps > 0:
+        _check_toy_vae_path(cfg)
     _check(d.image_size % 8 == 0, "data.image_size", d.image_size, "must be a multiple of 8 (VAE factor)")
     e = cfg.eval
     _check(e.num_prompts > 0, "eval.num_prompts", e.num_prompts, "must be positive")
@@ -169,7 +172,23 @@ def validate(cfg: Config | DictConfig) -> None:
            "eval.ddim_steps", e.ddim_steps, f"must divide diffusion.num_timesteps={cfg.diffusion.num_timesteps} "
            "(the reference uses 50)")
     _check(e.batch_size > 0, "eval.batch_size", e.batch_size, "must be positive")
+    _check(not tr.target_toy or e.inline, "training.target_toy", dict(tr.target_toy),
+           "is checked by inline evaluation only (offline evaluation scores FID and CLIP); set eval.inline=true "
+           "or training.target_toy={}")
     _check(cfg.checkpoint.keep_last > 0, "checkpoint.keep_last", cfg.checkpoint.keep_last, "must be positive")
+
+
+def _check_toy_vae_path(cfg: Config | DictConfig) -> None:
+    """data.synthetic.fit_vae_steps writes model.frozen_checkpoint: only a .safetensors file in data.synthetic_dir."""
+    try:
+        root, path = cfg.data.synthetic_dir, cfg.model.frozen_checkpoint
+    except MissingMandatoryValue:
+        return  # reported as an unset key by load_config
+    ok = (root is not None and path is not None and Path(path).suffix == ".safetensors"
+          and Path(root).resolve() in Path(path).resolve().parents)
+    _check(ok, "model.frozen_checkpoint", path, "with data.synthetic.fit_vae_steps > 0 the fitted toy VAE is written "
+           f"there, so it must be a .safetensors path inside data.synthetic_dir ({root}), e.g. "
+           "${data.synthetic_dir}/toy_frozen.safetensors")
 
 
 def world_size(cfg: Config) -> int:

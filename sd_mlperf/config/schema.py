@@ -140,6 +140,10 @@ class SyntheticDataConfig:
     num_val_prompts: int = 16
     image_size: int = 512
     seed: int = 0
+    fit_vae_steps: int = 0
+    """> 0: before training, fit model.vae to pictures of this synthetic world for this many steps and write it,
+    with the random text tower, to model.frozen_checkpoint (inside data.synthetic_dir), so that latents carry
+    the picture (sd_mlperf/data/toy_vae.py); reused while the settings stay the same. 0: no fit."""
 
 
 @dataclass
@@ -226,6 +230,9 @@ class TrainingConfig:
     """Checkpoint (and evaluate) every CEIL(checkpoint_every_samples / global batch) steps."""
     target_fid: float = 90.0
     target_clip: float = 0.15
+    target_toy: dict[str, float] = field(default_factory=dict)
+    """Synthetic runs (open division): minimum values of toy metrics that the quality target also needs, e.g.
+    {toy_background_acc: 0.6} (names in sd_mlperf/eval/toy_metrics.py). Checked by inline evaluation."""
     stop_at_target: bool = True
     resume: str = "auto"
     """`auto` resumes from the newest complete checkpoint in the run directory, `never`
@@ -298,6 +305,9 @@ class LoggingConfig:
     """MLPerf log, relative to the run directory."""
     progress_bar: Literal["auto", "on", "off"] = "auto"
     """`auto` shows a bar only when stderr is a terminal."""
+    tensorboard: bool = False
+    """Also write the metrics records and the evaluation grids as TensorBoard events to RUN/tensorboard/ (rank 0;
+    needs the `tensorboard` extra: pip install -e '.[tensorboard]')."""
 
 
 @dataclass

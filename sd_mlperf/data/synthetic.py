@@ -1,8 +1,11 @@
 """The embedded default dataset: procedurally drawn pictures whose captions describe them.
 
 Each picture holds one to three shapes (circle, square, triangle, ...) of named colours at named
-positions on a plain background, and its caption says exactly that ("a red circle on the left and
-a blue square at the bottom on a white background"), so text conditioning is learnable. Written in
+positions on a plain background, and its caption says exactly that ("a white background with a red
+circle on the left and a blue square at the bottom"), so text conditioning is learnable. The background
+comes first: the text encoder is causal, so a colour word cannot see the words after it, and a
+background colour named last ("... on a white background") looks like any object's colour until the
+final word; named first, it sits at a fixed token position that cross-attention finds at once. Written in
 the real formats: LAION-style webdataset shards of KEY.jpg / KEY.txt / KEY.json, a COCO-style
 val2014_30k.tsv with prompts of the same kind, and the matching square reference images (PNG) from
 which FID statistics are computed. Everything is a pure function of the seed.
@@ -38,7 +41,13 @@ SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 # Position name -> centre as a fraction of the (square) picture.
 POSITIONS = {"on the left": (0.25, 0.5), "on the right": (0.75, 0.5), "at the top": (0.5, 0.25),
              "at the bottom": (0.5, 0.75), "in the centre": (0.5, 0.5)}
+# Independent streams of scenes from one seed: training pictures, validation prompts, and the pictures
+# the toy VAE is fitted to (sd_mlperf.data.toy_vae), which are neither.
+TRAIN_STREAM, VAL_STREAM, VAE_FIT_STREAM = 0, 1, 2
 COMPLETE_MARKER = ".complete.json"
+DATA_VERSION = 2
+"""Bumped when the pictures or captions change (2: the background is named first), so old datasets are remade."""
+PROMPTS_FILE, VAL_IMAGES_DIR = "val2014_30k.tsv", "val_images"  # in data.synthetic_dir
 VAL_IMAGE_ID_BASE = 100000
 
 
@@ -72,7 +81,7 @@ def _caption(background: str, items: list[tuple[str, str, str]]) -> str:
         return ("an " if word[0] in "aeiou" else "a ") + word
 
     parts = [f"{a(colour)} {shape} {position}" for shape, colour, position in items]
-    return " and ".join(parts) + f" on {a(background)} background"
+    return f"{a(background)} background with " + " and ".join(parts)
 
 
 def _draw(background: str, items: list[tuple[str, str, str]], size: int, width: int, height: int) -> Image.Image:
@@ -103,7 +112,7 @@ def _draw(background: str, items: list[tuple[str, str, str]], size: int, width: 
 
 def make_train_sample(seed: int, index: int, size: int) -> tuple[bytes, str, dict]:
     """(JPEG bytes, caption, metadata) of training picture `index`: non-square so resize+crop do real work."""
-    rng = np.random.default_rng([seed, 0, index])
+    rng = np.random.default_rng([seed, TRAIN_STREAM, index])
     background, items = _scene(rng)
     long_side = size + size // 4 * int(rng.integers(1, 3))
     width, height = (long_side, size) if rng.integers(2) else (size, long_side)
@@ -116,18 +125,28 @@ def make_train_sample(seed: int, index: int, size: int) -> tuple[bytes, str, dic
     return buf.getvalue(), caption, meta
 
 
-def make_val_sample(seed: int, index: int, size: int) -> tuple[Image.Image, str]:
-    """(square reference picture, caption) of validation prompt `index`."""
-    rng = np.random.default_rng([seed, 1, index])
+def make_square_sample(seed: int, stream: int, index: int, size: int) -> tuple[Image.Image, str]:
+    """(square picture, caption) number `index` of a stream of scenes (TRAIN/VAL/VAE_FIT_STREAM)."""
+    rng = np.random.default_rng([seed, stream, index])
     background, items = _scene(rng)
     return _draw(background, items, size, size, size), _caption(background, items)
+
+
+def make_val_sample(seed: int, index: int, size: int) -> tuple[Image.Image, str]:
+    """(square reference picture, caption) of validation prompt `index`."""
+    return make_square_sample(seed, VAL_STREAM, index, size)
+
+
+def _marker(cfg: SyntheticDataConfig) -> dict:
+    # fit_vae_steps shapes the toy VAE (its own record, data/toy_vae.py), not the dataset.
+    return {"version": DATA_VERSION, **{k: v for k, v in asdict(cfg).items() if k != "fit_vae_steps"}}
 
 
 def is_complete(out_dir: str | os.PathLike, cfg: SyntheticDataConfig) -> bool:
     """True if `out_dir` holds a finished dataset made with exactly these settings."""
     marker = Path(out_dir) / COMPLETE_MARKER
     try:
-        return json.loads(marker.read_text()) == asdict(cfg)
+        return json.loads(marker.read_text()) == _marker(cfg)
     except (OSError, ValueError):
         return False
 
@@ -141,7 +160,7 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, cfg: SyntheticDataConfig)
         raise ValueError(f"invalid value for 'data.synthetic.image_size': {cfg.image_size}; must be >= 8.")
     root = Path(out_dir)
     (root / COMPLETE_MARKER).unlink(missing_ok=True)
-    raw_dir, val_dir = root / "raw", root / "val_images"
+    raw_dir, val_dir = root / "raw", root / VAL_IMAGES_DIR
     raw_dir.mkdir(parents=True, exist_ok=True)
     val_dir.mkdir(parents=True, exist_ok=True)
     bounds = np.linspace(0, cfg.num_train_samples, cfg.num_train_shards + 1).astype(int)
@@ -163,9 +182,9 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, cfg: SyntheticDataConfig)
         with atomic_path(val_dir / f"{image_id}.png", suffix=".png") as tmp:
             img.save(tmp, format="PNG")
         prompts.append(Prompt(image_id, i, caption))
-    prompts_file = root / "val2014_30k.tsv"
+    prompts_file = root / PROMPTS_FILE
     write_prompts(prompts_file, prompts)
-    atomic_write_text(root / COMPLETE_MARKER, json.dumps(asdict(cfg), sort_keys=True))
+    atomic_write_text(root / COMPLETE_MARKER, json.dumps(_marker(cfg), sort_keys=True))
     logger.info("synthetic dataset: %d training samples in %d shards, %d validation prompts (%dpx) in %s",
                 cfg.num_train_samples, cfg.num_train_shards, cfg.num_val_prompts, cfg.image_size, root)
     return SyntheticPaths(root, shards, prompts_file, val_dir)
@@ -177,6 +196,29 @@ def _rank() -> tuple[int, bool]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), True
     return int(os.environ.get("RANK", "0")), False
+
+
+def ensure_synthetic_sources(cfg: Config) -> None:
+    """Before the frozen parts load: the dataset in `data.synthetic_dir` unless complete, and with
+    `data.synthetic.fit_vae_steps` > 0 the toy VAE fitted to its pictures (sd_mlperf.data.toy_vae).
+
+    Rank 0 writes; other ranks wait at a barrier when torch.distributed is initialised.
+    """
+    d = cfg.data
+    if d.synthetic_dir is None:
+        return
+    rank, distributed = _rank()
+    if rank == 0:
+        if not is_complete(d.synthetic_dir, d.synthetic):
+            make_synthetic_dataset(d.synthetic_dir, d.synthetic)
+        if d.synthetic.fit_vae_steps > 0:
+            from sd_mlperf.data.toy_vae import ensure_toy_frozen_checkpoint
+
+            ensure_toy_frozen_checkpoint(cfg)
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def ensure_synthetic_data(cfg: Config, vae: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:

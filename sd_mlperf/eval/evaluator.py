@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -50,6 +50,23 @@ class EvalResult:
     samples_count: int = 0
     timings_s: dict[str, float] = field(default_factory=dict)
     """Seconds of this rank's generation (sampling + decode), inception, clip, and gather/metrics."""
+    extra: dict[str, float] = field(default_factory=dict)
+    """Metrics beside FID and CLIP: the toy metrics of synthetic runs (sd_mlperf.eval.toy_metrics), else none."""
+
+
+class ExtraMetrics(Protocol):
+    """Metrics beside FID and CLIP, chosen when the evaluator is built (toy_metrics.ToyMetrics or NoExtraMetrics)."""
+
+    width: int
+    """Columns per picture that `rows` returns."""
+
+    def rows(self, images_BCHW: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+        """(B, width) per-picture values of float [0, 1] pictures of the given prompt indices."""
+        ...
+
+    def summarise(self, rows: torch.Tensor) -> dict[str, float]:
+        """The metrics, from the rows of every evaluated picture."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -95,8 +112,12 @@ class Evaluator:
     def __init__(self, cfg: EvalConfig, *, schedule: DDIMSchedule, prompts: Sequence[Prompt], frechet: FrechetReference,
                  vae: nn.Module, scale_factor: float, text_encoder: nn.Module, inception: nn.Module,
                  clip_scorer: ClipScorer, latent_shape: tuple[int, int, int], rank: int, world_size: int,
-                 device: torch.device, out_dir: Path, noise_seed: int, progress_bar: bool = False) -> None:
+                 device: torch.device, out_dir: Path, noise_seed: int, progress_bar: bool = False,
+                 extra_metrics: ExtraMetrics | None = None) -> None:
+        from sd_mlperf.eval.toy_metrics import NoExtraMetrics
+
         self.cfg = cfg
+        self.extra_metrics = extra_metrics or NoExtraMetrics()
         self.noise_seed = noise_seed
         self.schedule = schedule
         self.prompts = list(prompts)
@@ -133,8 +154,11 @@ class Evaluator:
             t = timer.lap("inception", t)
             if lo not in self._clip_text:  # captions are fixed: encode each batch's once per run
                 self._clip_text[lo] = self.clip_scorer.text_features([self.prompts[i].caption for i in indices])
-            scores.append(self.clip_scorer.scores(images, self._clip_text[lo]))
-            timer.lap("clip", t)
+            clip = self.clip_scorer.scores(images, self._clip_text[lo]).float()
+            t = timer.lap("clip", t)
+            # One row per picture: CLIP score, then the extra metrics' columns (gathered together).
+            scores.append(torch.cat([clip[:, None], self.extra_metrics.rows(images, indices).to(clip)], dim=1))
+            timer.lap("extra_metrics", t)
             keep = [j for j, i in enumerate(indices) if i < self.cfg.num_grid_images]
             if keep:
                 grid.append(images[keep].mul(255).to(torch.uint8))
@@ -178,28 +202,32 @@ class Evaluator:
         result.timings_s = dict(timer.totals)
         if self.rank == 0:
             result.json_path = self._write_json(result)
-            logger.info("eval step %d: FID %.4f CLIP %.4f, %d images in %.1f s (%.2f img/s over %d rank(s))", step,
-                        result.fid, result.clip, result.num_images, result.seconds,
-                        result.num_images / max(result.seconds, 1e-9), self.world_size)
+            logger.info("eval step %d: FID %.4f CLIP %.4f%s, %d images in %.1f s (%.2f img/s over %d rank(s))", step,
+                        result.fid, result.clip, "".join(f" {k} {v:.4g}" for k, v in result.extra.items()),
+                        result.num_images, result.seconds, result.num_images / max(result.seconds, 1e-9),
+                        self.world_size)
         return result
 
     def _finish(self, feats: list, scores: list, grid: list, samples_count: int, step: int) -> EvalResult:
         n = len(self.prompts)
         counts = block_counts(n, self.world_size, self.cfg.batch_size)
         local_feats = torch.cat(feats) if feats else torch.zeros(0, FEATURE_DIM, device=self.device)
-        local_scores = torch.cat(scores) if scores else torch.zeros(0, device=self.device)
+        width = 1 + self.extra_metrics.width
+        local_scores = torch.cat(scores) if scores else torch.zeros(0, width, device=self.device)
         # Rows come back in prompt order whatever the world size; padding is trimmed before any use.
         all_feats = gather_rows(local_feats.contiguous(), counts).cpu()
         all_scores = gather_rows(local_scores.contiguous(), counts).cpu()
         metrics = None
         if self.rank == 0:  # one rank does the (CPU-heavy with sqrtm) linear algebra; the others wait
-            metrics = (self.frechet.distance(all_feats), mean_clip_score(all_scores))
-        fid, clip = broadcast_object(metrics)
+            metrics = (self.frechet.distance(all_feats), mean_clip_score(all_scores[:, 0]),
+                       self.extra_metrics.summarise(all_scores[:, 1:]))
+        fid, clip, extra = broadcast_object(metrics)
         grid_counts = block_counts(n, self.world_size, self.cfg.batch_size, limit=self.cfg.num_grid_images)
         h, w = self.latent_shape[1] * self._vae_factor(), self.latent_shape[2] * self._vae_factor()
         local_grid = torch.cat(grid) if grid else torch.zeros(0, 3, h, w, dtype=torch.uint8, device=self.device)
         grid_images = gather_rows(local_grid.contiguous(), grid_counts).cpu()
-        result = EvalResult(fid=fid, clip=clip, num_images=n, seconds=math.nan, step=step, samples_count=samples_count)
+        result = EvalResult(fid=fid, clip=clip, num_images=n, seconds=math.nan, step=step, samples_count=samples_count,
+                            extra=extra)
         if self.rank == 0 and grid_images.shape[0] > 0:
             from sd_mlperf.eval.grid import save_grid
 
@@ -240,14 +268,15 @@ def build_evaluator(cfg: Config, *, vae: nn.Module, text_encoder: nn.Module, ran
     from sd_mlperf.eval.clip_score import load_clip
     from sd_mlperf.eval.fid import ensure_fid_stats
     from sd_mlperf.eval.inception import load_fid_inception
+    from sd_mlperf.eval.toy_metrics import build_extra_metrics
 
     e = cfg.eval
     device = torch.device(device)
-    prompts = read_prompts(e.prompts_file)
-    if len(prompts) < e.num_prompts:
+    all_prompts = read_prompts(e.prompts_file)
+    if len(all_prompts) < e.num_prompts:
         raise ValueError(f"invalid value for 'eval.num_prompts': {e.num_prompts}; {e.prompts_file} holds only "
-                         f"{len(prompts)} prompts. Lower eval.num_prompts (or --num-prompts) or use the full file.")
-    prompts = prompts[: e.num_prompts]
+                         f"{len(all_prompts)} prompts. Lower eval.num_prompts (or --num-prompts) or use the full file.")
+    prompts = all_prompts[: e.num_prompts]
     if len(prompts) < 2:
         raise ValueError(f"invalid value for 'eval.num_prompts': {e.num_prompts}; FID needs at least 2 images")
     # Loaded into host memory: the evaluator moves them to `device` only while it evaluates.
@@ -269,4 +298,5 @@ def build_evaluator(cfg: Config, *, vae: nn.Module, text_encoder: nn.Module, ran
                      clip_scorer=ClipScorer(clip, device=device, precision=e.precision),
                      latent_shape=(cfg.model.vae.embed_dim, side, side), rank=rank, world_size=world_size,
                      device=device, out_dir=Path(run_dir) / out_subdir, noise_seed=evaluation_seed(cfg),
-                     progress_bar=show_progress_bar(cfg.logging.progress_bar))
+                     progress_bar=show_progress_bar(cfg.logging.progress_bar),
+                     extra_metrics=build_extra_metrics(cfg, prompts, all_prompts, vae=vae))

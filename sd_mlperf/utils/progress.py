@@ -12,9 +12,10 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import torch
 
@@ -110,14 +111,55 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
+@dataclass(frozen=True)
+class Hardware:
+    """What turns the global img/s into per-GPU img/s, MFU and peak memory; fixed at build time (trainer_build)."""
+
+    world_size: int = 1
+    unit: str = "rank"
+    """What one rank drives, for the line: `GPU` on CUDA, else `rank`."""
+    flop_per_image: float | None = None
+    """Model FLOPs of one trained image, forward + backward (sd_mlperf.models.flops); None: unknown."""
+    peak_flop_per_s: float | None = None
+    """Dense 16-bit peak of one device; None on the CPU, unknown GPUs and fp32 (MFU n/a)."""
+    memory_device: torch.device | None = None
+    """The CUDA device whose peak allocated memory is shown; None elsewhere (n/a)."""
+
+    def stats(self, img_per_s: float) -> dict[str, float | None]:
+        """Per-GPU img/s, MFU (achieved model FLOP/s over the peak) and peak GPU memory; None = n/a."""
+        per_gpu = img_per_s / self.world_size
+        mfu = None
+        if self.flop_per_image and self.peak_flop_per_s and math.isfinite(per_gpu):
+            mfu = per_gpu * self.flop_per_image / self.peak_flop_per_s
+        mem = None
+        if self.memory_device is not None:
+            mem = torch.cuda.max_memory_allocated(self.memory_device) / 2**30  # peak since start, evaluation included
+        return {"img_per_s_per_gpu": per_gpu, "mfu": mfu, "peak_mem_gib": mem}
+
+
+class RecordSink(Protocol):
+    """Another destination of every metrics record (the TensorBoard writer, sd_mlperf.utils.tensorboard)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Take one record as `metrics.jsonl` gets it."""
+        ...
+
+    def close(self) -> None:
+        """Flush and close."""
+        ...
+
+
 class Progress:
     """Log line every `logging.interval_steps`, a progress bar on a terminal, metrics in `metrics.jsonl`."""
 
     def __init__(self, cfg: LoggingConfig, run_dir: str | os.PathLike, *, enabled: bool, total_steps: int | None,
-                 global_batch_size: int, start_step: int = 0, stream: IO[str] | None = None) -> None:
+                 global_batch_size: int, start_step: int = 0, stream: IO[str] | None = None,
+                 hardware: Hardware | None = None, sinks: Sequence[RecordSink] = ()) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
         self.global_batch_size = global_batch_size
+        self.hardware = hardware or Hardware()
+        self.sinks = list(sinks)
         self.metrics_path = Path(run_dir) / "metrics.jsonl"
         self._file: IO[str] | None = None
         self._bar: Any = None
@@ -160,24 +202,29 @@ class Progress:
         self._step_time_s = (now - self._last_time) / steps
         self._last_time, self._last_step = now, step
         img_per_s = self.global_batch_size / self._step_time_s if self._step_time_s > 0 else math.nan
+        hw = self.hardware.stats(img_per_s)
         record = {"kind": "train", "step": step, "samples": samples_count, **metrics, "lr": lr,
-                  "loss_scale": loss_scale, "img_per_s": img_per_s, "step_time_s": self._step_time_s,
+                  "loss_scale": loss_scale, "img_per_s": img_per_s, **hw, "step_time_s": self._step_time_s,
                   "s_to_checkpoint": steps_to_checkpoint * self._step_time_s, "time": time.time()}
         if self.enabled:
             total = self.total_steps or "?"
+            mfu = "n/a" if hw["mfu"] is None else f"{100 * hw['mfu']:.1f}%"
+            mem = "n/a" if hw["peak_mem_gib"] is None else f"{hw['peak_mem_gib']:.1f} GiB"
             line = (f"step {step}/{total} samples {samples_count} loss {metrics.get('loss', math.nan):.5f} "
                     f"lr {lr:.3e} scale {loss_scale:g} {img_per_s:.1f} img/s "
+                    f"({hw['img_per_s_per_gpu']:.1f}/{self.hardware.unit}, MFU {mfu}, peak mem {mem}) "
                     f"next ckpt in {steps_to_checkpoint} steps (~{record['s_to_checkpoint']:.0f} s)")
             if metrics.get("skipped_steps"):
                 line += f" skipped {metrics['skipped_steps']}"
             self._write(line, record)
         return record
 
-    def log_eval(self, step: int, samples_count: int, fid: float, clip: float, seconds: float) -> None:
-        """Write the evaluation result line and record."""
+    def log_eval(self, step: int, samples_count: int, fid: float, clip: float, seconds: float,
+                 extra: dict[str, float] | None = None) -> None:
+        """Write the evaluation result line and record (`extra`: metrics beside FID and CLIP, e.g. toy metrics)."""
         if self.enabled:
             record = {"kind": "eval", "step": step, "samples": samples_count, "fid": fid, "clip": clip,
-                      "seconds": seconds, "time": time.time()}
+                      **(extra or {}), "seconds": seconds, "time": time.time()}
             # The evaluator logs its own result line; this one only goes to the JSON lines.
             self._write(f"eval at step {step} samples {samples_count}: FID {fid:.3f} CLIP {clip:.4f} "
                         f"({seconds:.1f} s)", record, level=logging.DEBUG)
@@ -204,9 +251,14 @@ class Progress:
             logger.log(level, line)
         assert self._file is not None
         self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        for sink in self.sinks:
+            sink.write(record)
 
     def close(self) -> None:
-        """Close the bar and the metrics file."""
+        """Close the bar, the metrics file and the other sinks."""
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
         if self._bar is not None:
             self._bar.close()
             self._bar = None

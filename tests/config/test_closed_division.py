@@ -52,6 +52,8 @@ def _changed(key: str):
         return ref * 2 if ref else 0.5
     if isinstance(ref, list):
         return [*ref, ref[-1]]
+    if isinstance(ref, dict):
+        return {**ref, "toy_background_acc": 0.5}  # training.target_toy: no toy target in the closed division
     return STRING_CHANGES[ref]
 
 

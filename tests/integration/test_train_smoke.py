@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from sd_mlperf.cli import main
 
@@ -27,9 +28,12 @@ def _checker(log: Path, cwd: Path) -> str:
 
 
 @pytest.mark.slow
-def test_smoke_train_then_resume(tmp_path):
+def test_smoke_train_then_resume(tmp_path, capsys):
     args = ["train", "--config", str(REPO / "conf" / "smoke.yaml"), f"run.output_dir={tmp_path}", *FAST]
     assert main([*args, "training.max_steps=4"]) == 0
+    err = capsys.readouterr().err
+    assert "/rank, MFU n/a, peak mem n/a) next ckpt" in err  # the progress line on the CPU
+    assert "run summary:" in err and "run_start..run_stop" in err and "time to train" in err
     run = tmp_path / "smoke"
     for name in ("config.yaml", "resolved_backends.yaml", "metrics.jsonl", "mlperf.log"):
         assert (run / name).is_file(), name
@@ -63,3 +67,10 @@ def test_smoke_train_then_resume(tmp_path):
     log = (run / "mlperf.log").read_text()
     assert log.count('"key": "run_start"') == 1 and '"samples_count": 16' in log
     assert len(list(run.glob("mlperf.log.*"))) == 1  # the first run's log is kept beside it
+
+    # `sd-mlperf report`: the plots of both parts of the run, and its summary
+    assert main(["report", str(run)]) == 0
+    assert "run summary:" in capsys.readouterr().out
+    for name in ("train.png", "eval.png", "grids.png"):
+        with Image.open(run / "report" / name) as im:
+            assert im.format == "PNG" and im.width >= 600 and im.height >= 200, (name, im.size)

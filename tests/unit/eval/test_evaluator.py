@@ -34,7 +34,7 @@ def _evaluate(cfg, rank, world, out_subdir):
                                 device="cpu", run_dir=os.path.join(cfg.run.output_dir, cfg.run.name),
                                 out_subdir=out_subdir)
     result = evaluator.evaluate(unet, samples_count=40, step=10)
-    return {"fid": result.fid, "clip": result.clip, "num_images": result.num_images,
+    return {"fid": result.fid, "clip": result.clip, "num_images": result.num_images, "extra": result.extra,
             "grid": str(result.grid_path) if result.grid_path else None}
 
 
@@ -64,6 +64,7 @@ def test_one_and_two_processes_give_identical_metrics(tmp_path):
     for r in ranks:
         assert r["num_images"] == 5  # 3 + 2 prompts, no padding counted
         assert r["fid"] == single["fid"] and r["clip"] == single["clip"], (r, single)
+        assert r["extra"] == single["extra"] and single["extra"], (r, single)  # toy metrics: gathered in order
     assert ranks[0]["grid"] and ranks[1]["grid"] is None  # only rank 0 writes
 
 
@@ -76,10 +77,12 @@ def test_outputs_grid_and_json(tmp_path):
     result = evaluator.evaluate(unet, samples_count=40, step=10)
     assert unet.training  # restored
     assert result.num_images == 5 and result.seconds > 0
-    assert set(result.timings_s) == {"generation", "inception", "clip", "gather_and_metrics"}
+    assert set(result.timings_s) == {"generation", "inception", "clip", "extra_metrics", "gather_and_metrics"}
+    assert set(result.extra) == {"toy_background_acc", "toy_object_acc", "toy_latent_fd"}  # synthetic prompts
     assert result.grid_path == tmp_path / "run" / "eval" / "step_0000010.png" and result.grid_path.is_file()
     record = json.loads(result.json_path.read_text())
     assert record["fid"] == result.fid and record["clip"] == result.clip and record["samples_count"] == 40
+    assert record["extra"] == result.extra
     assert record["ddim_steps"] == 2 and record["guidance_scale"] == 8.0
     assert -1.0 <= result.clip <= 1.0 and result.fid >= 0
 

@@ -146,3 +146,50 @@ def test_a_partial_line_is_ended_by_the_next_run_and_skipped_by_the_reader(tmp_p
     assert [(r["kind"], r["step"]) for r in records] == [("start", 0), ("train", 1), ("resume", 1), ("train", 2)]
     assert f"{path}:3: skipped" in caplog.text
 
+
+
+def test_progress_line_shows_per_rank_speed_and_na_on_the_cpu(tmp_path, caplog, monkeypatch):
+    from sd_mlperf.utils.logging import logger
+    from sd_mlperf.utils.progress import Hardware
+
+    monkeypatch.setattr(logger, "propagate", True)  # setup_logging may have turned it off: caplog needs it
+    progress = Progress(LoggingConfig(), tmp_path, enabled=True, total_steps=10, global_batch_size=8,
+                        stream=io.StringIO(), hardware=Hardware(world_size=2, flop_per_image=1e9))
+    with caplog.at_level("INFO", logger="sd_mlperf"):
+        rec = progress.log_train(5, 40, {"loss": 0.25}, lr=1e-4, loss_scale=1.0, steps_to_checkpoint=5)
+    progress.close()
+    assert rec["img_per_s_per_gpu"] == rec["img_per_s"] / 2
+    assert rec["mfu"] is None and rec["peak_mem_gib"] is None  # no peak FLOP/s, no CUDA memory on the CPU
+    assert f"({rec['img_per_s_per_gpu']:.1f}/rank, MFU n/a, peak mem n/a)" in caplog.text
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["mfu"] is None
+
+
+def test_mfu_of_the_reference_speed_is_a_third_of_the_h100_peak():
+    from sd_mlperf.utils.progress import Hardware
+
+    # REFERENCE.md: about 137 img/s per H100 at 2.41 TFLOP per image is about 33% of the 989 TFLOP/s dense peak.
+    hw = Hardware(world_size=8, unit="GPU", flop_per_image=2.41e12, peak_flop_per_s=989e12)
+    stats = hw.stats(8 * 137.0)
+    assert stats["img_per_s_per_gpu"] == 137.0
+    assert abs(stats["mfu"] - 0.334) < 0.001
+    assert hw.stats(float("nan"))["mfu"] is None
+
+
+def test_build_derives_the_hardware_once_from_the_config(request, monkeypatch):
+    from sd_mlperf.config import load_config
+    from sd_mlperf.models import flops
+    from sd_mlperf.parallel.distributed import DistInfo
+    from sd_mlperf.trainer_build import progress_hardware
+
+    calls = []
+    monkeypatch.setattr(flops, "unet_train_flops", lambda unet, **kw: calls.append((unet, kw)) or 123)
+    cfg = load_config([request.config.rootpath / "conf" / "smoke.yaml"])
+    hw = progress_hardware(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
+                                         backend="none"))
+    assert hw.unit == "rank" and hw.peak_flop_per_s is None and hw.memory_device is None
+    assert hw.flop_per_image == 123
+    assert calls == [(cfg.model.unet, {"latent_size": 8, "context_length": cfg.model.text_encoder.context_length})]
+    other = progress_hardware(cfg, DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"),
+                                            backend="gloo"))
+    assert other.flop_per_image is None and other.world_size == 2  # only rank 0 logs: only it counts
+    assert len(calls) == 1

@@ -1,5 +1,7 @@
 """Model FLOPs of a training step, counted on the real model, and the peak table for MFU.
 
+`sd-mlperf bench train` and the trainer's progress line (MFU, counted once at build time) use both.
+
 FLOPs are counted with torch.utils.flop_counter (matmuls and convolutions, forward and backward)
 on the meta device, so the full SD2 UNet costs no memory and under a second. Model FLOPs are
 algorithmic: a fused attention kernel that recomputes in backward does not count twice, which is

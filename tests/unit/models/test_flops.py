@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd_mlperf.bench.flops import count_flops, peak_tflops, unet_train_flops
 from sd_mlperf.config.schema import UNetConfig
+from sd_mlperf.models.flops import count_flops, peak_tflops, unet_train_flops
 
 
 def test_count_flops_of_a_linear_forward_and_backward():
