@@ -73,3 +73,17 @@ def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((pred.float() - target) ** 2).mean(dim=(1, 2, 3)).mean()
 
 
+
+
+def train_step(dp, cfg: Config, step: int, lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of the trainer's shape on global_batch(step): (loss, ok, grad norm)."""
+    from sd_mlperf.parallel.precision import autocast
+
+    x, y = global_batch(step)
+    dp.zero_grad()
+    with autocast(cfg.training.precision, torch.device("cpu")):
+        loss = loss_fn(dp(x), y)
+    dp.backward(loss)
+    dp.finish_grad_sync()
+    ok, grad_norm = dp.step(lr)
+    return loss.detach(), ok, grad_norm

@@ -14,12 +14,11 @@ import itertools
 import pytest
 import torch
 from mcore_cpu_harness import cuda_on_cpu
-from parallel_helpers import cpu_dist, global_batch, loss_fn, make_cfg, tiny_model
+from parallel_helpers import cpu_dist, make_cfg, tiny_model, train_step
 
 from sd_mlperf.backends import Resolution, package_available
 from sd_mlperf.parallel.data_parallel import apply_data_parallel
 from sd_mlperf.parallel.distributed import destroy_distributed
-from sd_mlperf.parallel.precision import autocast
 from sd_mlperf.train_step import step_metrics
 
 CASES = list(itertools.product(("mcore", "torch"), (True, False), ("fp32", "bf16", "fp16")))
@@ -36,14 +35,8 @@ def _build(cfg):
 
 def _step(dp, cfg, step, lr=1e-3):
     """One training step; returns the trainer's step metrics (train_step.step_metrics)."""
-    x, y = global_batch(step)
-    dp.zero_grad()
-    with autocast(cfg.training.precision, torch.device("cpu")):
-        loss = loss_fn(dp(x), y)
-    dp.backward(loss)
-    dp.finish_grad_sync()
-    ok, grad_norm = dp.step(lr)
-    return step_metrics(loss.detach(), ok, grad_norm, loss_scaling=cfg.training.precision == "fp16")
+    loss, ok, grad_norm = train_step(dp, cfg, step, lr)
+    return step_metrics(loss, ok, grad_norm, loss_scaling=cfg.training.precision == "fp16")
 
 
 def _inf_at_one_element(grad):

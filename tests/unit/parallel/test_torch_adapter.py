@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parallel_helpers import cpu_dist, global_batch, loss_fn, make_cfg, tiny_model
+from parallel_helpers import cpu_dist, global_batch, loss_fn, make_cfg, tiny_model, train_step
 
 from sd_mlperf.parallel.data_parallel import apply_data_parallel
 from sd_mlperf.parallel.optimizer import LRSchedule
@@ -15,14 +15,8 @@ def _train(dp, cfg, steps, start=0):
     sched = LRSchedule(cfg.optim, 8)
     losses = []
     for step in range(start, start + steps):
-        x, y = global_batch(step)
-        dp.zero_grad()
-        with autocast(cfg.training.precision, torch.device("cpu")):
-            loss = loss_fn(dp(x), y)
-        dp.backward(loss)
-        dp.finish_grad_sync()
-        ok, norm = dp.step(sched.lr_at(step))
-        losses.append(loss.detach())
+        loss, ok, norm = train_step(dp, cfg, step, sched.lr_at(step))
+        losses.append(loss)
     return losses, ok, norm
 
 
