@@ -21,10 +21,10 @@ from sd_mlperf.trainer_build import build_trainer
 from tests.unit.training._helpers import cpu_dist
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 250
+STEPS = 300
 SHORT = [  # conf/learn.yaml, shorter: a smaller dataset and toy-VAE fit, one evaluation after STEPS steps
-    "data.synthetic.num_train_samples=1024", "data.synthetic.num_train_shards=4", "data.synthetic.num_val_prompts=32",
-    "data.synthetic.fit_vae_steps=300", "eval.num_prompts=32", "eval.ddim_steps=10", "eval.num_grid_images=4",
+    "data.synthetic.num_train_samples=512", "data.synthetic.num_train_shards=2", "data.synthetic.num_val_prompts=32",
+    "data.synthetic.fit_vae_steps=400", "eval.num_prompts=32", "eval.ddim_steps=10", "eval.num_grid_images=4",
     f"training.max_steps={STEPS}", f"training.checkpoint_every_samples={16 * STEPS}", "training.stop_at_target=false",
     "checkpoint.export_ldm_weights=false", "logging.interval_steps=100", "logging.progress_bar=off",
 ]
