@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -198,12 +199,9 @@ def _rank() -> tuple[int, bool]:
     return int(os.environ.get("RANK", "0")), False
 
 
-def ensure_synthetic_sources(cfg: Config) -> None:
-    """Before the frozen parts load: the dataset in `data.synthetic_dir` unless complete, and with
-    `data.synthetic.fit_vae_steps` > 0 the toy VAE fitted to its pictures (sd_mlperf.data.toy_vae).
-
-    Rank 0 writes; other ranks wait at a barrier when torch.distributed is initialised.
-    """
+def _prepare_on_rank_zero(cfg: Config, then: Callable[[], None]) -> None:
+    """Rank 0 writes the dataset in `data.synthetic_dir` unless complete, then runs `then`; other ranks wait at a
+    barrier when torch.distributed is initialised."""
     d = cfg.data
     if d.synthetic_dir is None:
         return
@@ -211,41 +209,45 @@ def ensure_synthetic_sources(cfg: Config) -> None:
     if rank == 0:
         if not is_complete(d.synthetic_dir, d.synthetic):
             make_synthetic_dataset(d.synthetic_dir, d.synthetic)
-        if d.synthetic.fit_vae_steps > 0:
-            from sd_mlperf.data.toy_vae import ensure_toy_frozen_checkpoint
-
-            ensure_toy_frozen_checkpoint(cfg)
+        then()
     if distributed:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def ensure_synthetic_sources(cfg: Config) -> None:
+    """Before the frozen parts load: the dataset in `data.synthetic_dir` unless complete, and with
+    `data.synthetic.fit_vae_steps` > 0 the toy VAE fitted to its pictures (sd_mlperf.data.toy_vae)."""
+
+    def fit_toy_vae() -> None:
+        if cfg.data.synthetic.fit_vae_steps > 0:
+            from sd_mlperf.data.toy_vae import ensure_toy_frozen_checkpoint
+
+            ensure_toy_frozen_checkpoint(cfg)
+
+    _prepare_on_rank_zero(cfg, fit_toy_vae)
 
 
 def ensure_synthetic_data(cfg: Config, vae: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
     """Make the synthetic dataset in `data.synthetic_dir` (and precompute it) unless already complete.
 
-    Rank 0 writes; other ranks wait at a barrier when torch.distributed is initialised. Unless
-    `data.train_format` is `images`, the raw shards are precomputed into `data.train_shards` in
+    Unless `data.train_format` is `images`, the raw shards are precomputed into `data.train_shards` in
     that format with the given frozen encoders, so the smoke run exercises precompute too.
     """
     d = cfg.data
-    if d.synthetic_dir is None:
-        return
-    rank, distributed = _rank()
-    if rank == 0:
-        if not is_complete(d.synthetic_dir, d.synthetic):
-            make_synthetic_dataset(d.synthetic_dir, d.synthetic)
-        if d.train_format != "images":
-            from sd_mlperf.data.precompute import precompute_is_complete, precompute_shards
 
-            out = d.train_shards
-            if any(c in out for c in "*?[{"):
-                raise ValueError(f"invalid value for 'data.train_shards': {out!r}; with data.synthetic_dir set it "
-                                 f"must be a folder, where the precomputed synthetic shards are written.")
-            raw = str(Path(d.synthetic_dir) / "raw")
-            if not precompute_is_complete(out, d.train_format):
-                precompute_shards(raw, out, data_cfg=d, vae=vae, text_encoder=text_encoder, rank=0, world_size=1)
-    if distributed:
-        import torch.distributed as dist
+    def precompute() -> None:
+        if d.train_format == "images":
+            return
+        from sd_mlperf.data.precompute import precompute_is_complete, precompute_shards
 
-        dist.barrier()
+        out = d.train_shards
+        if any(c in out for c in "*?[{"):
+            raise ValueError(f"invalid value for 'data.train_shards': {out!r}; with data.synthetic_dir set it "
+                             f"must be a folder, where the precomputed synthetic shards are written.")
+        raw = str(Path(d.synthetic_dir) / "raw")
+        if not precompute_is_complete(out, d.train_format):
+            precompute_shards(raw, out, data_cfg=d, vae=vae, text_encoder=text_encoder, rank=0, world_size=1)
+
+    _prepare_on_rank_zero(cfg, precompute)
