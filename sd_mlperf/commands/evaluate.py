@@ -210,8 +210,9 @@ def _seed_from_run(cfg: Any, infos: list[dict[str, Any]]) -> list[str]:
         return []
     for info in infos:
         config = Path(info["run_dir"] or "/nonexistent") / "config.yaml"
-        if config.is_file() and OmegaConf.load(config).run.get("seed") is not None:
-            return [f"run.seed={OmegaConf.load(config).run.seed}"]
+        seed = OmegaConf.load(config).run.get("seed") if config.is_file() else None
+        if seed is not None:
+            return [f"run.seed={seed}"]
     return []
 
 
