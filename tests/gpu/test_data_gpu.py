@@ -37,8 +37,13 @@ def _check_agrees(decoder, jpegs) -> None:
     assert errors[:-1] == [None] * len(jpegs) and errors[-1]
     assert out.is_cuda and out.shape == (len(jpegs) + 1, 3, SIZE, SIZE)
     diff = (out[:-1].cpu() - ref).abs()
-    log.warning("%s vs pil: mean abs %.2e, max abs %.2e", decoder.name, diff.mean().item(), diff.max().item())
-    assert diff.mean() < 0.01 and diff.max() < 0.15  # resize tolerance (nvjpeg/DALI IDCT differ from libjpeg)
+    far = (diff > 0.1).float().mean().item()
+    log.warning("%s vs pil: mean abs %.2e, max abs %.2e, %.3f%% of values off by > 0.1", decoder.name,
+                diff.mean().item(), diff.max().item(), 100 * far)
+    # GPU JPEG decoders differ from libjpeg in IDCT rounding everywhere (small) and in chroma upsampling at sharp
+    # colour edges (large, on few pixels: on an H200, nvjpeg's max was 0.36 at a mean of 8e-4). So: the mean is
+    # tight and large differences are rare; a wrong colour order, crop, scale or normalisation moves the mean.
+    assert diff.mean() < 0.01 and far < 0.01
 
 
 @needs_cuda
@@ -73,7 +78,7 @@ def test_loader_decodes_images_on_the_gpu(tmp_path, backend):
 
 
 @needs_cuda
-def test_precompute_on_cuda_matches_cpu(tmp_path):
+def test_precompute_on_cuda_matches_cpu(tmp_path, monkeypatch):
     from sd_mlperf.data.bad_samples import BadSampleCounter
     from sd_mlperf.data.laion import SampleParser
     from sd_mlperf.data.precompute import precompute_shards
@@ -82,6 +87,10 @@ def test_precompute_on_cuda_matches_cpu(tmp_path):
 
     paths = make_synthetic_dataset(tmp_path / "syn", SyntheticDataConfig(num_train_samples=8, num_train_shards=1,
                                                                          num_val_prompts=1, image_size=64))
+    # Same code on both devices, so the same numbers up to fp32 rounding: TF32 convolutions (cuDNN's default on
+    # Ampere and newer, kept for real precompute runs) are turned off here; on an H200 they differed by 1.5e-3.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     vae = build_vae(VAEConfig(base_channels=32, channel_mult=[1, 2, 2, 2], norm_groups=8)).eval()
     cfg = DataConfig(train_shards="unset", image_size=64, decode_backend="pil")

@@ -99,8 +99,9 @@ def test_cuda_graph_step_matches_eager_without_host_sync(tmp_path, precision, rt
     eager = _trainer(make_cfg(tmp_path / "eager", *common), batches)
     graphed = _trainer(make_cfg(tmp_path / "graph", *common, "training.cuda_graph=true"), batches)
     assert graphed.step.graphed  # captured in build_trainer, before run_start
+    start = {name: value.clone() for name, value in eager.dp.unwrapped.state_dict().items()}
     for name, value in graphed.dp.unwrapped.state_dict().items():  # warmup + capture changed no weight
-        assert torch.equal(value, eager.dp.unwrapped.state_dict()[name]), name
+        assert torch.equal(value, start[name]), name
 
     def run(trainer, no_sync):
         outs = []
@@ -120,7 +121,17 @@ def test_cuda_graph_step_matches_eager_without_host_sync(tmp_path, precision, rt
     assert torch.isfinite(eager_loss).all()
     torch.testing.assert_close(graph_loss, eager_loss, rtol=rtol, atol=1e-6)
     torch.testing.assert_close(graph_norm, eager_norm, rtol=max(rtol, 1e-4), atol=1e-6)
+    # The weight updates agree to 2% of the tensor's largest update. Adam divides by sqrt(v) + eps, so where a
+    # gradient is near zero a rounding difference (the capturable kernel computes its bias correction on the device)
+    # moves a weight by a visible fraction of one step: on an H200, 1 of 9216 elements by 2.2e-6 in fp32. A stale
+    # gradient, a skipped or doubled step, or a wrong scale moves updates by about 100%.
+    eager_weights = eager.dp.unwrapped.state_dict()
     for name, value in graphed.dp.unwrapped.state_dict().items():
-        torch.testing.assert_close(value, eager.dp.unwrapped.state_dict()[name], rtol=1e-4, atol=1e-6)
+        if not value.is_floating_point():
+            assert torch.equal(value, eager_weights[name]), name
+            continue
+        update, eager_update = value - start[name], eager_weights[name] - start[name]
+        torch.testing.assert_close(update, eager_update, rtol=0, atol=max(0.02 * eager_update.abs().max().item(), 1e-7),
+                                   msg=lambda m, name=name: f"{name}: {m}")
     eager.close()
     graphed.close()
