@@ -34,7 +34,7 @@ if [ -f "$RUN_DIR/eval_checkpoints/index.jsonl" ]; then
     exit 0
 fi
 CONFIG=${CONFIG:-$RUN_DIR/config.yaml}
-# Every published checkpoint, oldest first (sd_mlperf/checkpoint.py: checkpoints/step_NNNNNNN/model.pt).
+# Every published checkpoint, oldest first (sd_mlperf/training/checkpoints.py: checkpoints/step_NNNNNNN/model.pt).
 shopt -s nullglob
 CHECKPOINTS=("$RUN_DIR"/checkpoints/step_*/model.pt)
 shopt -u nullglob

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from sd_mlperf.utils.logging import logger
 
@@ -279,3 +282,12 @@ def log_resolutions(resolutions: list[Resolution]) -> None:
 def resolutions_to_dict(resolutions: list[Resolution]) -> dict[str, dict[str, str]]:
     """A YAML-friendly view (written to resolved_backends.yaml in the run directory)."""
     return {r.role: {"key": r.key, "requested": r.requested, "chosen": r.name, "why": r.why} for r in resolutions}
+
+
+def compile_available(device: torch.device) -> tuple[bool, str]:
+    """Whether inductor can generate code for `device` (Triton on CUDA, a C++ compiler on the CPU), and why not."""
+    if device.type == "cuda":
+        ok = importlib.util.find_spec("triton") is not None
+        return ok, "" if ok else "triton is not installed (pip install triton, or set model.unet.compile=false)"
+    ok = any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
+    return ok, "" if ok else "no C++ compiler for inductor's CPU backend (install g++, or set model.unet.compile=false)"

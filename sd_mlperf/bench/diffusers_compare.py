@@ -36,7 +36,7 @@ from sd_mlperf.bench.train import (
 from sd_mlperf.config.load import load_config
 from sd_mlperf.config.schema import Config, UNetConfig
 from sd_mlperf.models.flops import unet_train_flops
-from sd_mlperf.train_step import latent_size
+from sd_mlperf.training.step import latent_size
 from sd_mlperf.utils.logging import logger
 from sd_mlperf.utils.manifest import count_parameters
 

@@ -1,6 +1,6 @@
 """`sd-mlperf bench train`: images/s, ms/step, TFLOP/s and MFU of the UNet training step.
 
-What is timed is the trainer's own step object (`sd_mlperf.train_step.build_train_step`: eager, or
+What is timed is the trainer's own step object (`sd_mlperf.training.step.build_train_step`: eager, or
 one CUDA graph replay with training.cuda_graph) at the peak lr, minus data loading: its conditioner
 hands over ready synthetic latents and context of the configured shapes (`synthetic_step_inputs`),
 so the latent draw from VAE moments and any text encoding are not timed. Inside the step: timesteps
@@ -11,7 +11,7 @@ measured here.
 
 Each variant (the config itself, or the config plus dotted overrides) builds a fresh UNet and
 optimizer, lets the step prepare itself as the trainer does (`warm_up()`: the graph capture), runs
-`warmup_steps` untimed steps that change no weights (fastpath.cuda_graph.TrainingStateSnapshot),
+`warmup_steps` untimed steps that change no weights (training.cuda_graph.TrainingStateSnapshot),
 then times each of `steps` steps (CUDA events on the GPU) and reports medians. Model FLOPs per image
 are counted on the real model (models/flops.py); MFU is against the dense 16-bit peak of the device.
 """
@@ -35,7 +35,7 @@ from sd_mlperf.bench import bench_seed
 from sd_mlperf.bench.table import add_ratios
 from sd_mlperf.config.load import load_config
 from sd_mlperf.config.schema import Config
-from sd_mlperf.train_step import latent_size, synthetic_step_inputs
+from sd_mlperf.training.step import latent_size, synthetic_step_inputs
 from sd_mlperf.utils.logging import logger
 
 # The bench is one process: these are appended to every variant's overrides.
@@ -178,14 +178,14 @@ def build_runner(cfg: Config, device: torch.device, batch: dict[str, torch.Tenso
     optimizer or scaler state, or RNG position. `unet` replaces our UNet with another model of the
     same forward signature (the diffusers comparison); it must already live on `device`.
     """
+    from sd_mlperf.backends import compile_available
     from sd_mlperf.config.load import global_batch_size
-    from sd_mlperf.fastpath.compile import compile_available
-    from sd_mlperf.fastpath.cuda_graph import TrainingStateSnapshot, tensor_attributes
     from sd_mlperf.models.unet import build_unet
     from sd_mlperf.parallel.data_parallel import apply_data_parallel
     from sd_mlperf.parallel.distributed import DistInfo
     from sd_mlperf.parallel.optimizer import LRSchedule
-    from sd_mlperf.train_step import build_train_step
+    from sd_mlperf.training.cuda_graph import TrainingStateSnapshot, tensor_attributes
+    from sd_mlperf.training.step import build_train_step
 
     if cfg.training.cuda_graph and device.type != "cuda":
         raise BackendUnavailable("training.cuda_graph=true needs a CUDA device")
@@ -293,7 +293,7 @@ def bench_train(config_files: Sequence[str], overrides: Sequence[str], variants:
     out of memory, graph capture, a bad override) is that variant's failure: its traceback is logged and
     the remaining variants still run.
     """
-    from sd_mlperf.fastpath.runtime import configure_device
+    from sd_mlperf.parallel.distributed import configure_device
 
     settings = settings or TrainBenchSettings()
     flops = _FlopCache()

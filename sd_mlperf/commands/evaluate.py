@@ -5,7 +5,7 @@ Two forms:
   (RUN/eval_checkpoints/) as the rules require -- `--all` (every checkpoint up to the first passing one),
   `--last-two` (the first passing one and the one before it, by bisection) or `--watch` (as they land, then
   RUN/STOP tells the trainer to stop) -- and writes the run's final MLPerf log (RUN/mlperf.log): the training
-  log, the scores, and run_stop at the time the first passing checkpoint was collected (sd_mlperf.final_log).
+  log, the scores, and run_stop at the time the first passing checkpoint was collected (sd_mlperf.training.final_log).
   The run's own config.yaml is the config (its seed gives the evaluation noise); overrides may follow.
 - `--checkpoint PATH` (repeatable): any trainer checkpoint directory, its model.pt or an ldm export (.safetensors
   /.ckpt); prints FID and CLIP. With `--mlperf-log FILE` it appends eval_* lines there.
@@ -59,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def checkpoint_info(path: str | Path, samples_count: int | None = None) -> dict[str, Any]:
     """UNet state dict, step, samples_count and run directory (or None) of a checkpoint path."""
-    from sd_mlperf.checkpoint import MODEL_FILE, load_file
     from sd_mlperf.models.checkpoint_io import load_unet_state_dict
+    from sd_mlperf.training.checkpoints import MODEL_FILE, load_file
 
     path = Path(path)
     if path.is_dir():
@@ -116,8 +116,8 @@ def _evaluate_run_dir(args: argparse.Namespace) -> int:
     from sd_mlperf.config import load_config
     from sd_mlperf.config.load import evaluation_seed
     from sd_mlperf.models.checkpoint_io import check_state_dict
-    from sd_mlperf.offline_eval import RunEvaluation
     from sd_mlperf.parallel.distributed import destroy_distributed, init_distributed, read_launch_env
+    from sd_mlperf.training.offline_eval import RunEvaluation
     from sd_mlperf.utils.logging import setup_logging
 
     run_dir = Path(args.run_dir)
@@ -191,7 +191,7 @@ def _report(runner: Any, log_path: Path, *, is_main: bool) -> int:
 
 def _append_mlperf(log_path: Path, samples_count: int, fid: float, clip: float) -> None:
     """Append one evaluation's eval_start / eval_accuracy (FID, CLIP) / eval_stop to an MLPerf log."""
-    from sd_mlperf.mlperf_log import MLPerfLogger
+    from sd_mlperf.training.mlperf_log import MLPerfLogger
 
     mlperf = MLPerfLogger(log_path, append=True)
     try:

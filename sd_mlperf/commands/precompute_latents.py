@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from sd_mlperf.config import ConfigError, merge_config, validate
     from sd_mlperf.data.precompute import precompute_shards
     from sd_mlperf.models.checkpoint_io import build_frozen_encoders
-    from sd_mlperf.utils.progress import show_progress_bar
+    from sd_mlperf.utils.logging import show_progress_bar
 
     merged = merge_config(args.config, args.overrides)
     if OmegaConf.is_missing(merged.model, "frozen_checkpoint"):

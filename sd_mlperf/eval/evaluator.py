@@ -32,8 +32,7 @@ from sd_mlperf.eval.inception import FEATURE_DIM
 from sd_mlperf.eval.metrics import FrechetReference, mean_clip_score
 from sd_mlperf.parallel.precision import autocast
 from sd_mlperf.utils.files import atomic_write_text
-from sd_mlperf.utils.logging import logger
-from sd_mlperf.utils.progress import show_progress_bar
+from sd_mlperf.utils.logging import logger, show_progress_bar
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """What a run directory of `sd-mlperf train` holds, read once for the plots and the end-of-run summary.
 
-- `metrics.jsonl` (sd_mlperf.utils.progress): train records every log interval, eval records of inline
+- `metrics.jsonl` (sd_mlperf.training.metrics): train records every log interval, eval records of inline
   evaluation (FID, CLIP and any further numeric metric, e.g. the toy metrics of synthetic runs);
 - RUN/eval_offline/: offline evaluation (`sd-mlperf evaluate`): `scores.jsonl` (FID, CLIP) and one
   `step_XXXXXXX.json` per scored checkpoint (with the further metrics under `extra`);
@@ -23,10 +23,10 @@ from typing import Any
 from sd_mlperf.config import load_config
 from sd_mlperf.config.load import global_batch_size, world_size
 from sd_mlperf.config.schema import Config
-from sd_mlperf.final_log import parse_mllog_line
-from sd_mlperf.mlperf_log import TRAINING_LOG_FILE
-from sd_mlperf.offline_eval import SCORES_FILE
-from sd_mlperf.utils.progress import RESTART_KINDS, read_metrics
+from sd_mlperf.training.final_log import parse_mllog_line
+from sd_mlperf.training.metrics import RESTART_KINDS, read_metrics
+from sd_mlperf.training.mlperf_log import TRAINING_LOG_FILE
+from sd_mlperf.training.offline_eval import SCORES_FILE
 
 INLINE_EVAL_DIR, OFFLINE_EVAL_DIR = "eval", "eval_offline"
 _GRID = re.compile(r"^step_(\d+)\.png$")

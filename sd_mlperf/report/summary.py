@@ -12,9 +12,9 @@ from typing import Any
 
 from sd_mlperf.config.closed_division import UNET_EXECUTION_KEYS
 from sd_mlperf.config.schema import Config, DataConfig, UNetConfig
-from sd_mlperf.mlperf_log import TRAINING_LOG_FILE
 from sd_mlperf.report.projection import project_time_to_train
 from sd_mlperf.report.run_data import RunData, read_run
+from sd_mlperf.training.mlperf_log import TRAINING_LOG_FILE
 from sd_mlperf.utils.logging import logger
 
 _WIDTH = 14  # label column

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd_mlperf.config.schema import TrainingConfig
-from sd_mlperf.mlperf_log import RESUMED_KEY, TRAINING_LOG_FILE
 from sd_mlperf.submission.checkers import BENCHMARK, RULESET, compliance_problems
+from sd_mlperf.training.mlperf_log import RESUMED_KEY, TRAINING_LOG_FILE
 
 LOG_FILE = "mlperf.log"
 CONFIG_FILE = "config.yaml"

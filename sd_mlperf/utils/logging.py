@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import IO
 
 LOGGER_NAME = "sd_mlperf"
 logger = logging.getLogger(LOGGER_NAME)
@@ -62,3 +63,8 @@ def log_once(key: str, message: str, level: int = logging.WARNING) -> bool:
 def reset_log_once() -> None:
     """Forget which keys were logged (tests use this)."""
     _seen_once.clear()
+
+
+def show_progress_bar(mode: str, stream: IO[str] | None = None) -> bool:
+    """The `logging.progress_bar` rule: `on`, `off`, or `auto` = only when the stream is a terminal."""
+    return mode == "on" or (mode == "auto" and (stream or sys.stderr).isatty())

@@ -1,6 +1,6 @@
 """The optional TensorBoard writer (`logging.tensorboard=true`): the metrics records as scalars, plus the eval grids.
 
-It receives every record that `metrics.jsonl` gets (sd_mlperf.utils.progress.Progress calls `write`), so the
+It receives every record that `metrics.jsonl` gets (sd_mlperf.training.metrics.Progress calls `write`), so the
 scalars are the same: `train/loss`, `train/lr`, `train/img_per_s`, ..., `eval/fid`, `eval/clip` and any toy
 metric, all against the samples count. An evaluation record also brings its sample grid
 (`GRID_DIR/step_XXXXXXX.png`, as the evaluator names it) as the image `eval/samples`. The `tensorboard` package is

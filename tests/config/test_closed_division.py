@@ -23,7 +23,7 @@ from sd_mlperf.config.closed_division import (
     OneOf,
     check_closed_division,
 )
-from sd_mlperf.mlperf_log import MLPerfLogger
+from sd_mlperf.training.mlperf_log import MLPerfLogger
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "conf" / "sd2_mlperf.yaml"
@@ -188,7 +188,7 @@ def test_the_free_hyperparameters_are_logged_under_their_mlperf_keys(tmp_path):
         "training.micro_batch_size=16", "training.grad_accumulation_steps=2", "optim.base_lr_per_sample=2e-7",
         "optim.warmup_steps=250", "run.seed=1"])
     log = MLPerfLogger(tmp_path / "mlperf.log")
-    # The arguments the trainer passes (trainer_build.py: plan.global_batch_size is global_batch_size(cfg)).
+    # The arguments the trainer passes (training/build.py: plan.global_batch_size is global_batch_size(cfg)).
     log.hyperparameters(cfg, global_batch_size=global_batch_size(cfg))
     log.close()
     events = [json.loads(line.split(":::MLLOG ", 1)[1]) for line in (tmp_path / "mlperf.log").read_text().splitlines()

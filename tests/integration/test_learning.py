@@ -17,7 +17,7 @@ import torch
 
 from sd_mlperf.config import load_config
 from sd_mlperf.data.synthetic import ensure_synthetic_sources
-from sd_mlperf.trainer_build import build_trainer
+from sd_mlperf.training.build import build_trainer
 from tests.unit.training._helpers import cpu_dist
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,10 +69,10 @@ def _shuffle_captions(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _flip_v_target(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sd_mlperf.train_step
+    import sd_mlperf.training.step
     from sd_mlperf.diffusion.schedule import v_target
 
-    monkeypatch.setattr(sd_mlperf.train_step, "v_target", lambda *args: -v_target(*args))
+    monkeypatch.setattr(sd_mlperf.training.step, "v_target", lambda *args: -v_target(*args))
 
 
 SABOTAGE = {"none": lambda monkeypatch: None, "shuffled_captions": _shuffle_captions,

@@ -21,8 +21,8 @@ PASS, FAIL = (80.0, 0.2), (120.0, 0.1)
 
 def _worker(rank: int, port: int, run_dir: str, out: str) -> None:
     from sd_mlperf.commands.evaluate import _report
-    from sd_mlperf.eval_checkpoints import read_index
-    from sd_mlperf.offline_eval import RunEvaluation
+    from sd_mlperf.training.eval_checkpoints import read_index
+    from sd_mlperf.training.offline_eval import RunEvaluation
 
     torch.set_num_threads(1)
     set_torchrun_env(rank, WORLD, port)

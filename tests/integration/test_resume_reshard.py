@@ -36,7 +36,7 @@ def _snapshot(trainer, losses) -> dict:
 
 
 def _run(cfg, dist, batches):
-    from sd_mlperf.trainer_build import build_trainer
+    from sd_mlperf.training.build import build_trainer
     from tests.unit.training._helpers import ListLoader, conditioner, record_losses
 
     loader = ListLoader(batches)
@@ -110,7 +110,7 @@ def test_reshard_one_to_two_to_one_rank_keeps_weights_and_adam_state(tmp_path):
 
 
 def test_reshard_that_changes_the_global_batch_is_refused(tmp_path):
-    from sd_mlperf.trainer_build import build_trainer
+    from sd_mlperf.training.build import build_trainer
     from tests.unit.training._helpers import ListLoader, cpu_dist, make_batches, make_cfg
 
     _run(make_cfg(tmp_path, *COMMON, *ONE_RANK, "training.max_steps=2"), cpu_dist(), make_batches(2, batch_size=4))

@@ -17,9 +17,9 @@ import json
 import pytest
 
 from sd_mlperf.cli import main
-from sd_mlperf.eval_checkpoints import read_index
-from sd_mlperf.final_log import parse_mllog_line
-from sd_mlperf.offline_eval import RunEvaluation
+from sd_mlperf.training.eval_checkpoints import read_index
+from sd_mlperf.training.final_log import parse_mllog_line
+from sd_mlperf.training.offline_eval import RunEvaluation
 from tests.unit.submission._helpers import ORG, SYSTEM, write_system_config
 from tests.unit.training._helpers import make_batches, make_cfg, make_trainer
 

@@ -22,7 +22,7 @@ WORLD = 2
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     from sd_mlperf.parallel.distributed import destroy_distributed, init_distributed
-    from sd_mlperf.trainer_build import build_trainer
+    from sd_mlperf.training.build import build_trainer
     from tests.unit.training._helpers import ListLoader, conditioner, make_batches, make_cfg, record_losses
 
     torch.set_num_threads(1)

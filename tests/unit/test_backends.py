@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
 from sd_mlperf import backends
 from sd_mlperf.backends import Probe, attention_unsuitable, resolve_backend, summarize
@@ -121,3 +122,11 @@ def test_apex_probe_names_only_the_missing_extension(apex_site):
 def test_apex_probe_passes_when_every_extension_its_group_norm_imports_is_built(apex_site, imports):
     write_fake_apex(apex_site, imports=imports, built=imports)
     assert resolve_backend("norm", "auto").name == "apex"
+
+
+def test_compile_available_reports_a_reason(monkeypatch):
+    ok, why = backends.compile_available(torch.device("cpu"))
+    assert ok and why == ""  # g++ is part of this project's CPU environment
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    ok, why = backends.compile_available(torch.device("cpu"))
+    assert not ok and "model.unet.compile=false" in why

@@ -6,13 +6,16 @@ import dataclasses
 import hashlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from sd_mlperf.config import load_config
 from sd_mlperf.data.coco import read_prompts
+from sd_mlperf.data.precompute import MANIFEST
 from sd_mlperf.data.shards import index_shard
-from sd_mlperf.data.synthetic import COLOURS, POSITIONS, is_complete, make_synthetic_dataset
+from sd_mlperf.data.synthetic import COLOURS, POSITIONS, ensure_synthetic_data, is_complete, make_synthetic_dataset
 
 
 def _digest(root):
@@ -68,3 +71,20 @@ def test_captions_describe_the_pictures(tmp_path, synthetic_cfg):
                 fx, fy = POSITIONS[obj["position"]]
                 pixel = img[top + int(fy * size), left + int(fx * size)]
                 assert np.abs(pixel - np.array(COLOURS[obj["colour"]])).max() < 40, (caption, pixel)
+
+
+REPO = Path(__file__).resolve().parents[3]
+SMALL_SYNTHETIC = ["data.synthetic.num_train_samples=6", "data.synthetic.num_train_shards=2",
+                   "data.synthetic.num_val_prompts=2", "data.synthetic.image_size=32", "data.image_size=32"]
+
+
+def test_ensure_synthetic_data_is_idempotent(tmp_path, tiny_vae):
+    smoke = str(REPO / "conf" / "smoke.yaml")
+    cfg = load_config([smoke], [*SMALL_SYNTHETIC, f"run.output_dir={tmp_path}", "data.train_format=moments",
+                                "model.vae.base_channels=8", "model.vae.norm_groups=4"])
+    ensure_synthetic_data(cfg, tiny_vae, None)
+    latents = Path(cfg.data.train_shards)
+    assert json.loads((latents / MANIFEST).read_text())["samples"] == 6
+    stamps = {p: p.stat().st_mtime_ns for p in Path(cfg.data.synthetic_dir).rglob("*") if p.is_file()}
+    ensure_synthetic_data(cfg, tiny_vae, None)
+    assert stamps == {p: p.stat().st_mtime_ns for p in Path(cfg.data.synthetic_dir).rglob("*") if p.is_file()}

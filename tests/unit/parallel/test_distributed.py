@@ -121,3 +121,9 @@ def test_seed_everything_reproducible_and_per_rank():
     assert a[0] != c[0] and a[1] != c[1] and not torch.equal(a[2], c[2]) and not torch.equal(a[3], c[3])
     # Not seed + rank: (seed 42, rank 1) and (seed 43, rank 0) are different streams.
     assert D.rank_seed(42, 1) != D.rank_seed(43, 0)
+
+
+def test_configure_device_changes_nothing_on_cpu():
+    before = torch.backends.cudnn.benchmark
+    D.configure_device(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark == before

@@ -19,7 +19,7 @@ from parallel_helpers import cpu_dist, make_cfg, tiny_model, train_step
 from sd_mlperf.backends import Resolution, package_available
 from sd_mlperf.parallel.data_parallel import apply_data_parallel
 from sd_mlperf.parallel.distributed import destroy_distributed
-from sd_mlperf.train_step import step_metrics
+from sd_mlperf.training.step import step_metrics
 
 CASES = list(itertools.product(("mcore", "torch"), (True, False), ("fp32", "bf16", "fp16")))
 

@@ -16,7 +16,7 @@ import yaml
 
 from sd_mlperf.config import global_batch_size, load_config, save_resolved_config
 from sd_mlperf.config.schema import Config
-from sd_mlperf.mlperf_log import MLPerfLogger
+from sd_mlperf.training.mlperf_log import MLPerfLogger
 
 REPO = Path(__file__).resolve().parents[3]
 SMOKE = REPO / "conf" / "smoke.yaml"

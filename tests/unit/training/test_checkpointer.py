@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from sd_mlperf.checkpoint import (
+from sd_mlperf.config.schema import CheckpointConfig
+from sd_mlperf.training.checkpoints import (
     LATEST_FILE,
     Checkpointer,
     capture_rng_state,
@@ -16,7 +17,6 @@ from sd_mlperf.checkpoint import (
     restore_rng_state,
     step_dir_name,
 )
-from sd_mlperf.config.schema import CheckpointConfig
 
 
 def _save(ck: Checkpointer, step: int, **kwargs) -> None:

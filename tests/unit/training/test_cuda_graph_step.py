@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sd_mlperf.train_step import GRAPH_WARMUP_STEPS, GraphedTrainStep, build_train_step, check_cuda_graph_supported
+from sd_mlperf.training.step import GRAPH_WARMUP_STEPS, GraphedTrainStep, build_train_step, check_cuda_graph_supported
 from sd_mlperf.utils.logging import reset_log_once
 from tests.unit.training._helpers import CONTEXT, make_batches, make_cfg, make_trainer, record_losses
 

@@ -8,7 +8,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from sd_mlperf.mlperf_log import MLPerfLogger
+from sd_mlperf.training.mlperf_log import MLPerfLogger
 from tests.unit.training._helpers import FakeEvaluator, make_batches, make_cfg, make_trainer
 
 ONCE = ["submission_benchmark", "submission_division", "init_stop", "run_start", "run_stop", "train_samples",

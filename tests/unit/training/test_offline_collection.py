@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from sd_mlperf.eval_checkpoints import (
+from sd_mlperf.training.eval_checkpoints import (
     EVAL_CHECKPOINT_DIR,
     INDEX_FILE,
     EvalCheckpointWriter,
@@ -15,7 +15,7 @@ from sd_mlperf.eval_checkpoints import (
     request_stop,
     stop_requested,
 )
-from sd_mlperf.mlperf_log import TRAINING_LOG_FILE
+from sd_mlperf.training.mlperf_log import TRAINING_LOG_FILE
 from tests.unit.training._helpers import make_batches, make_cfg, make_trainer
 
 OFFLINE = ["eval.inline=false", "checkpoint.resumable=false", "training.max_steps=9"]

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from sd_mlperf.eval_checkpoints import STOP_FILE, read_index
-from sd_mlperf.final_log import parse_mllog_line
-from sd_mlperf.offline_eval import RunEvaluation
+from sd_mlperf.training.eval_checkpoints import STOP_FILE, read_index
+from sd_mlperf.training.final_log import parse_mllog_line
+from sd_mlperf.training.offline_eval import RunEvaluation
 from tests.unit.training._helpers import make_batches, make_cfg, make_trainer
 
 PASS, FAIL = (80.0, 0.2), (120.0, 0.1)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from sd_mlperf.mlperf_log import CACHE_CLEARED_ENV, RESUMED_KEY
+from sd_mlperf.training.mlperf_log import CACHE_CLEARED_ENV, RESUMED_KEY
 from tests.unit.training._helpers import make_batches, make_cfg, make_trainer, record_losses
 
 RUN = ["training.max_steps=3", "training.checkpoint_every_samples=6"]

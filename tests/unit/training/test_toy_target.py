@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from sd_mlperf.utils.progress import read_metrics
+from sd_mlperf.training.metrics import read_metrics
 from tests.unit.training._helpers import make_batches, make_cfg, make_trainer
 
 

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from sd_mlperf.checkpoint import Checkpointer, load_file
-from sd_mlperf.mlperf_log import MLPerfLogger
 from sd_mlperf.parallel.data_parallel import apply_data_parallel
 from sd_mlperf.parallel.optimizer import LRSchedule
-from sd_mlperf.train_step import build_train_step
-from sd_mlperf.trainer import NonFiniteLossError, Trainer
-from sd_mlperf.trainer_build import plan_from_config
-from sd_mlperf.utils.progress import Progress, read_metrics
+from sd_mlperf.training.build import plan_from_config
+from sd_mlperf.training.checkpoints import Checkpointer, load_file
+from sd_mlperf.training.metrics import Progress, read_metrics
+from sd_mlperf.training.mlperf_log import MLPerfLogger
+from sd_mlperf.training.step import build_train_step
+from sd_mlperf.training.trainer import NonFiniteLossError, Trainer
 from tests.unit.training._helpers import (
     FakeEvaluator,
     conditioner,

@@ -8,9 +8,9 @@ import sys
 import pytest
 from PIL import Image
 
-from sd_mlperf import train
+from sd_mlperf.commands import train
 from sd_mlperf.config.schema import LoggingConfig
-from sd_mlperf.utils.progress import Progress
+from sd_mlperf.training.metrics import Progress
 from sd_mlperf.utils.tensorboard import TENSORBOARD_DIR, TensorBoardSink, build_tensorboard_sink, summary_writer_class
 
 

@@ -1,4 +1,4 @@
-"""`make-synthetic-data`, `precompute-latents` and ensure_synthetic_data (the smoke run's data step)."""
+"""`make-synthetic-data` and `precompute-latents` through the CLI, one and two processes."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 
 from sd_mlperf.cli import main
-from sd_mlperf.config import load_config
 from sd_mlperf.data.precompute import MANIFEST
-from sd_mlperf.data.synthetic import ensure_synthetic_data
 
 REPO = Path(__file__).resolve().parents[3]
 SMOKE = str(REPO / "conf" / "smoke.yaml")
@@ -33,17 +31,6 @@ def test_cli_makes_then_precomputes(tmp_path, capsys):
 
 def test_precompute_needs_the_frozen_checkpoint_key(tmp_path):
     assert main(["precompute-latents", "--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
-
-
-def test_ensure_synthetic_data_is_idempotent(tmp_path, tiny_vae):
-    cfg = load_config([SMOKE], [*SMALL, f"run.output_dir={tmp_path}", "data.train_format=moments",
-                                "model.vae.base_channels=8", "model.vae.norm_groups=4"])
-    ensure_synthetic_data(cfg, tiny_vae, None)
-    latents = Path(cfg.data.train_shards)
-    assert json.loads((latents / MANIFEST).read_text())["samples"] == 6
-    stamps = {p: p.stat().st_mtime_ns for p in Path(cfg.data.synthetic_dir).rglob("*") if p.is_file()}
-    ensure_synthetic_data(cfg, tiny_vae, None)
-    assert stamps == {p: p.stat().st_mtime_ns for p in Path(cfg.data.synthetic_dir).rglob("*") if p.is_file()}
 
 
 @pytest.mark.slow  # two processes, each importing torch

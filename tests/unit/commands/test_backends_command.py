@@ -6,12 +6,11 @@ import json
 import subprocess
 import sys
 
-from deploy_helpers import REPO
-
 from sd_mlperf.backends import ROLES, backend_names, config_unsuitable, resolve_backend
 from sd_mlperf.cli import main
 from sd_mlperf.commands.backends import library_versions
 from sd_mlperf.config import load_config
+from tests.unit.deploy.deploy_helpers import REPO
 
 
 def test_table_shows_every_role_as_resolve_backend_decides(capsys):

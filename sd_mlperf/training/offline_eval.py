@@ -27,9 +27,9 @@ from typing import Any, Literal
 import torch
 
 from sd_mlperf.eval.distributed import broadcast_object
-from sd_mlperf.eval_checkpoints import EVAL_CHECKPOINT_DIR, read_index, request_stop
-from sd_mlperf.final_log import Score, compose_final_log, first_passing
-from sd_mlperf.mlperf_log import TRAINING_LOG_FILE
+from sd_mlperf.training.eval_checkpoints import EVAL_CHECKPOINT_DIR, read_index, request_stop
+from sd_mlperf.training.final_log import Score, compose_final_log, first_passing
+from sd_mlperf.training.mlperf_log import TRAINING_LOG_FILE
 from sd_mlperf.utils.files import atomic_write_text
 from sd_mlperf.utils.logging import logger
 

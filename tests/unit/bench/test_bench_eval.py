@@ -5,10 +5,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from eval_helpers import make_cfg
 
 import sd_mlperf.eval.inception as inception_module
 from sd_mlperf.bench.eval import run_eval_bench
+from tests.unit.eval.eval_helpers import make_cfg
 
 
 def test_bench_rows_and_projection(tmp_path, monkeypatch):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from data_helpers import IMAGE_SIZE, data_config
 
 from sd_mlperf.bench.data import GPU_DEMAND_IMG_S, bench_decode, bench_loader, write_bench_shards
+from tests.unit.data.data_helpers import IMAGE_SIZE, data_config
 
 
 def test_loader_rows_for_both_formats(tmp_path):

@@ -4,7 +4,7 @@
   then the gradient sync and the AdamW step at the scheduled lr (a float).
 - `GraphedTrainStep` (`training.cuda_graph=true`): the conditioner runs eagerly (it may tokenize
   captions on the host), then timesteps, noise, forward, backward, gradient reduce and the fused,
-  capturable AdamW step replay from one CUDA graph (`fastpath.cuda_graph`). z0 and the context are
+  capturable AdamW step replay from one CUDA graph (`training.cuda_graph`). z0 and the context are
   copied into static buffers; the lr is a device tensor filled before each replay. The warmup
   (`warm_up()`, called by build_trainer after resume and before `run_start`) runs on synthetic
   tensors of the real shapes and changes no weight, optimizer/scaler state or RNG position. On a
@@ -154,8 +154,8 @@ class GraphedTrainStep(_StepParts):
 
     def warm_up(self) -> None:
         """Warm up on the synthetic inputs and capture (CUDA) or keep eager (CPU); changes no training state."""
-        from sd_mlperf.fastpath.cuda_graph import build_step_runner, tensor_attributes
-        from sd_mlperf.fastpath.optim import make_capturable
+        from sd_mlperf.parallel.optimizer import make_capturable
+        from sd_mlperf.training.cuda_graph import build_step_runner, tensor_attributes
 
         if self.cuda_graph and self.device.type == "cuda":
             make_capturable(self.dp.optimizer)  # with ZeRO: its param_groups and its local AdamW's

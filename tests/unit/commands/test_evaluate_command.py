@@ -11,12 +11,12 @@ import json
 
 import pytest
 import torch
-from eval_helpers import SMOKE, TINY_EVAL, make_cfg
 
 from sd_mlperf.cli import main
 from sd_mlperf.models.checkpoint_io import TEXT_PREFIX, VAE_PREFIX
 from sd_mlperf.models.text_encoder import build_text_encoder
 from sd_mlperf.models.vae import build_vae
+from tests.unit.eval.eval_helpers import SMOKE, TINY_EVAL, make_cfg
 
 TRAIN = ["training.max_steps=2", "training.checkpoint_every_samples=8", "training.micro_batch_size=4",
          "checkpoint.export_ldm_weights=true", "logging.interval_steps=1"]

@@ -9,7 +9,8 @@ import math
 import torch
 
 from sd_mlperf.config.schema import LoggingConfig
-from sd_mlperf.utils.progress import IntervalMeter, Progress, read_metrics
+from sd_mlperf.training.meter import IntervalMeter
+from sd_mlperf.training.metrics import Progress, read_metrics
 
 
 def test_meter_averages_applied_steps_only():
@@ -76,7 +77,7 @@ def test_disabled_progress_writes_nothing(tmp_path):
 def test_progress_bar_rule_is_on_off_or_terminal_only():
     import io
 
-    from sd_mlperf.utils.progress import show_progress_bar
+    from sd_mlperf.utils.logging import show_progress_bar
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:
@@ -149,8 +150,8 @@ def test_a_partial_line_is_ended_by_the_next_run_and_skipped_by_the_reader(tmp_p
 
 
 def test_progress_line_shows_per_rank_speed_and_na_on_the_cpu(tmp_path, caplog, monkeypatch):
+    from sd_mlperf.training.metrics import Hardware
     from sd_mlperf.utils.logging import logger
-    from sd_mlperf.utils.progress import Hardware
 
     monkeypatch.setattr(logger, "propagate", True)  # setup_logging may have turned it off: caplog needs it
     progress = Progress(LoggingConfig(), tmp_path, enabled=True, total_steps=10, global_batch_size=8,
@@ -165,7 +166,7 @@ def test_progress_line_shows_per_rank_speed_and_na_on_the_cpu(tmp_path, caplog, 
 
 
 def test_mfu_of_the_reference_speed_is_a_third_of_the_h100_peak():
-    from sd_mlperf.utils.progress import Hardware
+    from sd_mlperf.training.metrics import Hardware
 
     # REFERENCE.md: about 137 img/s per H100 at 2.41 TFLOP per image is about 33% of the 989 TFLOP/s dense peak.
     hw = Hardware(world_size=8, unit="GPU", flop_per_image=2.41e12, peak_flop_per_s=989e12)
@@ -179,7 +180,7 @@ def test_build_derives_the_hardware_once_from_the_config(request, monkeypatch):
     from sd_mlperf.config import load_config
     from sd_mlperf.models import flops
     from sd_mlperf.parallel.distributed import DistInfo
-    from sd_mlperf.trainer_build import progress_hardware
+    from sd_mlperf.training.build import progress_hardware
 
     calls = []
     monkeypatch.setattr(flops, "unet_train_flops", lambda unet, **kw: calls.append((unet, kw)) or 123)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from sd_mlperf.fastpath.optim import make_capturable, place_step_counters
+from sd_mlperf.parallel.optimizer import make_capturable, place_step_counters
 
 
 def _optimizer_with_cpu_steps(fused: bool) -> tuple[torch.optim.Optimizer, torch.nn.Parameter]:

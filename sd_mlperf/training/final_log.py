@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sd_mlperf.mlperf_log import MLPerfLogger
+from sd_mlperf.training.mlperf_log import MLPerfLogger
 
 MLLOG_TOKEN = ":::MLLOG "
 

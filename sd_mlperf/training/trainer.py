@@ -2,7 +2,7 @@
 
 No backend or distributed branches live here: data parallelism, precision and the optimizer sit
 behind `dp` (sd_mlperf.parallel), the step's math (eager, or one CUDA graph with training.cuda_graph)
-behind `step` (sd_mlperf.train_step), the data behind `loader` + `conditioner`, evaluation behind any
+behind `step` (sd_mlperf.training.step), the data behind `loader` + `conditioner`, evaluation behind any
 object with `evaluate(unet, samples_count=, step=) -> result with .fid/.clip`. The loop syncs with the
 device only at log intervals and at checkpoints (marked "host sync").
 """
@@ -18,12 +18,13 @@ from typing import Any, Protocol
 
 import torch
 
-from sd_mlperf.checkpoint import Checkpointer, capture_rng_state, restore_rng_state, saved_global_batch_size
-from sd_mlperf.eval_checkpoints import EvalCheckpointWriter, stop_requested
-from sd_mlperf.mlperf_log import MLPerfLogger
-from sd_mlperf.train_step import TrainStep
+from sd_mlperf.training.checkpoints import Checkpointer, capture_rng_state, restore_rng_state, saved_global_batch_size
+from sd_mlperf.training.eval_checkpoints import EvalCheckpointWriter, stop_requested
+from sd_mlperf.training.meter import IntervalMeter
+from sd_mlperf.training.metrics import Progress
+from sd_mlperf.training.mlperf_log import MLPerfLogger
+from sd_mlperf.training.step import TrainStep
 from sd_mlperf.utils.logging import logger
-from sd_mlperf.utils.progress import IntervalMeter, Progress
 
 UNBOUNDED_STEPS = 2**62
 """max_steps when neither training.max_steps nor training.max_samples is set (stop at the target)."""

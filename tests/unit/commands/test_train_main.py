@@ -1,11 +1,13 @@
-"""sd_mlperf.train.main: the start-up settings it applies before building the trainer."""
+"""sd_mlperf.commands.train.main: the start-up settings it applies before building the trainer."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sd_mlperf import train
+import sd_mlperf.parallel.distributed
+import sd_mlperf.training.build
+from sd_mlperf.commands import train
 
 SMOKE = "conf/smoke.yaml"
 
@@ -17,13 +19,13 @@ class _Stop(Exception):
 def test_main_configures_the_device_before_building(monkeypatch, tmp_path, request):
     monkeypatch.chdir(request.config.rootpath)
     configured: list[torch.device] = []
-    monkeypatch.setattr(train, "configure_device", configured.append)
+    monkeypatch.setattr(sd_mlperf.parallel.distributed, "configure_device", configured.append)
 
     def build_trainer(cfg, dist, **kwargs):
         assert configured == [dist.device]  # cuDNN autotuning is set before any model exists
         raise _Stop
 
-    monkeypatch.setattr(train, "build_trainer", build_trainer)
+    monkeypatch.setattr(sd_mlperf.training.build, "build_trainer", build_trainer)
     with pytest.raises(_Stop):
         train.main([SMOKE], [f"run.output_dir={tmp_path}", "run.num_threads=2"])
     assert configured == [torch.device("cpu")]

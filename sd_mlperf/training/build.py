@@ -1,6 +1,6 @@
 """Building a Trainer from the config: MLPerf init events, the run seed, every part, then resume and warm-up.
 
-`build_trainer` is the one place that knows how the parts fit; `Trainer` (sd_mlperf.trainer) only runs them.
+`build_trainer` is the one place that knows how the parts fit; `Trainer` (sd_mlperf.training.trainer) only runs them.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ import torch
 import yaml
 
 from sd_mlperf.backends import fallbacks, log_resolutions, resolutions_to_dict, training_precisions
-from sd_mlperf.checkpoint import Checkpointer, saved_run_seed
 from sd_mlperf.config.load import global_batch_size, save_resolved_config, steps_between_checkpoints
 from sd_mlperf.config.schema import Config
-from sd_mlperf.eval_checkpoints import EVAL_CHECKPOINT_DIR, STOP_FILE, EvalCheckpointWriter
-from sd_mlperf.mlperf_log import TRAINING_LOG_FILE, MLPerfLogger, page_cache_cleared, training_log_path
 from sd_mlperf.parallel.distributed import DistInfo, agree_on_seed
-from sd_mlperf.trainer import UNBOUNDED_STEPS, EvaluatorLike, Trainer, TrainPlan
+from sd_mlperf.training.checkpoints import Checkpointer, saved_run_seed
+from sd_mlperf.training.eval_checkpoints import EVAL_CHECKPOINT_DIR, STOP_FILE, EvalCheckpointWriter
+from sd_mlperf.training.metrics import Hardware, Progress
+from sd_mlperf.training.mlperf_log import TRAINING_LOG_FILE, MLPerfLogger, page_cache_cleared, training_log_path
+from sd_mlperf.training.trainer import UNBOUNDED_STEPS, EvaluatorLike, Trainer, TrainPlan
 from sd_mlperf.utils.files import atomic_write_text
 from sd_mlperf.utils.logging import log_once, logger
-from sd_mlperf.utils.progress import Hardware, Progress
 from sd_mlperf.utils.tensorboard import build_tensorboard_sink, summary_writer_class
 
 
@@ -78,7 +78,7 @@ def build_trainer(cfg: Config, dist: DistInfo, *, evaluator: EvaluatorLike | Non
     from sd_mlperf.parallel.data_parallel import apply_data_parallel
     from sd_mlperf.parallel.distributed import seed_everything
     from sd_mlperf.parallel.optimizer import LRSchedule
-    from sd_mlperf.train_step import build_train_step
+    from sd_mlperf.training.step import build_train_step
 
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     if cfg.logging.tensorboard:
@@ -153,7 +153,7 @@ def progress_hardware(cfg: Config, dist: DistInfo) -> Hardware:
     the SD2 UNet); MFU is against the dense 16-bit peak of the GPU (n/a on the CPU, unknown GPUs and fp32).
     """
     from sd_mlperf.models.flops import peak_tflops, unet_train_flops
-    from sd_mlperf.train_step import latent_size
+    from sd_mlperf.training.step import latent_size
 
     cuda = dist.device.type == "cuda"
     flops = None

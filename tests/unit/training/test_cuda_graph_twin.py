@@ -7,7 +7,9 @@ import logging
 import pytest
 import torch
 
-from sd_mlperf.fastpath.cuda_graph import (
+from sd_mlperf.parallel.optimizer import adamw_kernel_options, make_capturable
+from sd_mlperf.parallel.precision import DynamicLossScaler
+from sd_mlperf.training.cuda_graph import (
     CudaGraphStepRunner,
     EagerStepRunner,
     TrainingStateSnapshot,
@@ -15,8 +17,6 @@ from sd_mlperf.fastpath.cuda_graph import (
     tensor_attributes,
     warmup_without_side_effects,
 )
-from sd_mlperf.fastpath.optim import adamw_kernel_options, make_capturable
-from sd_mlperf.parallel.precision import DynamicLossScaler
 from sd_mlperf.utils.logging import reset_log_once
 
 

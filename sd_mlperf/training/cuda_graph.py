@@ -10,7 +10,7 @@ only at the log interval: reading is a host sync).
 
 Requirements on `step_fn` for capture: no host syncs (`.item()`, `.cpu()`, data-dependent
 Python branches), device-resident constants (e.g. alphas_cumprod already on the GPU), an
-optimizer made capturable (`fastpath.optim.make_capturable`), and gradients set to None (not
+optimizer made capturable (`parallel.optimizer.make_capturable`), and gradients set to None (not
 zeroed) at its start, so backward writes them rather than accumulating. Random draws
 (timesteps, noise) are fine: the default CUDA generator advances its offset on each replay, and so
 does any generator passed in `generators` (registered with the graph before capture). Their
