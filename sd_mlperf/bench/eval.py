@@ -79,7 +79,7 @@ def _bench_generation(cfg: Config, device: torch.device, label: str, steps: int,
 
 def _bench_inception(cfg: Config, device: torch.device, label: str, steps: int, warmup: int) -> dict[str, Any]:
     from sd_mlperf.eval.inception import load_fid_inception
-    from sd_mlperf.parallel.precision import autocast
+    from sd_mlperf.models.precision import autocast
 
     e, size = cfg.eval, cfg.data.image_size
     images = torch.rand(e.batch_size, 3, size, size, device=device)

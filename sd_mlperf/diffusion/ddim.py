@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from sd_mlperf.diffusion.schedule import predict_x0_and_eps
-from sd_mlperf.parallel.precision import autocast
+from sd_mlperf.models.precision import autocast
 
 # unet(x_BCHW, t_B, context_BLD) -> v_BCHW; a DDP-wrapped module is such a callable too.
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

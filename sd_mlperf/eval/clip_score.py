@@ -22,7 +22,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 
 from sd_mlperf.models.checkpoint_io import strict_load
-from sd_mlperf.parallel.precision import autocast
+from sd_mlperf.models.precision import autocast
 from sd_mlperf.utils.logging import log_once
 
 CLIP_MODEL_NAME = "ViT-H-14"

@@ -30,7 +30,7 @@ from sd_mlperf.eval.clip_score import ClipScorer
 from sd_mlperf.eval.distributed import block_counts, broadcast_object, gather_rows, shard_indices
 from sd_mlperf.eval.inception import FEATURE_DIM
 from sd_mlperf.eval.metrics import FrechetReference, mean_clip_score
-from sd_mlperf.parallel.precision import autocast
+from sd_mlperf.models.precision import autocast
 from sd_mlperf.utils.files import atomic_write_text
 from sd_mlperf.utils.logging import logger, show_progress_bar
 

@@ -20,7 +20,7 @@ from PIL import Image
 from sd_mlperf.config.schema import Config
 from sd_mlperf.eval.distributed import barrier, dist_active
 from sd_mlperf.eval.metrics import feature_statistics
-from sd_mlperf.parallel.precision import autocast
+from sd_mlperf.models.precision import autocast
 from sd_mlperf.utils.logging import logger
 
 IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")

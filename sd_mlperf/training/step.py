@@ -219,7 +219,7 @@ def check_cuda_graph_supported(cfg: Config, parallel_backend: str) -> None:
 def build_train_step(cfg: Config, dp: Any, *, conditioner: Callable[..., Any], lr_schedule: Any,
                      generator: torch.Generator, device: torch.device) -> EagerTrainStep | GraphedTrainStep:
     """The trainer's step for training.cuda_graph (decided here, once); call `warm_up()` before run_start."""
-    from sd_mlperf.parallel.precision import autocast
+    from sd_mlperf.models.precision import autocast
 
     check_cuda_graph_supported(cfg, dp.resolution.name)
     precision = cfg.training.precision

@@ -39,8 +39,8 @@ from sd_mlperf.bench.table import format_table
 from sd_mlperf.bench.train import SINGLE_PROCESS, build_runner, synthetic_batch
 from sd_mlperf.config import load_config
 from sd_mlperf.config.schema import UNetConfig
+from sd_mlperf.models.precision import autocast
 from sd_mlperf.models.unet import build_unet
-from sd_mlperf.parallel.precision import autocast
 
 SMALL = ["model.unet.model_channels=128", "model.unet.channel_mult=[1,2]", "model.unet.attention_levels=[0,1]",
          "model.unet.head_channels=64", "model.unet.context_dim=256", "model.unet.resblock_norm_groups=16",

@@ -77,7 +77,7 @@ def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def train_step(dp, cfg: Config, step: int, lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of the trainer's shape on global_batch(step): (loss, ok, grad norm)."""
-    from sd_mlperf.parallel.precision import autocast
+    from sd_mlperf.models.precision import autocast
 
     x, y = global_batch(step)
     dp.zero_grad()

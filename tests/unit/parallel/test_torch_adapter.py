@@ -6,9 +6,9 @@ import pytest
 import torch
 from parallel_helpers import cpu_dist, global_batch, loss_fn, make_cfg, tiny_model, train_step
 
+from sd_mlperf.models.precision import autocast
 from sd_mlperf.parallel.data_parallel import apply_data_parallel
 from sd_mlperf.parallel.optimizer import LRSchedule
-from sd_mlperf.parallel.precision import autocast
 
 
 def _train(dp, cfg, steps, start=0):

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
+from sd_mlperf.parallel.loss_scaling import DynamicLossScaler
 from sd_mlperf.parallel.optimizer import adamw_kernel_options, make_capturable
-from sd_mlperf.parallel.precision import DynamicLossScaler
 from sd_mlperf.training.cuda_graph import (
     CudaGraphStepRunner,
     EagerStepRunner,

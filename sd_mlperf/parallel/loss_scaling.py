@@ -1,41 +1,21 @@
-"""Mixed precision: autocast contexts and the dynamic loss scaler of the torch backend.
+"""The dynamic loss scaler of the torch backend (fp16); autocast itself is `models.precision.autocast`.
 
 The reference trains with fp16 autocast, dynamic loss scaling and fp32 master weights. Here the
 model parameters always stay fp32 and autocast runs the matmuls/convs in fp16 or bf16: the fp32
 parameters ARE the master weights, so no separate copy exists. The megatron-core backend brings
 its own scaler (DynamicGradScaler via OptimizerConfig) with the same constants.
-
-fp16 on the CPU: torch's CPU autocast supports float16 (slowly), so `training.precision=fp16`
-runs on a CPU too; the tests use that to exercise the loss-scaled path. It is meant for tests,
-not for speed, and logs a warning once.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 from typing import Any
 
 import torch
 
 from sd_mlperf.config.schema import TrainingConfig
-from sd_mlperf.utils.logging import log_once
 
-AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 GROWTH_FACTOR = 2.0
 BACKOFF_FACTOR = 0.5
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The autocast context for `precision` (fp32: a null context) on `device`'s type."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision not in AUTOCAST_DTYPES:
-        raise ValueError(f"invalid value for 'training.precision': {precision!r}; allowed: fp32, fp16, bf16.")
-    if precision == "fp16" and device.type == "cpu":
-        log_once("fp16-cpu", "training.precision=fp16 on the CPU uses torch's CPU fp16 autocast: correct but slow; "
-                 "set training.precision=fp32 (or bf16) for CPU runs.", logging.WARNING)
-    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 class DynamicLossScaler:
