@@ -24,14 +24,17 @@ import numpy as np
 import torch
 
 from sd_mlperf.backends import BackendUnavailable
-from sd_mlperf.config.schema import Config, DataConfig
+from sd_mlperf.config.load import vae_downsample_factor
+from sd_mlperf.config.schema import Config, DataConfig, VAEConfig
 from sd_mlperf.utils.logging import logger
 
 GPU_DEMAND_IMG_S = 137.0  # H100, NVIDIA MLPerf v4.1/v5.0 (REFERENCE.md, "Best known results")
 TARGET_MULTIPLE = 4.0
 DGX_CORES_PER_GPU = 14
 REFERENCE_MICRO_BATCH = 8  # 01x08x08
-LATENT, CONTEXT_LEN, CONTEXT_DIM = 64, 77, 1024
+IMAGE_SIZE = 512  # the reference's training resolution
+LATENT = IMAGE_SIZE // vae_downsample_factor(VAEConfig())  # SD2's VAE: 64
+CONTEXT_LEN, CONTEXT_DIM = 77, 1024
 SAMPLES_PER_SHARD = 128
 
 
@@ -68,8 +71,9 @@ def bench_loader(cfg: DataConfig, folder: str, train_format: str, num_workers: i
     from sd_mlperf.data.laion import build_train_loader
 
     data_cfg = dataclasses.replace(cfg, train_format=train_format, train_shards=folder, num_workers=num_workers,
-                                   image_size=LATENT * 8, pin_memory=cfg.pin_memory and torch.cuda.is_available())
-    loader = build_train_loader(data_cfg, micro_batch_size=REFERENCE_MICRO_BATCH, rank=0, world_size=1, seed=seed)
+                                   image_size=IMAGE_SIZE, pin_memory=cfg.pin_memory and torch.cuda.is_available())
+    loader = build_train_loader(data_cfg, micro_batch_size=REFERENCE_MICRO_BATCH, rank=0, world_size=1, seed=seed,
+                                latent_size=LATENT)
     it = iter(loader)
     for _ in range(warmup):
         next(it)

@@ -33,10 +33,9 @@ from sd_mlperf.bench.train import (
     threads_as_configured,
     time_steps,
 )
-from sd_mlperf.config.load import load_config
+from sd_mlperf.config.load import latent_size, load_config
 from sd_mlperf.config.schema import Config, UNetConfig
 from sd_mlperf.models.flops import unet_train_flops
-from sd_mlperf.training.step import latent_size
 from sd_mlperf.utils.logging import logger
 from sd_mlperf.utils.manifest import count_parameters
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from sd_mlperf.bench import bench_seed
+from sd_mlperf.config.load import latent_size
 from sd_mlperf.config.schema import Config
 from sd_mlperf.utils.logging import logger
 from sd_mlperf.utils.manifest import count_parameters
@@ -56,7 +57,7 @@ def _bench_generation(cfg: Config, device: torch.device, label: str, steps: int,
     from sd_mlperf.models.vae import build_vae
 
     e, batch = cfg.eval, cfg.eval.batch_size
-    side = cfg.data.image_size // 2 ** (len(cfg.model.vae.channel_mult) - 1)
+    side = latent_size(cfg)
     torch.manual_seed(bench_seed(cfg))
     unet = build_unet(cfg.model.unet, compute_precisions={"eval.precision": e.precision}).to(device).eval()
     vae = build_vae(cfg.model.vae).to(device).eval()

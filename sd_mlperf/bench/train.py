@@ -33,9 +33,9 @@ import torch
 from sd_mlperf.backends import BackendUnavailable, backend_names, resolve_backend
 from sd_mlperf.bench import bench_seed
 from sd_mlperf.bench.table import add_ratios
-from sd_mlperf.config.load import load_config
+from sd_mlperf.config.load import latent_size, load_config
 from sd_mlperf.config.schema import Config
-from sd_mlperf.training.step import latent_size, synthetic_step_inputs
+from sd_mlperf.training.step import synthetic_step_inputs
 from sd_mlperf.utils.logging import logger
 
 # The bench is one process: these are appended to every variant's overrides.

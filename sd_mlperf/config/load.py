@@ -11,14 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from sd_mlperf.config.closed_division import check_closed_division
 from sd_mlperf.config.errors import ConfigError
-from sd_mlperf.config.schema import Config
+from sd_mlperf.config.schema import Config, OptimConfig, VAEConfig
 from sd_mlperf.utils.files import atomic_write_text
+from sd_mlperf.utils.seeds import derive_seed
 
 _YAML11_BOOL_WORDS = {"on", "off", "yes", "no", "y", "n"}
 
@@ -201,9 +201,29 @@ def global_batch_size(cfg: Config) -> int:
     return cfg.training.micro_batch_size * world_size(cfg) * cfg.training.grad_accumulation_steps
 
 
+def peak_learning_rate(optim: OptimConfig, global_batch: int) -> float:
+    """Peak learning rate: base per-sample lr x global batch (REFERENCE.md; 6.4e-5 at GBS 512)."""
+    return optim.base_lr_per_sample * global_batch
+
+
 def learning_rate(cfg: Config) -> float:
-    """Peak learning rate: base per-sample lr x global batch (REFERENCE.md)."""
-    return cfg.optim.base_lr_per_sample * global_batch_size(cfg)
+    """The run's peak learning rate (`peak_learning_rate` at its global batch)."""
+    return peak_learning_rate(cfg.optim, global_batch_size(cfg))
+
+
+def vae_downsample_factor(vae: VAEConfig) -> int:
+    """Pixels per latent along a side: 2 per downsampling level of the VAE (8 for SD2's four levels)."""
+    return 2 ** (len(vae.channel_mult) - 1)
+
+
+def latent_size(cfg: Config) -> int:
+    """Side of the latents: data.image_size over the VAE factor (64 for SD2's 512 px)."""
+    return cfg.data.image_size // vae_downsample_factor(cfg.model.vae)
+
+
+def uses_loss_scaling(precision: str) -> bool:
+    """fp16 trains with dynamic loss scaling; fp32 and bf16 do not (their range holds the gradients)."""
+    return precision == "fp16"
 
 
 def evaluation_seed(cfg: Config) -> int:
@@ -214,8 +234,7 @@ def evaluation_seed(cfg: Config) -> int:
         raise ValueError("run.seed is null and the run's drawn seed is not known here: evaluate a run directory "
                          "(its config.yaml records the seed), or set run.seed or eval.seed")
     # A stream of its own: [seed, rank] keys (parallel.distributed.rank_seed) never reach 2**32.
-    state = np.random.SeedSequence([cfg.run.seed, 2**32 + 1]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
+    return derive_seed(cfg.run.seed, 2**32 + 1)
 
 
 def steps_between_checkpoints(cfg: Config) -> int:

@@ -36,6 +36,7 @@ from sd_mlperf.config.schema import DataConfig
 from sd_mlperf.data.bad_samples import BadSampleCounter
 from sd_mlperf.data.shards import SampleRef, ShardIndex, ShardReader, expand_shards, index_shard
 from sd_mlperf.utils.logging import log_once, logger
+from sd_mlperf.utils.seeds import stream_seed
 
 if TYPE_CHECKING:
     from sd_mlperf.data.decode import Decoder
@@ -58,9 +59,10 @@ def _load_npy(data: bytes) -> np.ndarray:
 class SampleParser:
     """Turns a SampleRef into a sample dict for one format, or counts why it is bad and returns None."""
 
-    def __init__(self, cfg: DataConfig, counter: BadSampleCounter, *, decode_images: bool) -> None:
+    def __init__(self, cfg: DataConfig, counter: BadSampleCounter, *, decode_images: bool, latent_size: int) -> None:
         self.format = cfg.train_format
-        self.latent_size = cfg.image_size // 8
+        self.image_size = cfg.image_size
+        self.latent_size = latent_size  # config.load.latent_size: moments of another size are bad samples
         self.counter = counter
         self.reader = ShardReader()
         self.decode_images = decode_images
@@ -95,7 +97,7 @@ class SampleParser:
         if arr.shape not in ((1, 8, s, s), (8, s, s)) or not np.issubdtype(arr.dtype, np.floating):
             self.counter.bad("bad_npy", ref.shard, ref.key,
                              f"moments of shape {arr.shape} {arr.dtype}, expected (1, 8, {s}, {s}) float "
-                             f"(data.image_size={s * 8})")
+                             f"(data.image_size={self.image_size})")
             return None
         return arr.reshape(8, s, s)
 
@@ -182,9 +184,9 @@ class ShardStream(IterableDataset):
     """Endless batches of one stream per data worker; yields (role, references used, batch)."""
 
     def __init__(self, cfg: DataConfig, shards: list[str], *, batch_size: int, seed: int, rank: int, num_roles: int,
-                 refs_used: list[int], role_offset: int, decode_images: bool) -> None:
+                 refs_used: list[int], role_offset: int, decode_images: bool, latent_size: int) -> None:
         super().__init__()
-        self.cfg, self.shards, self.batch_size = cfg, shards, batch_size
+        self.cfg, self.shards, self.batch_size, self.latent_size = cfg, shards, batch_size, latent_size
         self.seed, self.rank, self.num_roles = seed, rank, num_roles
         self.refs_used, self.role_offset, self.decode_images = refs_used, role_offset, decode_images
 
@@ -230,7 +232,7 @@ class ShardStream(IterableDataset):
         worker = info.id if info is not None else 0
         role = (worker + self.role_offset) % self.num_roles
         counter = BadSampleCounter(self.cfg.max_bad_fraction, where=f"training data (rank {self.rank}, role {role})")
-        parser = SampleParser(self.cfg, counter, decode_images=self.decode_images)
+        parser = SampleParser(self.cfg, counter, decode_images=self.decode_images, latent_size=self.latent_size)
         refs = self.references(role, counter)
         used = self.refs_used[role]
         for _ in range(used):  # resume: skip what was used, reading headers only
@@ -256,8 +258,8 @@ class TrainLoader:
     """Iterable of training batches with a resumable position (`state_dict` / `load_state_dict`)."""
 
     def __init__(self, cfg: DataConfig, shards: list[str], *, micro_batch_size: int, rank: int, world_size: int,
-                 seed: int, decoder: Decoder | None = None) -> None:
-        self.cfg, self.shards, self.batch_size = cfg, shards, micro_batch_size
+                 seed: int, latent_size: int, decoder: Decoder | None = None) -> None:
+        self.cfg, self.shards, self.batch_size, self.latent_size = cfg, shards, micro_batch_size, latent_size
         self.rank, self.world_size = rank, world_size
         self.base_seed = seed  # the configured seed, compared on resume
         self.seed = seed  # the streams' seed: moved on by a resume whose settings changed, then kept in the state
@@ -271,7 +273,8 @@ class TrainLoader:
         """The stream dataset starting at the current position."""
         return ShardStream(self.cfg, self.shards, batch_size=self.batch_size, seed=self.seed, rank=self.rank,
                            num_roles=self.num_roles, refs_used=list(self.refs_used),
-                           role_offset=self.batches % self.num_roles, decode_images=self.decoder is None)
+                           role_offset=self.batches % self.num_roles, decode_images=self.decoder is None,
+                           latent_size=self.latent_size)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dataset = self.dataset()
@@ -320,7 +323,7 @@ class TrainLoader:
         The streams' seed moves on with the position, so the samples seen before are not replayed in order.
         """
         self.batches = batches
-        self.seed = self.base_seed + 1_000_003 * batches
+        self.seed = stream_seed(self.base_seed, batches)
         self.refs_used = [0] * self.num_roles
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -341,9 +344,12 @@ class TrainLoader:
         self.refs_used = [int(n) for n in state["refs_used"]]
 
 
-def build_train_loader(cfg: DataConfig, *, micro_batch_size: int, rank: int, world_size: int,
-                       seed: int) -> TrainLoader:
-    """The training loader for `data.train_format` over `data.train_shards` (shards resampled, shuffled)."""
+def build_train_loader(cfg: DataConfig, *, micro_batch_size: int, rank: int, world_size: int, seed: int,
+                       latent_size: int) -> TrainLoader:
+    """The training loader for `data.train_format` over `data.train_shards` (shards resampled, shuffled).
+
+    `latent_size` (config.load.latent_size) is the side of the moments every sample must have.
+    """
     shards = expand_shards(cfg.train_shards)
     decoder = None
     if cfg.train_format == "images":
@@ -355,4 +361,4 @@ def build_train_loader(cfg: DataConfig, *, micro_batch_size: int, rank: int, wor
     logger.info("training data: %s format, %d shards, batch %d, shuffle buffer %d, %d workers", cfg.train_format,
                 len(shards), micro_batch_size, cfg.shuffle_buffer_samples, cfg.num_workers)
     return TrainLoader(cfg, shards, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size, seed=seed,
-                       decoder=decoder)
+                       latent_size=latent_size, decoder=decoder)

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from sd_mlperf.config.load import evaluation_seed
+from sd_mlperf.config.load import evaluation_seed, vae_downsample_factor
 from sd_mlperf.config.schema import Config, EvalConfig
 from sd_mlperf.data.coco import Prompt
 from sd_mlperf.diffusion.ddim import DDIMSchedule, PromptNoise, ddim_sample, make_ddim_schedule
@@ -222,7 +222,8 @@ class Evaluator:
                        self.extra_metrics.summarise(all_scores[:, 1:]))
         fid, clip, extra = broadcast_object(metrics)
         grid_counts = block_counts(n, self.world_size, self.cfg.batch_size, limit=self.cfg.num_grid_images)
-        h, w = self.latent_shape[1] * self._vae_factor(), self.latent_shape[2] * self._vae_factor()
+        factor = vae_downsample_factor(self.vae.cfg) if hasattr(self.vae, "cfg") else 8  # 8: a stand-in VAE
+        h, w = self.latent_shape[1] * factor, self.latent_shape[2] * factor
         local_grid = torch.cat(grid) if grid else torch.zeros(0, 3, h, w, dtype=torch.uint8, device=self.device)
         grid_images = gather_rows(local_grid.contiguous(), grid_counts).cpu()
         result = EvalResult(fid=fid, clip=clip, num_images=n, seconds=math.nan, step=step, samples_count=samples_count,
@@ -233,9 +234,6 @@ class Evaluator:
             captions = [self.prompts[i].caption for i in range(grid_images.shape[0])]
             result.grid_path = save_grid(self.out_dir / f"step_{step:07d}.png", grid_images, captions)
         return result
-
-    def _vae_factor(self) -> int:
-        return 2 ** (len(self.vae.cfg.channel_mult) - 1) if hasattr(self.vae, "cfg") else 8
 
     def _write_json(self, result: EvalResult) -> Path:
         path = self.out_dir / f"step_{result.step:07d}.json"
@@ -282,7 +280,7 @@ def build_evaluator(cfg: Config, *, vae: nn.Module, text_encoder: nn.Module, ran
     inception = load_fid_inception(e.inception_weights, "cpu")
     mu, sigma = read_fid_stats(ensure_fid_stats(cfg, inception), FEATURE_DIM)
     clip = load_clip(e.clip_weights, tiny=e.clip_tiny, device="cpu")
-    factor = 2 ** (len(cfg.model.vae.channel_mult) - 1)
+    factor = vae_downsample_factor(cfg.model.vae)
     if cfg.data.image_size % factor:
         raise ValueError(f"invalid value for 'data.image_size': {cfg.data.image_size}; must be a multiple of {factor}")
     side = cfg.data.image_size // factor

@@ -25,6 +25,7 @@ import torch
 
 from sd_mlperf.config.schema import ParallelConfig, RunConfig
 from sd_mlperf.utils.logging import logger
+from sd_mlperf.utils.seeds import derive_seed
 
 DEFAULT_MASTER_PORT = 29500
 
@@ -214,8 +215,7 @@ def agree_on_seed(seed: int | None, dist: DistInfo) -> int:
 
 def rank_seed(seed: int, rank: int) -> int:
     """A 63-bit seed for `rank` derived from the run seed (independent streams, not seed + rank)."""
-    state = np.random.SeedSequence([seed, rank]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
+    return derive_seed(seed, rank)
 
 
 def seed_everything(seed: int, rank: int) -> torch.Generator:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from sd_mlperf.config.load import uses_loss_scaling
 from sd_mlperf.config.schema import TrainingConfig
 
 GROWTH_FACTOR = 2.0
@@ -41,7 +42,7 @@ class DynamicLossScaler:
     def from_training(cls, training: TrainingConfig, device: torch.device) -> DynamicLossScaler:
         """Build from the training section (initial_loss_scale, min_loss_scale, loss_scale_window, precision)."""
         return cls(initial_scale=training.initial_loss_scale, min_scale=training.min_loss_scale,
-                   window=training.loss_scale_window, device=device, enabled=training.precision == "fp16")
+                   window=training.loss_scale_window, device=device, enabled=uses_loss_scaling(training.precision))
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """loss x scale (fp16) or the loss itself."""

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from sd_mlperf.backends import Resolution
-from sd_mlperf.config.load import learning_rate
+from sd_mlperf.config.load import learning_rate, uses_loss_scaling
 from sd_mlperf.config.schema import Config
 from sd_mlperf.parallel.data_parallel import DataParallelModel, channels_last_weights
 from sd_mlperf.parallel.distributed import DistInfo
@@ -105,10 +105,10 @@ class McoreDataParallel(DataParallelModel):
             adam_beta1=cfg.optim.beta1,
             adam_beta2=cfg.optim.beta2,
             adam_eps=cfg.optim.eps,
-            fp16=precision == "fp16",
+            fp16=uses_loss_scaling(precision),
             bf16=precision == "bf16",
             params_dtype=torch.float32,
-            loss_scale=None if precision == "fp16" else 1.0,  # None + fp16 = dynamic scaling
+            loss_scale=None if uses_loss_scaling(precision) else 1.0,  # None + fp16 = dynamic scaling
             initial_loss_scale=cfg.training.initial_loss_scale,
             min_loss_scale=cfg.training.min_loss_scale,
             loss_scale_window=cfg.training.loss_scale_window,

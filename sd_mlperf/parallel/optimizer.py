@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from sd_mlperf.config.load import peak_learning_rate
 from sd_mlperf.config.schema import OptimConfig
 
 
@@ -28,7 +29,7 @@ class LRSchedule:
         if global_batch_size <= 0:
             raise ValueError(f"global batch size must be positive, got {global_batch_size}; "
                              "check training.micro_batch_size and parallel.*")
-        self.peak_lr = optim.base_lr_per_sample * global_batch_size
+        self.peak_lr = peak_learning_rate(optim, global_batch_size)
         """base_lr_per_sample x global batch (6.4e-5 at GBS 512)."""
         self.warmup_steps = optim.warmup_steps
         self.start_factor = optim.warmup_start_factor

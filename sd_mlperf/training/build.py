@@ -15,7 +15,13 @@ import torch
 import yaml
 
 from sd_mlperf.backends import fallbacks, log_resolutions, resolutions_to_dict, training_precisions
-from sd_mlperf.config.load import global_batch_size, save_resolved_config, steps_between_checkpoints
+from sd_mlperf.config.load import (
+    global_batch_size,
+    latent_size,
+    save_resolved_config,
+    steps_between_checkpoints,
+    uses_loss_scaling,
+)
 from sd_mlperf.config.schema import Config
 from sd_mlperf.parallel.distributed import DistInfo, agree_on_seed
 from sd_mlperf.training.checkpoints import Checkpointer, saved_run_seed
@@ -39,7 +45,7 @@ def plan_from_config(cfg: Config) -> TrainPlan:
     return TrainPlan(global_batch_size=gbs, grad_accumulation_steps=tr.grad_accumulation_steps,
                      steps_per_block=steps_between_checkpoints(cfg), max_steps=min(limits),
                      log_interval_steps=cfg.logging.interval_steps, num_timesteps=cfg.diffusion.num_timesteps,
-                     loss_scaling=tr.precision == "fp16", precision=tr.precision, target_fid=tr.target_fid,
+                     loss_scaling=uses_loss_scaling(tr.precision), precision=tr.precision, target_fid=tr.target_fid,
                      target_clip=tr.target_clip, stop_at_target=tr.stop_at_target, seed=cfg.run.seed,
                      save_resumable=cfg.checkpoint.resumable, target_toy=dict(tr.target_toy))
 
@@ -153,7 +159,6 @@ def progress_hardware(cfg: Config, dist: DistInfo) -> Hardware:
     the SD2 UNet); MFU is against the dense 16-bit peak of the GPU (n/a on the CPU, unknown GPUs and fp32).
     """
     from sd_mlperf.models.flops import peak_tflops, unet_train_flops
-    from sd_mlperf.training.step import latent_size
 
     cuda = dist.device.type == "cuda"
     flops = None
@@ -218,7 +223,7 @@ def _build_data(cfg: Config, dist: DistInfo, vae: Any, text_encoder: Any) -> tup
 
     ensure_synthetic_data(cfg, vae, text_encoder)  # smoke runs: write + precompute the dataset once
     loader = build_train_loader(cfg.data, micro_batch_size=cfg.training.micro_batch_size, rank=dist.rank,
-                                world_size=dist.world_size, seed=cfg.run.seed)
+                                world_size=dist.world_size, seed=cfg.run.seed, latent_size=latent_size(cfg))
     return loader, build_batch_conditioner(cfg, vae, text_encoder)
 
 

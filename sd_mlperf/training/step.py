@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
-from sd_mlperf.config.load import world_size
+from sd_mlperf.config.load import latent_size, uses_loss_scaling, world_size
 from sd_mlperf.config.schema import Config
 from sd_mlperf.diffusion.schedule import add_noise, make_alphas_cumprod, sample_timesteps, v_loss, v_target
 
@@ -185,11 +185,6 @@ class GraphedTrainStep(_StepParts):
         return {key: value.clone() for key, value in out.items()}
 
 
-def latent_size(cfg: Config) -> int:
-    """Side of the training latents: data.image_size over the VAE factor (2 per downsampling level)."""
-    return cfg.data.image_size // 2 ** (len(cfg.model.vae.channel_mult) - 1)
-
-
 def synthetic_step_inputs(cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
     """z0 (B, C, H/f, W/f) and context (B, L, D) of the configured shapes, from a fixed private seed."""
     u, b, size = cfg.model.unet, cfg.training.micro_batch_size, latent_size(cfg)
@@ -227,7 +222,7 @@ def build_train_step(cfg: Config, dp: Any, *, conditioner: Callable[..., Any], l
                             num_timesteps=cfg.diffusion.num_timesteps, generator=generator,
                             autocast=lambda: autocast(precision, device))
     common = {"loss_fn": loss_fn, "conditioner": conditioner, "lr_schedule": lr_schedule, "device": device,
-              "loss_scaling": precision == "fp16"}
+              "loss_scaling": uses_loss_scaling(precision)}
     if not cfg.training.cuda_graph:
         return EagerTrainStep(**common)
     return GraphedTrainStep(**common, example_inputs=synthetic_step_inputs(cfg, device), cuda_graph=True,

@@ -25,6 +25,7 @@ from sd_mlperf.training.metrics import Progress
 from sd_mlperf.training.mlperf_log import MLPerfLogger
 from sd_mlperf.training.step import TrainStep
 from sd_mlperf.utils.logging import logger
+from sd_mlperf.utils.seeds import stream_seed
 
 UNBOUNDED_STEPS = 2**62
 """max_steps when neither training.max_steps nor training.max_samples is set (stop at the target)."""
@@ -307,7 +308,7 @@ class Trainer:
         """After a resharded resume: noise RNG and data streams from (run.seed, rank, step), fresh."""
         self.loader.restart_at(step * self.plan.grad_accumulation_steps)  # type: ignore[attr-defined]
         # The step's generator was seeded from (run.seed, rank); move it on with the step, as the loader does.
-        self.generator.manual_seed((self.generator.initial_seed() + 1_000_003 * step) % 2**63)
+        self.generator.manual_seed(stream_seed(self.generator.initial_seed(), step))
         logger.warning("resumed a checkpoint of %d ranks on %d (checkpoint.allow_reshard, global batch %d): the "
                        "noise and data streams restart, so the run does not match an uninterrupted one",
                        saved_world_size, self.checkpointer.world_size, self.plan.global_batch_size)

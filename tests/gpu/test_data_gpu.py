@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sd_mlperf.backends import package_available
+from sd_mlperf.config.load import vae_downsample_factor
 from sd_mlperf.config.schema import DataConfig, SyntheticDataConfig, VAEConfig
 from sd_mlperf.data.decode import DaliDecoder, PilDecoder, TorchvisionDecoder, build_decoder
 from sd_mlperf.data.synthetic import make_synthetic_dataset, make_train_sample
@@ -24,6 +25,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 needs_dali = pytest.mark.skipif(not (torch.cuda.is_available() and package_available("nvidia.dali")),
                                 reason="needs CUDA and nvidia-dali-cuda120 (pip install 'sd_mlperf[dali]')")
 SIZE = 512
+FACTOR = vae_downsample_factor(VAEConfig())
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,8 @@ def test_loader_decodes_images_on_the_gpu(tmp_path, backend):
                                                                  num_val_prompts=1, image_size=64))
     cfg = DataConfig(train_shards=str(paths.raw_shards[0].parent), train_format="images", decode_backend=backend,
                      image_size=64, num_workers=2, shuffle_buffer_samples=8)
-    batch = next(iter(build_train_loader(cfg, micro_batch_size=4, rank=0, world_size=1, seed=0)))
+    loader = build_train_loader(cfg, micro_batch_size=4, rank=0, world_size=1, seed=0, latent_size=64 // FACTOR)
+    batch = next(iter(loader))
     assert batch["images"].is_cuda and batch["images"].shape == (4, 3, 64, 64) and len(batch["captions"]) == 4
 
 
@@ -99,7 +102,7 @@ def test_precompute_on_cuda_matches_cpu(tmp_path, monkeypatch):
                       text_encoder=None)
 
     def moments(folder):
-        parser = SampleParser(cfg, BadSampleCounter(0.0), decode_images=True)
+        parser = SampleParser(cfg, BadSampleCounter(0.0), decode_images=True, latent_size=64 // FACTOR)
         refs = index_shard(str(folder / "00000.tar")).samples
         return torch.stack([torch.from_numpy(parser.parse(r)["moments"]) for r in refs])
 

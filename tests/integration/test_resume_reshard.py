@@ -87,7 +87,7 @@ def test_reshard_one_to_two_to_one_rank_keeps_weights_and_adam_state(tmp_path):
     for rank, (resumed, _) in enumerate(ranks):
         assert (resumed["step"], resumed["samples"], resumed["loader_pos"]) == (2, 8, 2)
         # A fresh noise stream per (run.seed, rank, step): not the 1-rank run's, not another rank's.
-        assert resumed["seed"] == (rank_seed(seed, rank) + 1_000_003 * 2) % 2**63
+        assert resumed["seed"] == (rank_seed(seed, rank) + 1_000_003 * 2) % 2**63  # utils.seeds.stream_seed
         assert all(torch.equal(resumed["weights"][k], v) for k, v in one["weights"].items())
         assert resumed["adam"]
         _assert_same_adam(resumed["adam"], one["adam"])

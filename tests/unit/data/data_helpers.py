@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sd_mlperf.config.schema import DataConfig
+from sd_mlperf.config.load import vae_downsample_factor
+from sd_mlperf.config.schema import DataConfig, VAEConfig
 from sd_mlperf.data.shards import write_shard
 
 IMAGE_SIZE = 32  # latents 4x4
-LATENT = IMAGE_SIZE // 8
+FACTOR = vae_downsample_factor(VAEConfig())  # the tiny test VAEs downsample like SD2's: 8
+LATENT = IMAGE_SIZE // FACTOR
 EMB_DIM = 16
 
 

@@ -31,7 +31,7 @@ def _damage(index, parts):
 
 
 def _parse_all(cfg, shards, counter):
-    parser = SampleParser(cfg, counter, decode_images=True)
+    parser = SampleParser(cfg, counter, decode_images=True, latent_size=LATENT)
     good = []
     for shard in shards:
         for ref in index_shard(str(shard)).samples:
@@ -73,7 +73,7 @@ def test_image_kinds_and_truncated_tar(tmp_path):
     good = _parse_all(cfg, [tmp_path / "s.tar"], counter)
     assert good == ["a", "e"] and index_shard(str(tmp_path / "s.tar")).truncated
     assert dict(counter.by_kind) == {"corrupt_image": 2, "missing_image": 1}
-    loader = build_train_loader(cfg, micro_batch_size=2, rank=0, world_size=1, seed=0)
+    loader = build_train_loader(cfg, micro_batch_size=2, rank=0, world_size=1, seed=0, latent_size=LATENT)
     batch = next(iter(loader))  # the loader counts the truncated shard and still yields the good samples
     assert batch["keys"] == ["a", "e"]
 
@@ -95,6 +95,6 @@ def test_threshold_stops_with_worst_shards():
 def test_loader_stops_when_too_many_samples_are_bad(tmp_path):
     write_moment_shards(tmp_path, 4, 60, edit=lambda i, p: (p.pop("txt"), p)[1] if i % 3 == 0 else p)
     loader = build_train_loader(data_config(train_shards=str(tmp_path)), micro_batch_size=4, rank=0, world_size=1,
-                                seed=0)
+                                seed=0, latent_size=LATENT)
     with pytest.raises(BadDataError, match="worst shards"):
         list(itertools.islice(iter(loader), 200))

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from data_helpers import EMB_DIM, IMAGE_SIZE, LATENT, batch_ids, data_config, write_moment_shards
+from data_helpers import EMB_DIM, FACTOR, IMAGE_SIZE, LATENT, batch_ids, data_config, write_moment_shards
 
 from sd_mlperf.backends import package_available
 from sd_mlperf.data.laion import build_train_loader
@@ -16,7 +16,8 @@ from sd_mlperf.data.synthetic import make_synthetic_dataset, make_train_sample
 
 def _loader(shards, *, rank=0, seed=7, batch=4, **overrides):
     cfg = data_config(train_shards=str(shards), **overrides)
-    return build_train_loader(cfg, micro_batch_size=batch, rank=rank, world_size=2, seed=seed)
+    return build_train_loader(cfg, micro_batch_size=batch, rank=rank, world_size=2, seed=seed,
+                              latent_size=cfg.image_size // FACTOR)
 
 
 def _take(loader, n):

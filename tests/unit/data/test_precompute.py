@@ -28,7 +28,7 @@ def _outputs(folder):
 def _read_all(folder, cfg):
     from sd_mlperf.data.bad_samples import BadSampleCounter
 
-    parser = SampleParser(cfg, BadSampleCounter(0.0), decode_images=True)
+    parser = SampleParser(cfg, BadSampleCounter(0.0), decode_images=True, latent_size=LATENT)
     samples = {ref.key: parser.parse(ref) for p in sorted(folder.glob("*.tar")) for ref in index_shard(str(p)).samples}
     return {key: {k: torch.as_tensor(v, dtype=torch.float32) if isinstance(v, np.ndarray) else v
                   for k, v in sample.items()} for key, sample in samples.items()}
@@ -65,7 +65,7 @@ def test_reference_format_layout(tmp_path, synthetic_cfg, tiny_vae):
     raw = np.load(io.BytesIO(ShardReader().read(ref, "npy")))
     assert raw.shape == (1, 8, LATENT, LATENT) and raw.dtype == np.float32  # the reference's (1, 8, 64, 64) layout
     loader = build_train_loader(data_config(train_shards=str(tmp_path / "out")), micro_batch_size=3, rank=0,
-                                world_size=1, seed=0)
+                                world_size=1, seed=0, latent_size=LATENT)
     assert next(iter(loader))["moments"].shape == (3, 8, LATENT, LATENT)
 
 
