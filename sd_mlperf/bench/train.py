@@ -182,10 +182,10 @@ def build_runner(cfg: Config, device: torch.device, batch: dict[str, torch.Tenso
     from sd_mlperf.config.load import global_batch_size
     from sd_mlperf.models.unet import build_unet
     from sd_mlperf.parallel.data_parallel import apply_data_parallel
-    from sd_mlperf.parallel.distributed import DistInfo
     from sd_mlperf.parallel.optimizer import LRSchedule
     from sd_mlperf.training.cuda_graph import TrainingStateSnapshot, tensor_attributes
     from sd_mlperf.training.step import build_train_step
+    from sd_mlperf.utils.dist_info import DistInfo
 
     if cfg.training.cuda_graph and device.type != "cuda":
         raise BackendUnavailable("training.cuda_graph=true needs a CUDA device")

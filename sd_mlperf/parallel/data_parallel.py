@@ -32,7 +32,7 @@ from torch import nn
 from sd_mlperf.backends import Resolution, config_unsuitable, resolve_backend
 from sd_mlperf.config.load import learning_rate, world_size
 from sd_mlperf.config.schema import Config
-from sd_mlperf.parallel.distributed import DistInfo
+from sd_mlperf.utils.dist_info import DistInfo
 from sd_mlperf.utils.logging import logger
 
 

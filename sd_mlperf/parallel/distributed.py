@@ -24,26 +24,11 @@ import numpy as np
 import torch
 
 from sd_mlperf.config.schema import ParallelConfig, RunConfig
+from sd_mlperf.utils.dist_info import DistInfo
 from sd_mlperf.utils.logging import logger
 from sd_mlperf.utils.seeds import derive_seed
 
 DEFAULT_MASTER_PORT = 29500
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process sits: its rank, the world, its device and the collective backend."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    backend: Literal["nccl", "gloo", "none"]
-
-    @property
-    def is_main(self) -> bool:
-        """True on global rank 0 (the rank that logs and writes files)."""
-        return self.rank == 0
 
 
 @dataclass(frozen=True)

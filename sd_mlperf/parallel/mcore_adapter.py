@@ -40,7 +40,7 @@ from sd_mlperf.backends import Resolution
 from sd_mlperf.config.load import learning_rate, uses_loss_scaling
 from sd_mlperf.config.schema import Config
 from sd_mlperf.parallel.data_parallel import DataParallelModel, channels_last_weights
-from sd_mlperf.parallel.distributed import DistInfo
+from sd_mlperf.utils.dist_info import DistInfo
 
 BACKEND = "mcore"
 

@@ -21,9 +21,9 @@ from sd_mlperf.backends import Resolution
 from sd_mlperf.config.load import learning_rate
 from sd_mlperf.config.schema import Config
 from sd_mlperf.parallel.data_parallel import DataParallelModel
-from sd_mlperf.parallel.distributed import DistInfo
 from sd_mlperf.parallel.loss_scaling import DynamicLossScaler
 from sd_mlperf.parallel.optimizer import adamw_kernel_options, adamw_kwargs, place_step_counters
+from sd_mlperf.utils.dist_info import DistInfo
 from sd_mlperf.utils.logging import log_once
 
 BACKEND = "torch"

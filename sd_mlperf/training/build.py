@@ -23,12 +23,13 @@ from sd_mlperf.config.load import (
     uses_loss_scaling,
 )
 from sd_mlperf.config.schema import Config
-from sd_mlperf.parallel.distributed import DistInfo, agree_on_seed
+from sd_mlperf.parallel.distributed import agree_on_seed
 from sd_mlperf.training.checkpoints import Checkpointer, saved_run_seed
 from sd_mlperf.training.eval_checkpoints import EVAL_CHECKPOINT_DIR, STOP_FILE, EvalCheckpointWriter
 from sd_mlperf.training.metrics import Hardware, Progress
 from sd_mlperf.training.mlperf_log import TRAINING_LOG_FILE, MLPerfLogger, page_cache_cleared, training_log_path
 from sd_mlperf.training.trainer import UNBOUNDED_STEPS, EvaluatorLike, Trainer, TrainPlan
+from sd_mlperf.utils.dist_info import DistInfo
 from sd_mlperf.utils.files import atomic_write_text
 from sd_mlperf.utils.logging import log_once, logger
 from sd_mlperf.utils.tensorboard import build_tensorboard_sink, summary_writer_class

@@ -17,8 +17,9 @@ from sd_mlperf.backends import package_available
 from sd_mlperf.config.schema import Config
 from sd_mlperf.models.precision import autocast
 from sd_mlperf.parallel.data_parallel import apply_data_parallel
-from sd_mlperf.parallel.distributed import DistInfo, destroy_distributed
+from sd_mlperf.parallel.distributed import destroy_distributed
 from sd_mlperf.parallel.optimizer import LRSchedule
+from sd_mlperf.utils.dist_info import DistInfo
 
 pytestmark = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from sd_mlperf.backends import package_available
-from sd_mlperf.parallel.distributed import DistInfo
 from sd_mlperf.training.build import build_trainer
+from sd_mlperf.utils.dist_info import DistInfo
 from tests.unit.training._helpers import LATENT, ListLoader, conditioner, make_batches, make_cfg, record_losses
 
 pytestmark = pytest.mark.gpu

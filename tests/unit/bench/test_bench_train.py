@@ -125,9 +125,9 @@ def test_bench_runs_the_trainers_step_after_a_warmup_that_changes_nothing():
     from sd_mlperf.config.load import global_batch_size
     from sd_mlperf.models.unet import build_unet
     from sd_mlperf.parallel.data_parallel import apply_data_parallel
-    from sd_mlperf.parallel.distributed import DistInfo
     from sd_mlperf.parallel.optimizer import LRSchedule
     from sd_mlperf.training.step import EagerTrainStep, build_train_step
+    from sd_mlperf.utils.dist_info import DistInfo
 
     cfg = load_config([SMOKE], [*TINY, *SINGLE_PROCESS])
     device = torch.device("cpu")

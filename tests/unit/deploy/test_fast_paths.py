@@ -74,8 +74,8 @@ def test_auto_parallel_with_a_cuda_graph_takes_torch_and_says_why(ngc_machine):
 
 def test_a_benchmark_run_on_a_gpu_warns_about_slow_twins(caplog):
     from sd_mlperf.config import load_config
-    from sd_mlperf.parallel.distributed import DistInfo
     from sd_mlperf.training.build import _warn_slow_twins
+    from sd_mlperf.utils.dist_info import DistInfo
 
     slow = Resolution("attention", "model.unet.attention_backend", "auto", "sdpa", "auto: te skipped (not installed)")
     fast = Resolution("norm", "model.unet.norm_backend", "auto", "apex", "auto: first choice available")

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from sd_mlperf.config.schema import Config
-from sd_mlperf.parallel.distributed import DistInfo
+from sd_mlperf.utils.dist_info import DistInfo
 from tests.multiprocess_helpers import free_port  # noqa: F401  (re-exported for the tests here)
 
 GLOBAL_BATCH = 8

@@ -11,6 +11,7 @@ import torch
 
 from sd_mlperf.config.schema import Config
 from sd_mlperf.parallel import distributed as D
+from sd_mlperf.utils.dist_info import DistInfo
 
 
 @pytest.mark.parametrize(("nodelist", "hosts"), [
@@ -63,7 +64,7 @@ def test_init_single_process(monkeypatch):
     cfg = Config()
     cfg.run.device = "cpu"
     info = D.init_distributed(cfg.run, cfg.parallel)
-    assert info == D.DistInfo(0, 1, 0, torch.device("cpu"), "none")
+    assert info == DistInfo(0, 1, 0, torch.device("cpu"), "none")
     assert info.is_main
     assert not torch.distributed.is_initialized()
     D.destroy_distributed()  # a no-op without a group

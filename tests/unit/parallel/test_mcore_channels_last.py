@@ -21,8 +21,9 @@ from sd_mlperf.backends import package_available
 from sd_mlperf.config.schema import UNetConfig
 from sd_mlperf.models.unet import build_unet
 from sd_mlperf.parallel.data_parallel import apply_data_parallel, channels_last_weights
-from sd_mlperf.parallel.distributed import DistInfo, destroy_distributed
+from sd_mlperf.parallel.distributed import destroy_distributed
 from sd_mlperf.parallel.optimizer import LRSchedule
+from sd_mlperf.utils.dist_info import DistInfo
 from sd_mlperf.utils.logging import logger
 
 pytestmark = pytest.mark.skipif(not package_available("megatron.core"),

@@ -15,9 +15,9 @@ import torch
 
 from sd_mlperf.config import load_config
 from sd_mlperf.config.schema import Config
-from sd_mlperf.parallel.distributed import DistInfo
 from sd_mlperf.training.build import build_trainer
 from sd_mlperf.training.trainer import Trainer
+from sd_mlperf.utils.dist_info import DistInfo
 
 REPO = Path(__file__).resolve().parents[3]
 SMOKE = REPO / "conf" / "smoke.yaml"

@@ -179,8 +179,8 @@ def test_mfu_of_the_reference_speed_is_a_third_of_the_h100_peak():
 def test_build_derives_the_hardware_once_from_the_config(request, monkeypatch):
     from sd_mlperf.config import load_config
     from sd_mlperf.models import flops
-    from sd_mlperf.parallel.distributed import DistInfo
     from sd_mlperf.training.build import progress_hardware
+    from sd_mlperf.utils.dist_info import DistInfo
 
     calls = []
     monkeypatch.setattr(flops, "unet_train_flops", lambda unet, **kw: calls.append((unet, kw)) or 123)
