@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
+from sd_mlperf.utils.errors import UserError
 from sd_mlperf.utils.logging import logger
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(UserError):
     """A backend named in the config cannot run on this machine; the message says why and how to fix it."""
 
 
@@ -269,14 +270,23 @@ def fallbacks(resolutions: list[Resolution]) -> list[Resolution]:
     return [r for r in resolutions if r.requested == "auto" and r.name != backend_names(r.role)[0]]
 
 
+def _short_choice(r: Resolution) -> str:
+    """`attention=sdpa (auto, not te)`: the choice, and under `auto` the faster names it passed over."""
+    if r.requested != "auto":
+        return f"{r.role}={r.name}"
+    names = backend_names(r.role)
+    passed = names[: names.index(r.name)] if r.name in names else []
+    return f"{r.role}={r.name} (auto" + (f", not {'/'.join(passed)})" if passed else ")")
+
+
 def summarize(resolutions: list[Resolution]) -> str:
-    """One line listing each role's choice, for the startup log."""
-    return "backends: " + ", ".join(f"{r.role}={r.name} ({r.why})" for r in resolutions)
+    """One short line listing each role's choice, for the startup log (the reasons: resolutions_to_dict)."""
+    return "backends: " + ", ".join(_short_choice(r) for r in resolutions)
 
 
-def log_resolutions(resolutions: list[Resolution]) -> None:
-    """Log the one startup line with what was chosen and why."""
-    logger.info(summarize(resolutions))
+def log_resolutions(resolutions: list[Resolution], *, details: str | Path | None = None) -> None:
+    """Log the one startup line with what was chosen; `details` names the file that says why."""
+    logger.info(summarize(resolutions) + (f"; why: {details}" if details is not None else ""))
 
 
 def resolutions_to_dict(resolutions: list[Resolution]) -> dict[str, dict[str, str]]:

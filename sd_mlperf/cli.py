@@ -2,6 +2,10 @@
 
 Each command module defines NAME, HELP, add_arguments(parser) and run(args) -> exit code, and
 keeps heavy imports inside run() so `sd-mlperf --help` stays fast.
+
+Errors: those we raise on purpose for the user to fix print one line: ConfigError exits 2; ValueError,
+FileNotFoundError and UserError (sd_mlperf.utils.errors; BackendUnavailable, BadDataError, ...) exit 1.
+Any other exception (CUDA, NCCL, out of memory, a bug) leaves main() with its traceback; Python exits 1.
 """
 
 from __future__ import annotations
@@ -14,7 +18,32 @@ from collections.abc import Sequence
 
 import sd_mlperf.commands as commands_pkg
 from sd_mlperf.config import ConfigError
+from sd_mlperf.parallel.launch import read_launch_env
+from sd_mlperf.utils.errors import UserError
 from sd_mlperf.utils.logging import logger, setup_logging
+
+
+def package_version() -> str:
+    """The installed distribution's version; the package's own `__version__` when run from an uninstalled tree."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("sd_mlperf")
+    except metadata.PackageNotFoundError:
+        from sd_mlperf import __version__
+
+        return __version__
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: looks the version up only when asked (the metadata scan costs more than parsing)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        sys.stdout.write(f"{parser.prog} {package_version()}\n")  # stdout, as argparse's own version action
+        parser.exit()
 
 
 def _command_modules() -> list:
@@ -25,6 +54,7 @@ def _command_modules() -> list:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="sd-mlperf", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=_VersionAction, help="print the package version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in _command_modules():
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
@@ -42,15 +72,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    setup_logging(getattr(args, "log_level", "INFO"))
     try:
+        # Before any process group exists, the launcher's variables say the rank: on a multi-rank launch
+        # only rank 0 logs INFO (train and evaluate set it again from their DistInfo after init).
+        setup_logging(getattr(args, "log_level", "INFO"), rank=read_launch_env().rank)
         return int(args._run(args) or 0)
     except ConfigError as exc:
         logger.error("config error: %s", exc)
         return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except Exception as exc:
+        if not _raised_for_the_user(exc):
+            raise  # unexpected: keep the traceback
         logger.error("%s: %s", type(exc).__name__, exc)
         return 1
+
+
+def _raised_for_the_user(exc: Exception) -> bool:
+    """Whether `exc` is an error we raise on purpose for the user to fix (module docstring)."""
+    return isinstance(exc, (ValueError, FileNotFoundError, UserError))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 from sd_mlperf.backends import BackendUnavailable
 from sd_mlperf.config.load import vae_downsample_factor
 from sd_mlperf.config.schema import Config, DataConfig, VAEConfig
+from sd_mlperf.parallel.distributed import pick_device
 from sd_mlperf.utils.logging import logger
 
 GPU_DEMAND_IMG_S = 137.0  # H100, NVIDIA MLPerf v4.1/v5.0 (REFERENCE.md, "Best known results")
@@ -123,7 +124,7 @@ def bench_precompute(cfg: Config, *, steps: int, warmup: int) -> dict[str, Any]:
     from sd_mlperf.data.synthetic import make_train_sample
     from sd_mlperf.models.vae import build_vae
 
-    device = torch.device("cuda") if torch.cuda.is_available() and cfg.run.device != "cpu" else torch.device("cpu")
+    device = pick_device(cfg.run.device)
     batch = min(cfg.data.precompute_batch_size, 8) if device.type == "cpu" else cfg.data.precompute_batch_size
     vae = build_vae(cfg.model.vae).to(device).eval()
     decoder = build_decoder(cfg.data, device, max_batch_size=batch)

@@ -28,7 +28,6 @@ from sd_mlperf.bench.train import (
     TrainBenchSettings,
     build_runner,
     describe,
-    pick_device,
     synthetic_batch,
     threads_as_configured,
     time_steps,
@@ -36,6 +35,8 @@ from sd_mlperf.bench.train import (
 from sd_mlperf.config.load import latent_size, load_config
 from sd_mlperf.config.schema import Config, UNetConfig
 from sd_mlperf.models.flops import unet_train_flops
+from sd_mlperf.parallel.distributed import pick_device
+from sd_mlperf.utils.errors import UserError
 from sd_mlperf.utils.logging import logger
 from sd_mlperf.utils.manifest import count_parameters
 
@@ -75,7 +76,7 @@ class DiffusersUNet(nn.Module):
         try:
             from diffusers import UNet2DConditionModel
         except ImportError as exc:
-            raise RuntimeError(f"--diffusers needs diffusers ({exc}); pip install 'sd_mlperf[bench]'") from exc
+            raise UserError(f"--diffusers needs diffusers ({exc}); pip install 'sd_mlperf[bench]'") from exc
         self.unet = UNet2DConditionModel(**diffusers_unet_kwargs(u))
 
     def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, context_BSE: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,7 @@ def compare_with_diffusers(config_files: Sequence[str], overrides: Sequence[str]
 
 
 def _compare(cfg: Config, settings: TrainBenchSettings) -> list[dict[str, Any]]:
-    device = pick_device(cfg)
+    device = pick_device(cfg.run.device)
     torch.manual_seed(bench_seed(cfg))
     batch = synthetic_batch(cfg, device)
     diff = max_output_difference(cfg.model.unet, batch, bench_seed(cfg))

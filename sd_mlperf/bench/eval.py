@@ -23,6 +23,7 @@ import torch
 from sd_mlperf.bench import bench_seed
 from sd_mlperf.config.load import latent_size
 from sd_mlperf.config.schema import Config
+from sd_mlperf.parallel.distributed import pick_device
 from sd_mlperf.utils.logging import logger
 from sd_mlperf.utils.manifest import count_parameters
 
@@ -125,10 +126,10 @@ def _bench_fid_linalg(cfg: Config, device: torch.device, label: str) -> dict[str
 @torch.no_grad()
 def run_eval_bench(cfg: Config, args: Any) -> list[dict[str, Any]]:
     """Rows for `sd-mlperf bench eval` (see the module docstring)."""
-    from sd_mlperf.bench.train import device_name, pick_device
+    from sd_mlperf.bench.train import device_name
 
     steps, warmup = max(1, int(getattr(args, "steps", 20))), max(0, int(getattr(args, "warmup", 5)))
-    device = pick_device(cfg)
+    device = pick_device(cfg.run.device)
     label = device_name(device)
     rows = [bench(cfg, device, label, steps, warmup) for bench in (_bench_generation, _bench_inception, _bench_clip)]
     per_device = 1.0 / sum(1.0 / row["images_per_s"] for row in rows)

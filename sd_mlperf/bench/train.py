@@ -35,6 +35,7 @@ from sd_mlperf.bench import bench_seed
 from sd_mlperf.bench.table import add_ratios
 from sd_mlperf.config.load import latent_size, load_config
 from sd_mlperf.config.schema import Config
+from sd_mlperf.parallel.distributed import configure_device, pick_device
 from sd_mlperf.training.step import synthetic_step_inputs
 from sd_mlperf.utils.logging import logger
 
@@ -76,15 +77,6 @@ def parse_variant(spec: str) -> Variant:
     return Variant(name.strip(), overrides)
 
 
-def pick_device(cfg: Config) -> torch.device:
-    """run.device: `auto` takes CUDA when present."""
-    if cfg.run.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but torch sees no CUDA device; set run.device=cpu (or auto)")
-    if cfg.run.device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
-
-
 def device_name(device: torch.device) -> str:
     """A short name for the table: the GPU's name, or the CPU with its thread count."""
     if device.type == "cuda":
@@ -117,7 +109,7 @@ def compare_variants(cfg: Config, groups: Sequence[str] = COMPARE_GROUPS) -> lis
         if group in groups:
             variants.append(Variant(f"{group}={str(not value).lower()}", (f"{key}={str(not value).lower()}",)))
     if "precision" in groups:
-        others = ("bf16", "fp32") if pick_device(cfg).type == "cpu" else ("fp16", "bf16")
+        others = ("bf16", "fp32") if pick_device(cfg.run.device).type == "cpu" else ("fp16", "bf16")
         variants += [Variant(f"precision={p}", (f"training.precision={p}",)) for p in others if p != tr.precision]
     return variants
 
@@ -293,14 +285,12 @@ def bench_train(config_files: Sequence[str], overrides: Sequence[str], variants:
     out of memory, graph capture, a bad override) is that variant's failure: its traceback is logged and
     the remaining variants still run.
     """
-    from sd_mlperf.parallel.distributed import configure_device
-
     settings = settings or TrainBenchSettings()
     flops = _FlopCache()
     rows: list[dict[str, Any]] = []
     for variant in variants:
         cfg = load_config(config_files, [*overrides, *variant.overrides, *SINGLE_PROCESS])
-        device = pick_device(cfg)
+        device = pick_device(cfg.run.device)  # one process: GPU 0 of those visible
         configure_device(device)
         logger.info("bench train: %s (%s)", variant.name, " ".join(variant.overrides) or "as configured")
         with threads_as_configured(cfg):

@@ -11,25 +11,29 @@ Two forms:
   /.ckpt); prints FID and CLIP. With `--mlperf-log FILE` it appends eval_* lines there.
 
 Both run the inline evaluator (all prompts split over the launched processes) and write the PNG grid and JSON
-under RUN/eval_offline/.
+under RUN/eval_offline/. The command parses arguments; sd_mlperf.training.offline_eval does the work.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sd_mlperf.commands._common import add_config_arguments
 
+if TYPE_CHECKING:
+    from sd_mlperf.config.schema import Config
+    from sd_mlperf.training.checkpoints import CheckpointWeights
+    from sd_mlperf.utils.dist_info import DistInfo
+
 NAME = "evaluate"
 HELP = "score saved checkpoints (FID, CLIP); --run-dir writes a run's final MLPerf log"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """What to score (--run-dir or --checkpoint), how, and --config files with KEY=VALUE overrides."""
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--run-dir", metavar="RUN", help="a run trained with eval.inline=false: score its collected "
                       "checkpoints as the rules require and write RUN/mlperf.log")
@@ -57,209 +61,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
-def checkpoint_info(path: str | Path, samples_count: int | None = None) -> dict[str, Any]:
-    """UNet state dict, step, samples_count and run directory (or None) of a checkpoint path."""
-    from sd_mlperf.models.checkpoint_io import load_unet_state_dict
-    from sd_mlperf.training.checkpoints import MODEL_FILE, load_file
-
-    path = Path(path)
-    if path.is_dir():
-        if not (path / MODEL_FILE).is_file():
-            raise FileNotFoundError(f"{path} is a directory without {MODEL_FILE}; pass a trainer checkpoint "
-                                    "directory (RUN_DIR/checkpoints/step_XXXXXXX) or a weights file")
-        path = path / MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    step, count = None, samples_count
-    if path.name == MODEL_FILE:
-        payload = load_file(path)
-        if not isinstance(payload, dict) or "unet" not in payload:
-            raise ValueError(f"{path}: not a trainer checkpoint (no 'unet' entry); pass an ldm export instead")
-        state, step = payload["unet"], int(payload.get("step", 0))
-        count = int(payload["samples_count"]) if "samples_count" in payload else count
-    else:
-        state = load_unet_state_dict(path)
-    match = _STEP_DIR.match(path.parent.name)
-    if step is None and match:
-        step = int(match.group(1))
-    # RUN_DIR/checkpoints/step_X/file -> RUN_DIR
-    run_dir = path.parents[2] if match and path.parent.parent.name == "checkpoints" else None
-    return {"path": path, "state": state, "step": step or 0, "samples_count": count, "run_dir": run_dir}
-
-
-def _scoring_parts(cfg: Any, dist: Any, out_dir: Path) -> tuple[Any, Any]:
-    """(UNet, evaluator) on this rank's device; the frozen parts are the trainer's (same file or same seed)."""
-    from sd_mlperf.eval.evaluator import build_evaluator
-    from sd_mlperf.models.checkpoint_io import build_frozen_encoders
-    from sd_mlperf.models.unet import build_unet
-
-    vae, text_encoder = build_frozen_encoders(cfg.model)
-    vae.to(dist.device).eval()
-    text_encoder.to(dist.device).eval()
-    unet = build_unet(cfg.model.unet, compute_precisions={"eval.precision": cfg.eval.precision})
-    unet.to(dist.device).eval()
-    evaluator = build_evaluator(cfg, vae=vae, text_encoder=text_encoder, rank=dist.rank, world_size=dist.world_size,
-                                device=dist.device, run_dir=out_dir.parent, out_subdir=out_dir.name)
-    return unet, evaluator
-
-
-def _check_num_prompts(n: int | None) -> None:
-    if n is not None and n < 2:
-        raise ValueError(f"--num-prompts must be at least 2 (FID needs 2 images), got {n}")
-
-
-def _evaluate_run_dir(args: argparse.Namespace) -> int:
-    import dataclasses
-
+def run(args: argparse.Namespace) -> int:
+    """Score the checkpoints; 0 = done (--run-dir: a valid converged run with its final log written)."""
     import torch
 
-    from sd_mlperf.config import load_config
-    from sd_mlperf.config.load import evaluation_seed
-    from sd_mlperf.models.checkpoint_io import check_state_dict
-    from sd_mlperf.parallel.distributed import destroy_distributed, init_distributed, read_launch_env
-    from sd_mlperf.training.offline_eval import RunEvaluation
+    from sd_mlperf.parallel.distributed import destroy_distributed, init_distributed
+    from sd_mlperf.training.offline_eval import load_checkpoint_config, load_run_config
+    from sd_mlperf.training.smoke_assets import prepare_smoke_assets
     from sd_mlperf.utils.logging import setup_logging
 
+    checkpoints: list[CheckpointWeights] = []
+    if args.run_dir:
+        cfg = load_run_config(args.run_dir, args.config, args.overrides, num_prompts=args.num_prompts)
+    else:
+        cfg, checkpoints = load_checkpoint_config(args.checkpoint, args.config, args.overrides,
+                                                  num_prompts=args.num_prompts, samples_count=args.samples_count)
+    if cfg.run.num_threads:
+        torch.set_num_threads(cfg.run.num_threads)
+    dist = init_distributed(cfg.run, cfg.parallel)
+    setup_logging(cfg.logging.level, rank=dist.rank)
+    try:
+        prepare_smoke_assets(cfg, dist)  # smoke configs only: the FID statistics of the synthetic pictures
+        if args.run_dir:
+            return _score_run(args, cfg, dist)
+        return _score_checkpoints(args, cfg, dist, checkpoints)
+    finally:
+        destroy_distributed()
+
+
+def _score_run(args: argparse.Namespace, cfg: Config, dist: DistInfo) -> int:
+    from sd_mlperf.training.offline_eval import build_checkpoint_scorer, offline_eval_dir, open_run_evaluation
+
     run_dir = Path(args.run_dir)
-    config = run_dir / "config.yaml"
-    if not config.is_file():
-        raise FileNotFoundError(f"{config} does not exist: --run-dir takes a run directory of `sd-mlperf train`")
-    # The run's own config (seed, targets, evaluation settings); the processes are this launch's, not training's.
-    world = read_launch_env().world_size
-    cfg = load_config([config, *args.config], ["parallel.num_nodes=1", f"parallel.gpus_per_node={world}",
-                                              *args.overrides])
-    if cfg.eval.inline:
-        raise ValueError(f"{run_dir} trained with eval.inline=true: its {cfg.logging.mlperf_log_file} is final "
-                         "already. Use --checkpoint to score its checkpoints again.")
-    _check_num_prompts(args.num_prompts)
-    num_prompts = args.num_prompts or cfg.eval.num_prompts
-    scoring_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, num_prompts=num_prompts))
-    if cfg.run.num_threads:
-        torch.set_num_threads(cfg.run.num_threads)
-    dist = init_distributed(cfg.run, cfg.parallel)
-    setup_logging(cfg.logging.level, rank=dist.rank)
-    try:
-        unet, evaluator = _scoring_parts(scoring_cfg, dist, run_dir / "eval_offline")
-
-        def evaluate(payload: dict) -> tuple[float, float]:
-            check_state_dict(unet, payload["unet"], source=f"{run_dir} step {payload['step']}")
-            unet.load_state_dict(payload["unet"], strict=True)
-            result = evaluator.evaluate(unet, samples_count=int(payload["samples_count"]), step=int(payload["step"]))
-            return result.fid, result.clip
-
-        runner = RunEvaluation(run_dir, evaluate=evaluate, num_prompts=num_prompts, noise_seed=evaluation_seed(cfg),
-                               target_fid=cfg.training.target_fid, target_clip=cfg.training.target_clip,
-                               is_main=dist.is_main, final_num_prompts=cfg.eval.num_prompts)
-        if args.strategy == "watch":
-            runner.watch(poll_s=args.poll_s, timeout_s=args.watch_timeout_s)
-        else:
-            records, _ = runner.collected()
-            if not records:
-                raise ValueError(f"{run_dir}/eval_checkpoints holds no collected checkpoint yet (the trainer collects "
-                                 "one at every checkpoint_every_samples)")
-            (runner.score_all if args.strategy == "all" else runner.score_last_two)(records)
-        return _report(runner, run_dir / cfg.logging.mlperf_log_file, is_main=dist.is_main)
-    finally:
-        destroy_distributed()
+    scorer = build_checkpoint_scorer(cfg, dist, offline_eval_dir(run_dir), num_prompts=args.num_prompts)
+    runner = open_run_evaluation(run_dir, cfg, scorer, is_main=dist.is_main, num_prompts=args.num_prompts)
+    runner.run(args.strategy, poll_s=args.poll_s, timeout_s=args.watch_timeout_s)
+    outcome = runner.conclude(run_dir / cfg.logging.mlperf_log_file)
+    if dist.is_main:
+        sys.stdout.write(outcome.summary())
+    return outcome.exit_code
 
 
-def _report(runner: Any, log_path: Path, *, is_main: bool) -> int:
-    """Write the final log if it can be written (every rank calls this); rank 0 prints. 0 = a valid converged run."""
-    first = runner.first_passing()
-    try:
-        runner.write_final_log(log_path)  # collective: every rank, before any rank returns
-        error = None
-    except ValueError as exc:
-        error = str(exc)
-    lonely = first is not None and not any(s.samples_count < first.samples_count for s in runner.scores.values())
-    if is_main:
-        for score in sorted(runner.scores.values(), key=lambda s: s.step):
-            sys.stdout.write(f"step {score.step} samples {score.samples_count}: FID {score.fid:.4f} "
-                             f"CLIP {score.clip:.4f} {'PASS' if runner.passes(score) else 'fail'}\n")
-        if error is not None:
-            sys.stdout.write(f"no final log written: {error}\n")
-        elif first is None:
-            sys.stdout.write(f"not converged: {log_path} ends with run_stop (aborted)\n")
-        else:
-            sys.stdout.write(f"converged at {first.samples_count} samples (step {first.step}): {log_path} ends with "
-                             "run_stop (success) at that checkpoint's collection time\n")
-        if lonely:
-            sys.stdout.write("error: the first collected checkpoint already passes, so the log holds one evaluation "
-                             "and the compliance checker (which wants two) refuses it\n")
-    return 0 if error is None and first is not None and not lonely else 1
+def _score_checkpoints(args: argparse.Namespace, cfg: Config, dist: DistInfo,
+                       checkpoints: list[CheckpointWeights]) -> int:
+    from sd_mlperf.training.offline_eval import (
+        append_checkpoint_score,
+        build_checkpoint_scorer,
+        describe_checkpoint_score,
+    )
 
-
-def _append_mlperf(log_path: Path, samples_count: int, fid: float, clip: float) -> None:
-    """Append one evaluation's eval_start / eval_accuracy (FID, CLIP) / eval_stop to an MLPerf log."""
-    from sd_mlperf.training.mlperf_log import MLPerfLogger
-
-    mlperf = MLPerfLogger(log_path, append=True)
-    try:
-        mlperf.eval_start(samples_count)
-        mlperf.eval_result(samples_count, fid, clip)
-        mlperf.eval_stop(samples_count)
-    finally:
-        mlperf.close()
-
-
-def _seed_from_run(cfg: Any, infos: list[dict[str, Any]]) -> list[str]:
-    """Overrides that give a null run.seed the value of the run the checkpoints come from (its config.yaml)."""
-    from omegaconf import OmegaConf
-
-    if cfg.run.seed is not None or cfg.eval.seed is not None:
-        return []
-    for info in infos:
-        config = Path(info["run_dir"] or "/nonexistent") / "config.yaml"
-        seed = OmegaConf.load(config).run.get("seed") if config.is_file() else None
-        if seed is not None:
-            return [f"run.seed={seed}"]
-    return []
-
-
-def _evaluate_checkpoints(args: argparse.Namespace) -> int:
-    import torch
-
-    from sd_mlperf.config import load_config
-    from sd_mlperf.models.checkpoint_io import check_state_dict
-    from sd_mlperf.parallel.distributed import destroy_distributed, init_distributed
-    from sd_mlperf.utils.logging import logger, setup_logging
-
-    _check_num_prompts(args.num_prompts)
-    overrides = list(args.overrides) + ([f"eval.num_prompts={args.num_prompts}"] if args.num_prompts else [])
-    cfg = load_config(args.config, overrides)
-    infos = [checkpoint_info(spec, args.samples_count) for spec in args.checkpoint]
-    seed = _seed_from_run(cfg, infos)
-    if seed:
-        cfg = load_config(args.config, [*overrides, *seed])
-    if cfg.run.num_threads:
-        torch.set_num_threads(cfg.run.num_threads)
-    dist = init_distributed(cfg.run, cfg.parallel)
-    setup_logging(cfg.logging.level, rank=dist.rank)
-    try:
-        default_run_dir = Path(cfg.run.output_dir) / cfg.run.name
-        unet, evaluator = _scoring_parts(cfg, dist, default_run_dir / "eval_offline")
-        for info in infos:
-            check_state_dict(unet, info["state"], source=str(info["path"]))
-            unet.load_state_dict(info["state"], strict=True)
-            evaluator.out_dir = Path(info["run_dir"] or default_run_dir) / "eval_offline"
-            count = info["samples_count"]
-            result = evaluator.evaluate(unet, samples_count=count or 0, step=info["step"])
-            if dist.rank != 0:
-                continue
-            sys.stdout.write(f"{info['path']}: step {info['step']} samples {count} FID {result.fid:.4f} "
-                             f"CLIP {result.clip:.4f} ({result.num_images} images, {result.seconds:.1f} s) "
-                             f"-> {result.json_path}\n")
-            if args.mlperf_log and count is None:
-                logger.warning("%s records no samples_count: no MLPerf lines written (pass --samples-count N)",
-                               info["path"])
-            elif args.mlperf_log:
-                _append_mlperf(Path(args.mlperf_log), count, result.fid, result.clip)
-                logger.info("appended eval_* lines (samples_count %d) to %s", count, args.mlperf_log)
-    finally:
-        destroy_distributed()
+    scorer = build_checkpoint_scorer(cfg, dist)
+    for checkpoint in checkpoints:
+        result = scorer.score_checkpoint(checkpoint)
+        if dist.is_main:
+            sys.stdout.write(describe_checkpoint_score(checkpoint, result) + "\n")
+            if args.mlperf_log:
+                append_checkpoint_score(args.mlperf_log, checkpoint, result)
     return 0
-
-
-def run(args: argparse.Namespace) -> int:
-    return _evaluate_run_dir(args) if args.run_dir else _evaluate_checkpoints(args)
-

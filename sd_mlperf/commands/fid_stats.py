@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inception-weights", metavar="FILE",
                         help="pt_inception-2015-12-05-6726825d.pth (default: eval.inception_weights of the config)")
     parser.add_argument("--batch-size", type=int, default=50, help="images per Inception batch (default 50)")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                        help="auto (default): cuda when present, as run.device")
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     add_config_arguments(parser)
 
@@ -30,13 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
     from omegaconf import OmegaConf
 
     from sd_mlperf.config import merge_config
     from sd_mlperf.data.coco import write_fid_stats
     from sd_mlperf.eval.fid import image_folder_stats
     from sd_mlperf.eval.inception import load_fid_inception
+    from sd_mlperf.parallel.distributed import pick_device
     from sd_mlperf.utils.logging import logger
 
     out = Path(args.out)
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("no Inception weights: pass --inception-weights FILE or set eval.inception_weights "
                              "(null = random weights, smoke tests only)")
         weights = merged.eval.inception_weights
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)  # one process: GPU 0 of those visible
     inception = load_fid_inception(weights, device)
     mu, sigma = image_folder_stats(args.images, inception, batch_size=args.batch_size, device=device)
     write_fid_stats(out, mu, sigma)

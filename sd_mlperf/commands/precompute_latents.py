@@ -1,14 +1,14 @@
 """`sd-mlperf precompute-latents --input SHARDS --output DIR`: raw image shards -> moments (+ text embeddings).
 
-On N GPUs: `torchrun --nproc-per-node N -m sd_mlperf precompute-latents ...`; the input shards are
-split across ranks (RANK / WORLD_SIZE), each rank on cuda:LOCAL_RANK. Without torchrun it runs in
-one process, on CUDA if present (run.device). The output format is data.train_format.
+On N GPUs: `torchrun --nproc-per-node N -m sd_mlperf precompute-latents ...` (or one srun task per GPU);
+the input shards are split across ranks, each rank on its local GPU (parallel.distributed.launch_dist_info:
+the launcher's rank, no process group, run.device's rule). Without a launcher it runs in one process, on
+CUDA if present (run.device). The output format is data.train_format.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from sd_mlperf.commands._common import add_config_arguments
@@ -26,12 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from omegaconf import OmegaConf
 
     from sd_mlperf.config import ConfigError, merge_config, validate
     from sd_mlperf.data.precompute import precompute_shards
     from sd_mlperf.models.checkpoint_io import build_frozen_encoders
+    from sd_mlperf.parallel.distributed import launch_dist_info
     from sd_mlperf.utils.logging import show_progress_bar
 
     merged = merge_config(args.config, args.overrides)
@@ -42,20 +42,13 @@ def run(args: argparse.Namespace) -> int:
         merged.data.train_shards = args.output  # where training will read the output; unused here
     validate(merged)
     model_cfg, data_cfg = OmegaConf.to_object(merged.model), OmegaConf.to_object(merged.data)
-    device_pref = merged.run.device
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = torch.cuda.is_available() and device_pref != "cpu"
-    if device_pref == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is visible; set run.device=cpu or auto.")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
+    dist = launch_dist_info(merged.run.device)  # the ranks never talk: no process group
     vae, text_encoder = build_frozen_encoders(model_cfg)
-    vae.to(device).eval()
-    text_encoder = text_encoder.to(device).eval() if data_cfg.train_format == "moments_embeddings" else None
-    progress = show_progress_bar(merged.logging.progress_bar) and rank == 0
+    vae.to(dist.device).eval()
+    text_encoder = text_encoder.to(dist.device).eval() if data_cfg.train_format == "moments_embeddings" else None
+    progress = show_progress_bar(merged.logging.progress_bar) and dist.is_main
     manifest = precompute_shards(args.input, args.output, data_cfg=data_cfg, vae=vae, text_encoder=text_encoder,
-                                 rank=rank, world_size=world_size, progress=progress)
+                                 rank=dist.rank, world_size=dist.world_size, progress=progress)
     if manifest is not None:
         sys.stdout.write(f"{manifest['samples']} samples in {manifest['num_shards']} shards -> {args.output} "
                          f"(format {manifest['format']}, skipped {manifest['skipped'] or 'none'})\n")

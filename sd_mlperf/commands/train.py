@@ -1,6 +1,7 @@
 """`sd-mlperf train`: train the UNet as configured (MLPerf log, checkpoints and metrics in the run directory).
 
-`main` is the whole run: logging, config, distributed init, build, fit; it always closes writers and groups.
+`main` is the whole run: logging, config, distributed init, the smoke assets (synthetic-data configs only), build,
+fit; it always closes writers and groups.
 Run it as `sd-mlperf train --config conf/smoke.yaml` (one process) or under torchrun / srun with the benchmark
 configs; see README.
 """
@@ -44,8 +45,10 @@ def main(config_files: Sequence[str | os.PathLike] = (), overrides: Sequence[str
     from sd_mlperf.parallel.distributed import configure_device, destroy_distributed, init_distributed
     from sd_mlperf.report.summary import log_run_summary
     from sd_mlperf.training.build import build_trainer
+    from sd_mlperf.training.smoke_assets import prepare_smoke_assets
     from sd_mlperf.training.trainer import Trainer
     from sd_mlperf.utils.logging import setup_logging
+    from sd_mlperf.utils.tensorboard import summary_writer_class
 
     init_time_ms = init_time_ms or int(time.time() * 1e3)
     cfg = load_config(config_files, overrides)
@@ -56,6 +59,9 @@ def main(config_files: Sequence[str | os.PathLike] = (), overrides: Sequence[str
     configure_device(dist.device)  # cuDNN autotuning, as `sd-mlperf bench train` times the step
     trainer: Trainer | None = None
     try:
+        if cfg.logging.tensorboard:
+            summary_writer_class()  # every rank, before any work: a missing `tensorboard` package fails here
+        prepare_smoke_assets(cfg, dist)  # data.synthetic_dir: pictures, toy VAE, latents, FID statistics, once
         trainer = build_trainer(cfg, dist, init_time_ms=init_time_ms)
         state = trainer.fit()
     finally:

@@ -106,7 +106,7 @@ FIXED: dict[str, Fixed] = {
     "model.frozen_checkpoint": Fixed(ANY_PATH, FROZEN_WEIGHTS),
     "model.frozen_checkpoint_sha256": Fixed(OneOf((None, FROZEN_CHECKPOINT_SHA256)), FROZEN_WEIGHTS),
     **_schema_defaults("diffusion", TRAINING_METHOD),
-    **_schema_defaults("data", DATA_SET, ["synthetic_dir"]),
+    **_schema_defaults("data", DATA_SET, ["synthetic_dir", "num_train_samples"]),
     **_schema_defaults("data", PREPROCESSING, ["image_range"]),
     **_schema_defaults("data", IMAGE_SIZE, ["image_size"]),
     **_schema_defaults("optim", HYPERPARAMETERS,

@@ -248,8 +248,17 @@ def config_to_yaml(cfg: Config | DictConfig) -> str:
     return OmegaConf.to_yaml(node, resolve=not missing_keys(node))
 
 
+RUN_CONFIG_FILE = "config.yaml"
+"""The resolved config every run saves in its run directory (and evaluation, reports and packaging read back)."""
+
+
+def run_directory(cfg: Config) -> Path:
+    """The run directory: run.output_dir / run.name."""
+    return Path(cfg.run.output_dir) / cfg.run.name
+
+
 def save_resolved_config(cfg: Config, run_dir: str | os.PathLike) -> Path:
     """Write the resolved config into the run directory (atomically) and return its path."""
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / RUN_CONFIG_FILE
     atomic_write_text(path, config_to_yaml(cfg))
     return path

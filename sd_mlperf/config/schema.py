@@ -155,6 +155,9 @@ class DataConfig:
     text embedding; `images`: raw KEY.jpg decoded and VAE-encoded online."""
     train_shards: str = MISSING
     """Shard pattern: a folder, a glob or a brace pattern (`/data/{00000..00831}.tar`)."""
+    num_train_samples: int = 6_513_144
+    """Size of the training set, logged as MLPerf `train_samples`: the reference's LAION-400M subset (smoke
+    configs set the synthetic set's size)."""
     synthetic_dir: str | None = None
     """If set and empty, `sd-mlperf train` first writes the synthetic dataset here."""
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import os
 
+from sd_mlperf.utils.errors import UserError
 from sd_mlperf.utils.logging import log_once
 
 # The kinds counted; each gets one warning per process.
@@ -20,7 +21,7 @@ KINDS = ("corrupt_image", "missing_image", "missing_caption", "bad_caption", "ba
 MIN_SAMPLES_FOR_THRESHOLD = 200
 
 
-class BadDataError(RuntimeError):
+class BadDataError(UserError):
     """Too many bad samples: the data (not the code) needs fixing."""
 
 

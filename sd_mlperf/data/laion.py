@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from sd_mlperf.config.schema import DataConfig
 from sd_mlperf.data.bad_samples import BadSampleCounter
 from sd_mlperf.data.shards import SampleRef, ShardIndex, ShardReader, expand_shards, index_shard
+from sd_mlperf.utils.errors import UserError
 from sd_mlperf.utils.logging import log_once, logger
 from sd_mlperf.utils.seeds import stream_seed
 
@@ -211,7 +212,7 @@ class ShardStream(IterableDataset):
                     counter.bad(kind, shard, "(shard)", index.error or "tar ends early")
                 empty_in_a_row = 0 if index.samples else empty_in_a_row + 1
                 if empty_in_a_row > 4 * len(self.shards) + 10:
-                    raise RuntimeError(f"no readable samples in the shards of data.train_shards (last tried: {shard}).")
+                    raise UserError(f"no readable samples in the shards of data.train_shards (last tried: {shard}).")
                 yield from index.samples
 
         bufsize = self.cfg.shuffle_buffer_samples
@@ -301,7 +302,7 @@ class TrainLoader:
                 self._decode_counter.bad("corrupt_image", "(decoded batch)", batch["keys"][i], err)
         self._decode_counter.good(len(good))
         if not good:
-            raise RuntimeError(f"every image of a training batch failed to decode (keys {batch['keys']}).")
+            raise UserError(f"every image of a training batch failed to decode (keys {batch['keys']}).")
         # A bad image is replaced by a good one of the same batch: the batch keeps its static shape.
         for i, err in enumerate(errors):
             if err is not None:

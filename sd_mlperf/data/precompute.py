@@ -7,8 +7,8 @@ latents equal online ones.
 
 Resumable: each output shard is written under a temporary name and renamed when complete, and a
 finished shard is skipped on the next run. Each shard gets a small JSON record (sample count,
-skips by kind, sha256); when every input shard has one, `manifest.json` gathers them. Under
-torchrun, rank r takes input shards r, r + W, r + 2W, ... (RANK / WORLD_SIZE).
+skips by kind, sha256); when every input shard has one, `manifest.json` gathers them. With W
+ranks, rank r takes input shards r, r + W, r + 2W, ... (the caller passes its rank and world size).
 """
 
 from __future__ import annotations

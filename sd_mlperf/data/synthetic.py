@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -191,63 +190,48 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, cfg: SyntheticDataConfig)
     return SyntheticPaths(root, shards, prompts_file, val_dir)
 
 
-def _rank() -> tuple[int, bool]:
-    import torch.distributed as dist
+def ensure_synthetic_sources(cfg: Config) -> bool:
+    """The dataset in `data.synthetic_dir` unless complete, then with `data.synthetic.fit_vae_steps` > 0 the toy VAE
+    fitted to its pictures (sd_mlperf.data.toy_vae). True if the dataset was (re)written.
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), True
-    return int(os.environ.get("RANK", "0")), False
-
-
-def _prepare_on_rank_zero(cfg: Config, then: Callable[[], None]) -> None:
-    """Rank 0 writes the dataset in `data.synthetic_dir` unless complete, then runs `then`; other ranks wait at a
-    barrier when torch.distributed is initialised."""
-    d = cfg.data
-    if d.synthetic_dir is None:
-        return
-    rank, distributed = _rank()
-    if rank == 0:
-        if not is_complete(d.synthetic_dir, d.synthetic):
-            make_synthetic_dataset(d.synthetic_dir, d.synthetic)
-        then()
-    if distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def ensure_synthetic_sources(cfg: Config) -> None:
-    """Before the frozen parts load: the dataset in `data.synthetic_dir` unless complete, and with
-    `data.synthetic.fit_vae_steps` > 0 the toy VAE fitted to its pictures (sd_mlperf.data.toy_vae)."""
-
-    def fit_toy_vae() -> None:
-        if cfg.data.synthetic.fit_vae_steps > 0:
-            from sd_mlperf.data.toy_vae import ensure_toy_frozen_checkpoint
-
-            ensure_toy_frozen_checkpoint(cfg)
-
-    _prepare_on_rank_zero(cfg, fit_toy_vae)
-
-
-def ensure_synthetic_data(cfg: Config, vae: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
-    """Make the synthetic dataset in `data.synthetic_dir` (and precompute it) unless already complete.
-
-    Unless `data.train_format` is `images`, the raw shards are precomputed into `data.train_shards` in
-    that format with the given frozen encoders, so the smoke run exercises precompute too.
+    Run it in one process (sd_mlperf.training.smoke_assets: rank 0, the others wait).
     """
     d = cfg.data
+    assert d.synthetic_dir is not None, "ensure_synthetic_sources needs data.synthetic_dir"
+    written = not is_complete(d.synthetic_dir, d.synthetic)
+    if written:
+        make_synthetic_dataset(d.synthetic_dir, d.synthetic)
+    if d.synthetic.fit_vae_steps > 0:
+        from sd_mlperf.data.toy_vae import ensure_toy_frozen_checkpoint
 
-    def precompute() -> None:
-        if d.train_format == "images":
-            return
-        from sd_mlperf.data.precompute import precompute_is_complete, precompute_shards
+        ensure_toy_frozen_checkpoint(cfg)
+    return written
 
-        out = d.train_shards
-        if any(c in out for c in "*?[{"):
-            raise ValueError(f"invalid value for 'data.train_shards': {out!r}; with data.synthetic_dir set it "
-                             f"must be a folder, where the precomputed synthetic shards are written.")
-        raw = str(Path(d.synthetic_dir) / "raw")
-        if not precompute_is_complete(out, d.train_format):
-            precompute_shards(raw, out, data_cfg=d, vae=vae, text_encoder=text_encoder, rank=0, world_size=1)
 
-    _prepare_on_rank_zero(cfg, precompute)
+def synthetic_latents_missing(cfg: Config) -> bool:
+    """True if `data.train_shards` must still be precomputed from the synthetic raw shards (a latent format whose
+    precompute is not complete); False for `data.train_format=images`, which reads the pictures themselves."""
+    d = cfg.data
+    if d.train_format == "images":
+        return False
+    from sd_mlperf.data.precompute import precompute_is_complete
+
+    return not precompute_is_complete(d.train_shards, d.train_format)
+
+
+def ensure_synthetic_latents(cfg: Config, vae: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
+    """Precompute the raw synthetic shards into `data.train_shards` in `data.train_format` with the given frozen
+    encoders, unless done (so a smoke run exercises precompute too). Run it in one process, after
+    `ensure_synthetic_sources`."""
+    d = cfg.data
+    assert d.synthetic_dir is not None, "ensure_synthetic_latents needs data.synthetic_dir"
+    if not synthetic_latents_missing(cfg):
+        return
+    from sd_mlperf.data.precompute import precompute_shards
+
+    out = d.train_shards
+    if any(c in out for c in "*?[{"):
+        raise ValueError(f"invalid value for 'data.train_shards': {out!r}; with data.synthetic_dir set it "
+                         f"must be a folder, where the precomputed synthetic shards are written.")
+    raw = str(Path(d.synthetic_dir) / "raw")
+    precompute_shards(raw, out, data_cfg=d, vae=vae, text_encoder=text_encoder, rank=0, world_size=1)

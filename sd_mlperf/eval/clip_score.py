@@ -23,6 +23,7 @@ from torchvision.transforms import InterpolationMode
 
 from sd_mlperf.models.checkpoint_io import strict_load
 from sd_mlperf.models.precision import autocast
+from sd_mlperf.utils.errors import UserError
 from sd_mlperf.utils.logging import log_once
 
 CLIP_MODEL_NAME = "ViT-H-14"
@@ -44,7 +45,7 @@ def build_clip(tiny: bool = False) -> nn.Module:
 
     cfg = TINY_CLIP_CFG if tiny else open_clip.get_model_config(CLIP_MODEL_NAME)
     if cfg is None:
-        raise RuntimeError(f"open_clip has no {CLIP_MODEL_NAME} config; pip install 'open_clip_torch>=2.20'")
+        raise UserError(f"open_clip has no {CLIP_MODEL_NAME} config; pip install 'open_clip_torch>=2.20'")
     return open_clip.model.CLIP(**cfg)
 
 

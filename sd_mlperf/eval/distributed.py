@@ -46,12 +46,15 @@ def block_counts(num_items: int, world_size: int, batch_size: int = 1, limit: in
     return counts
 
 
-def gather_rows(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """All ranks' rows concatenated in rank order (every rank gets it); counts[r] rows come from rank r."""
+def gather_rows(local: torch.Tensor, counts: list[int], rank: int | None = None) -> torch.Tensor:
+    """All ranks' rows concatenated in rank order (every rank gets it); counts[r] rows come from rank r.
+
+    `rank` is this process's rank (DistInfo.rank, as the shards were cut); None asks torch.distributed.
+    """
     if not dist_active():
         assert len(counts) == 1 and local.shape[0] == counts[0], (counts, local.shape)
         return local
-    rank = dist.get_rank()
+    rank = dist.get_rank() if rank is None else rank
     assert local.shape[0] == counts[rank], (rank, counts, local.shape)
     longest = max(counts)
     if longest == 0:

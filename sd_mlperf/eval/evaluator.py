@@ -179,8 +179,13 @@ class Evaluator:
 
     # -- the whole evaluation -----------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, unet: Callable, *, samples_count: int, step: int) -> EvalResult:
-        """Generate the images of this rank's prompts, gather, and compute FID and CLIP (all ranks)."""
+    def evaluate(self, unet: Callable, *, samples_count: int, step: int, out_dir: Path | None = None) -> EvalResult:
+        """Generate the images of this rank's prompts, gather, and compute FID and CLIP (all ranks).
+
+        `out_dir` is where rank 0 writes this evaluation's grid and JSON (default: the evaluator's `out_dir`), so one
+        evaluator scores checkpoints of several runs into each run's own directory.
+        """
+        out_dir = self.out_dir if out_dir is None else Path(out_dir)
         start = time.perf_counter()
         module = unet if isinstance(unet, nn.Module) else None
         was_training = bool(module is not None and module.training)
@@ -195,27 +200,28 @@ class Evaluator:
             if module is not None and was_training:
                 module.train()
         t = time.perf_counter()
-        result = self._finish(feats, scores, grid, samples_count, step)
+        result = self._finish(feats, scores, grid, samples_count, step, out_dir)
         timer.lap("gather_and_metrics", t)
         result.seconds = time.perf_counter() - start
         result.timings_s = dict(timer.totals)
         if self.rank == 0:
-            result.json_path = self._write_json(result)
+            result.json_path = self._write_json(result, out_dir)
             logger.info("eval step %d: FID %.4f CLIP %.4f%s, %d images in %.1f s (%.2f img/s over %d rank(s))", step,
                         result.fid, result.clip, "".join(f" {k} {v:.4g}" for k, v in result.extra.items()),
                         result.num_images, result.seconds, result.num_images / max(result.seconds, 1e-9),
                         self.world_size)
         return result
 
-    def _finish(self, feats: list, scores: list, grid: list, samples_count: int, step: int) -> EvalResult:
+    def _finish(self, feats: list, scores: list, grid: list, samples_count: int, step: int,
+                out_dir: Path) -> EvalResult:
         n = len(self.prompts)
         counts = block_counts(n, self.world_size, self.cfg.batch_size)
         local_feats = torch.cat(feats) if feats else torch.zeros(0, FEATURE_DIM, device=self.device)
         width = 1 + self.extra_metrics.width
         local_scores = torch.cat(scores) if scores else torch.zeros(0, width, device=self.device)
         # Rows come back in prompt order whatever the world size; padding is trimmed before any use.
-        all_feats = gather_rows(local_feats.contiguous(), counts).cpu()
-        all_scores = gather_rows(local_scores.contiguous(), counts).cpu()
+        all_feats = gather_rows(local_feats.contiguous(), counts, rank=self.rank).cpu()
+        all_scores = gather_rows(local_scores.contiguous(), counts, rank=self.rank).cpu()
         metrics = None
         if self.rank == 0:  # one rank does the (CPU-heavy with sqrtm) linear algebra; the others wait
             metrics = (self.frechet.distance(all_feats), mean_clip_score(all_scores[:, 0]),
@@ -225,18 +231,18 @@ class Evaluator:
         factor = vae_downsample_factor(self.vae.cfg) if hasattr(self.vae, "cfg") else 8  # 8: a stand-in VAE
         h, w = self.latent_shape[1] * factor, self.latent_shape[2] * factor
         local_grid = torch.cat(grid) if grid else torch.zeros(0, 3, h, w, dtype=torch.uint8, device=self.device)
-        grid_images = gather_rows(local_grid.contiguous(), grid_counts).cpu()
+        grid_images = gather_rows(local_grid.contiguous(), grid_counts, rank=self.rank).cpu()
         result = EvalResult(fid=fid, clip=clip, num_images=n, seconds=math.nan, step=step, samples_count=samples_count,
                             extra=extra)
         if self.rank == 0 and grid_images.shape[0] > 0:
             from sd_mlperf.eval.grid import save_grid
 
             captions = [self.prompts[i].caption for i in range(grid_images.shape[0])]
-            result.grid_path = save_grid(self.out_dir / f"step_{step:07d}.png", grid_images, captions)
+            result.grid_path = save_grid(out_dir / f"step_{step:07d}.png", grid_images, captions)
         return result
 
-    def _write_json(self, result: EvalResult) -> Path:
-        path = self.out_dir / f"step_{result.step:07d}.json"
+    def _write_json(self, result: EvalResult, out_dir: Path) -> Path:
+        path = out_dir / f"step_{result.step:07d}.json"
         record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
         record.update({"images_per_s": result.num_images / max(result.seconds, 1e-9), "world_size": self.world_size,
                        "ddim_steps": self.schedule.num_steps, "guidance_scale": self.cfg.guidance_scale,
@@ -263,7 +269,7 @@ def build_evaluator(cfg: Config, *, vae: nn.Module, text_encoder: nn.Module, ran
     from sd_mlperf.data.coco import read_fid_stats, read_prompts
     from sd_mlperf.diffusion.schedule import make_alphas_cumprod
     from sd_mlperf.eval.clip_score import load_clip
-    from sd_mlperf.eval.fid import ensure_fid_stats
+    from sd_mlperf.eval.fid import require_fid_stats
     from sd_mlperf.eval.inception import load_fid_inception
     from sd_mlperf.eval.toy_metrics import build_extra_metrics
 
@@ -278,7 +284,7 @@ def build_evaluator(cfg: Config, *, vae: nn.Module, text_encoder: nn.Module, ran
         raise ValueError(f"invalid value for 'eval.num_prompts': {e.num_prompts}; FID needs at least 2 images")
     # Loaded into host memory: the evaluator moves them to `device` only while it evaluates.
     inception = load_fid_inception(e.inception_weights, "cpu")
-    mu, sigma = read_fid_stats(ensure_fid_stats(cfg, inception), FEATURE_DIM)
+    mu, sigma = read_fid_stats(require_fid_stats(e.fid_stats), FEATURE_DIM)
     clip = load_clip(e.clip_weights, tiny=e.clip_tiny, device="cpu")
     factor = vae_downsample_factor(cfg.model.vae)
     if cfg.data.image_size % factor:

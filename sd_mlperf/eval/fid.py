@@ -3,7 +3,7 @@
 The statistics of real images are (mu, sigma) of the FID Inception's 2048-d features, as
 pytorch-fid's `save_fid_stats` computes them: each image read with PIL as RGB, ToTensor (float
 [0, 1], no resize before the network, which resizes to 299 bilinear itself), np.mean / np.cov.
-`sd-mlperf fid-stats` exposes this; `ensure_fid_stats` makes the smoke run's statistics once.
+`sd-mlperf fid-stats` exposes this; `ensure_folder_fid_stats` makes the smoke run's statistics once.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from sd_mlperf.config.schema import Config
-from sd_mlperf.eval.distributed import barrier, dist_active
 from sd_mlperf.eval.metrics import feature_statistics
 from sd_mlperf.models.precision import autocast
 from sd_mlperf.utils.logging import logger
@@ -76,31 +74,28 @@ def image_folder_stats(image_dir: str | os.PathLike, inception: torch.nn.Module,
     return feature_statistics(feats)
 
 
-def ensure_fid_stats(cfg: Config, inception: torch.nn.Module | None = None) -> Path:
-    """Path of `eval.fid_stats`; in smoke mode (data.synthetic_dir set) compute it once from the val images.
+def ensure_folder_fid_stats(image_dir: str | os.PathLike, out: str | os.PathLike, inception: torch.nn.Module) -> bool:
+    """Write the statistics of a folder's images to `out` unless that file exists; True if written.
 
-    With several processes rank 0 computes and the others wait at a barrier.
+    Computed on the Inception's device in fp32. Run it in one process (smoke runs: sd_mlperf.training.smoke_assets).
     """
     from sd_mlperf.data.coco import write_fid_stats
 
-    path = Path(cfg.eval.fid_stats)
-    rank = torch.distributed.get_rank() if dist_active() else 0
-    if rank == 0 and not path.is_file():
-        if cfg.data.synthetic_dir is None:
-            raise FileNotFoundError(
-                f"eval.fid_stats={path} does not exist. Use MLCommons' val2014_30k_stats.npz, or make statistics "
-                "with `sd-mlperf fid-stats --images DIR --out FILE` and set eval.fid_stats to it.")
-        image_dir = Path(cfg.data.synthetic_dir) / "val_images"
-        if inception is None:
-            from sd_mlperf.eval.inception import load_fid_inception
+    out = Path(out)
+    if out.is_file():
+        return False
+    device = next(inception.parameters()).device
+    mu, sigma = image_folder_stats(image_dir, inception, device=device)
+    write_fid_stats(out, mu, sigma)
+    logger.info("wrote FID reference statistics of %s to %s", image_dir, out)
+    return True
 
-            inception = load_fid_inception(cfg.eval.inception_weights)
-        device = next(inception.parameters()).device
-        mu, sigma = image_folder_stats(image_dir, inception, device=device)
-        write_fid_stats(path, mu, sigma)
-        logger.info("wrote FID reference statistics of %s to %s", image_dir, path)
-    barrier()
+
+def require_fid_stats(path: str | os.PathLike) -> Path:
+    """`eval.fid_stats` as a Path; a missing file is an error that says where reference statistics come from."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"eval.fid_stats={path} does not exist on this rank after rank 0 made it; "
-                                "the run directory must be on a file system that all ranks share")
+        raise FileNotFoundError(
+            f"eval.fid_stats={path} does not exist. Use MLCommons' val2014_30k_stats.npz, or make statistics "
+            "with `sd-mlperf fid-stats --images DIR --out FILE` and set eval.fid_stats to it.")
     return path

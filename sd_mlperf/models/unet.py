@@ -186,8 +186,8 @@ def build_unet(cfg: UNetConfig, *, compute_precisions: Mapping[str, str] | None 
         norm_res = dataclasses.replace(norm_res, why=norm_res.why + f"; {norm.summary()}")
     norm.log_summary()
     unet.backend_resolutions = [attention, norm_res]
-    log_once("unet-backends:" + summarize(unet.backend_resolutions), "UNet " + summarize(unet.backend_resolutions),
-             level=logging.INFO)
+    # DEBUG: the caller logs the run's one backends line (build_trainer adds parallel and names the file with reasons).
+    logger.debug("UNet %s", summarize(unet.backend_resolutions))
     if cfg.channels_last:
         apply_channels_last(unet)
     if cfg.activation_checkpointing:

@@ -33,6 +33,7 @@ from sd_mlperf.backends import Resolution, config_unsuitable, resolve_backend
 from sd_mlperf.config.load import learning_rate, world_size
 from sd_mlperf.config.schema import Config
 from sd_mlperf.utils.dist_info import DistInfo
+from sd_mlperf.utils.errors import UserError
 from sd_mlperf.utils.logging import logger
 
 
@@ -141,7 +142,7 @@ def apply_data_parallel(model: nn.Module, cfg: Config, dist: DistInfo) -> DataPa
     resolution = resolve_backend("parallel", cfg.parallel.backend,
                                  unsuitable=config_unsuitable(cfg)["parallel"])  # auto + CUDA graph: torch
     if resolution.name == "mcore" and dist.device.type != "cuda":
-        raise RuntimeError(f"parallel.backend=mcore needs CUDA (megatron-core allocates CUDA buffers) but the "
+        raise UserError(f"parallel.backend=mcore needs CUDA (megatron-core allocates CUDA buffers) but the "
                            f"device is {dist.device}; set parallel.backend=torch for CPU runs.")
     if dist.world_size != world_size(cfg):
         raise ValueError(f"{dist.world_size} processes but parallel.num_nodes x parallel.gpus_per_node = "

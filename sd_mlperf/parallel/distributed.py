@@ -1,12 +1,10 @@
-"""Process groups and per-rank seeding: torchrun or Slurm launch, nccl on GPUs, gloo on CPUs.
+"""Process groups, the device rule and per-rank seeding: torchrun or Slurm launch, nccl on GPUs, gloo on CPUs.
 
-Launchers are recognised by their environment variables:
-- torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
-- Slurm (srun): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR defaults to the first host of
-  SLURM_JOB_NODELIST and MASTER_PORT to 29500 (plus SLURM_JOB_ID mod 1000, so jobs sharing a node do
-  not collide). Where node names do not resolve, slurm/srun.sh exports MASTER_ADDR (the first node's
-  Slurm NodeAddr, or --master-addr); an address that does not resolve fails at once, not at the timeout.
-- neither: one process, no process group.
+Which rank a process is comes from the launcher's environment (`read_launch_env`, sd_mlperf.parallel.launch);
+which device it uses comes from `pick_device`, the one device rule. `init_distributed` puts both
+into the DistInfo that the rest of the run receives; `launch_dist_info` does the same without a process
+group, for commands whose ranks work independently (precompute-latents). An address that does not
+resolve fails at once, not at the rendezvous timeout.
 """
 
 from __future__ import annotations
@@ -14,85 +12,19 @@ from __future__ import annotations
 import datetime
 import os
 import random
-import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 
 from sd_mlperf.config.schema import ParallelConfig, RunConfig
+from sd_mlperf.parallel.launch import DEFAULT_MASTER_PORT, read_launch_env
 from sd_mlperf.utils.dist_info import DistInfo
+from sd_mlperf.utils.errors import UserError
 from sd_mlperf.utils.logging import logger
 from sd_mlperf.utils.seeds import derive_seed
-
-DEFAULT_MASTER_PORT = 29500
-
-
-@dataclass(frozen=True)
-class LaunchEnv:
-    """Rank layout read from the launcher's environment variables."""
-
-    launcher: Literal["torchrun", "slurm", "none"]
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str | None
-    master_port: int | None
-
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """Expand a Slurm host list (`node[01-04,07]`, `a1,b[1-2]-ib`) into host names, in order."""
-    hosts: list[str] = []
-    # Split on commas that are not inside brackets.
-    for item in re.split(r",(?![^\[]*\])", nodelist.strip()):
-        if item:
-            hosts.extend(_expand_host(item))
-    if not hosts:
-        raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r} names no host; set MASTER_ADDR explicitly.")
-    return hosts
-
-
-def _expand_host(pattern: str) -> list[str]:
-    match = re.search(r"\[([^\]]*)\]", pattern)
-    if match is None:
-        return [pattern]
-    head, tail = pattern[: match.start()], pattern[match.end():]
-    out: list[str] = []
-    for part in match.group(1).split(","):
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
-                raise ValueError(f"bad range {part!r} in Slurm host list {pattern!r}; set MASTER_ADDR explicitly.")
-            width = len(lo)  # Slurm keeps the zero padding of the lower bound
-            names = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-        else:
-            names = [part]
-        for name in names:
-            out.extend(_expand_host(head + name + tail))  # later bracket groups
-    return out
-
-
-def read_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
-    """Read rank, world size, local rank and the rendezvous address from torchrun or Slurm variables."""
-    env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
-        port = env.get("MASTER_PORT")
-        return LaunchEnv("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
-                         env.get("MASTER_ADDR"), int(port) if port else None)
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        addr = env.get("MASTER_ADDR")
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        if addr is None and nodelist:
-            addr = expand_nodelist(nodelist)[0]
-        port = env.get("MASTER_PORT")
-        if port is None:
-            port = str(DEFAULT_MASTER_PORT + int(env.get("SLURM_JOB_ID", "0")) % 1000)
-        return LaunchEnv("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                         int(env.get("SLURM_LOCALID", "0")), addr, int(port))
-    return LaunchEnv("none", 0, 1, 0, None, None)
 
 
 def check_resolves(master_addr: str) -> None:
@@ -100,23 +32,40 @@ def check_resolves(master_addr: str) -> None:
     try:
         socket.getaddrinfo(master_addr, None)
     except socket.gaierror as exc:
-        raise RuntimeError(
+        raise UserError(
             f"the rendezvous host {master_addr!r} (MASTER_ADDR, else the first host of SLURM_JOB_NODELIST) does not "
             f"resolve on {socket.gethostname()} ({exc.strerror}); export MASTER_ADDR=<rank 0's IP address> "
             "(slurm/srun.sh takes it from the node's Slurm NodeAddr, or from --master-addr)") from exc
 
 
-def _pick_device(run: RunConfig, local_rank: int) -> torch.device:
-    if run.device == "cuda" or (run.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("run.device=cuda but torch sees no CUDA device; check the driver and "
-                               "CUDA_VISIBLE_DEVICES, or set run.device=cpu.")
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                               "launch at most one process per GPU.")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+def pick_device(device_pref: str, local_rank: int = 0) -> torch.device:
+    """The device rule (run.device): `cpu`; `cuda` (an error without one); `auto` = CUDA when present, else CPU.
+
+    On CUDA the process takes GPU `local_rank` (one process per GPU) and makes it the current device.
+    """
+    if device_pref not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device {device_pref!r}: expected auto, cuda or cpu (run.device)")
+    if device_pref == "cpu" or (device_pref == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("run.device=cuda but torch sees no CUDA device; check the driver and "
+                        "CUDA_VISIBLE_DEVICES, or set run.device=cpu.")
+    if local_rank >= torch.cuda.device_count():
+        raise UserError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                        "launch at most one process per GPU.")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def launch_dist_info(device_pref: str, env: Mapping[str, str] | None = None) -> DistInfo:
+    """This process's rank, world and device from the launch environment, with no process group (backend `none`).
+
+    For commands whose ranks work independently and never talk to each other (precompute-latents splits its
+    input shards by rank); training and evaluation use `init_distributed`.
+    """
+    launch = read_launch_env(env)
+    return DistInfo(launch.rank, launch.world_size, launch.local_rank,
+                    pick_device(device_pref, launch.local_rank), "none")
 
 
 def init_distributed(cfg: RunConfig, parallel: ParallelConfig) -> DistInfo:
@@ -130,12 +79,12 @@ def init_distributed(cfg: RunConfig, parallel: ParallelConfig) -> DistInfo:
             f"{expected}; launch {expected} processes (torchrun --nproc-per-node / srun --ntasks) or set "
             "parallel.num_nodes and parallel.gpus_per_node to match."
         )
-    device = _pick_device(cfg, launch.local_rank)
+    device = pick_device(cfg.device, launch.local_rank)
     if launch.world_size == 1:
         logger.info("distributed: single process on %s, no process group", device)
         return DistInfo(0, 1, 0, device, "none")
     if launch.master_addr is None:
-        raise RuntimeError(f"{launch.launcher} launch without MASTER_ADDR; export MASTER_ADDR (the host of rank 0).")
+        raise UserError(f"{launch.launcher} launch without MASTER_ADDR; export MASTER_ADDR (the host of rank 0).")
     check_resolves(launch.master_addr)
     # env:// rendezvous reads these; Slurm does not set them.
     os.environ.update({"RANK": str(launch.rank), "WORLD_SIZE": str(launch.world_size),

@@ -41,6 +41,7 @@ from sd_mlperf.config.load import learning_rate, uses_loss_scaling
 from sd_mlperf.config.schema import Config
 from sd_mlperf.parallel.data_parallel import DataParallelModel, channels_last_weights
 from sd_mlperf.utils.dist_info import DistInfo
+from sd_mlperf.utils.errors import UserError
 
 BACKEND = "mcore"
 
@@ -55,7 +56,7 @@ def _import_mcore() -> Any:
             from megatron.core import parallel_state
             from megatron.core.transformer import TransformerConfig
         except ImportError as exc:
-            raise RuntimeError(f"parallel.backend=mcore needs megatron-core ({exc}); pip install 'sd_mlperf[gpu]' "
+            raise UserError(f"parallel.backend=mcore needs megatron-core ({exc}); pip install 'sd_mlperf[gpu]' "
                                "or set parallel.backend=torch.") from exc
     return mdist, mopt, parallel_state, TransformerConfig
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sd_mlperf.report.run_data import RunData
+from sd_mlperf.utils.errors import UserError
 
 DPI = 100
 TRAIN_PANELS = (("loss", "loss (mean over the log interval)"), ("lr", "learning rate"),
@@ -29,7 +30,7 @@ def _figure_class() -> type:
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise RuntimeError(f"sd-mlperf report draws with matplotlib, which is not installed ({exc}). Install it with "
+        raise UserError(f"sd-mlperf report draws with matplotlib, which is not installed ({exc}). Install it with "
                            "`pip install -c tests/constraints-cpu.txt -e '.[report]'` (or `pip install matplotlib`).") \
             from exc
     return Figure

@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from sd_mlperf.config import load_config
-from sd_mlperf.config.load import global_batch_size, world_size
+from sd_mlperf.config.load import RUN_CONFIG_FILE, global_batch_size, world_size
 from sd_mlperf.config.schema import Config
 from sd_mlperf.training.final_log import parse_mllog_line
 from sd_mlperf.training.metrics import RESTART_KINDS, read_metrics
 from sd_mlperf.training.mlperf_log import TRAINING_LOG_FILE
-from sd_mlperf.training.offline_eval import SCORES_FILE
+from sd_mlperf.training.offline_eval import OFFLINE_EVAL_DIR, SCORES_FILE
 
-INLINE_EVAL_DIR, OFFLINE_EVAL_DIR = "eval", "eval_offline"
+INLINE_EVAL_DIR = "eval"
 _GRID = re.compile(r"^step_(\d+)\.png$")
 NOT_METRICS = frozenset({"kind", "step", "samples", "samples_count", "time", "seconds", "source"})
 """Record keys that are not quality metrics (the rest of an eval record's numeric keys are plotted)."""
@@ -128,7 +128,7 @@ def read_run(run_dir: str | os.PathLike, cfg: Config | None = None) -> RunData:
     """Read a run directory; `cfg` defaults to its config.yaml (loaded and validated as `sd-mlperf train` does)."""
     run_dir = Path(run_dir)
     if cfg is None:
-        config = run_dir / "config.yaml"
+        config = run_dir / RUN_CONFIG_FILE
         if not config.is_file():
             raise FileNotFoundError(f"{config} does not exist: pass a run directory of `sd-mlperf train` "
                                     "(run.output_dir/run.name)")

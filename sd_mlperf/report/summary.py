@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sd_mlperf.config.closed_division import UNET_EXECUTION_KEYS
+from sd_mlperf.config.load import RUN_CONFIG_FILE
 from sd_mlperf.config.schema import Config, DataConfig, UNetConfig
 from sd_mlperf.report.projection import project_time_to_train
 from sd_mlperf.report.run_data import RunData, read_run
@@ -112,7 +113,7 @@ def _throughput(data: RunData) -> list[str]:
 
 def _written(data: RunData, extra: list[Path]) -> list[str]:
     run = data.run_dir
-    names = [n for n in ("config.yaml", "resolved_backends.yaml", "metrics.jsonl", data.cfg.logging.mlperf_log_file,
+    names = [n for n in (RUN_CONFIG_FILE, "resolved_backends.yaml", "metrics.jsonl", data.cfg.logging.mlperf_log_file,
                          TRAINING_LOG_FILE) if (run / n).is_file()]
     for sub, pattern, what in (("eval", "step_*.png", "grids"), ("eval_offline", "step_*.png", "grids"),
                                ("checkpoints", "step_*", "checkpoints"), ("eval_checkpoints", "*.pt", "checkpoints"),

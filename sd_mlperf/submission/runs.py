@@ -11,12 +11,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from sd_mlperf.config.load import RUN_CONFIG_FILE
 from sd_mlperf.config.schema import TrainingConfig
 from sd_mlperf.submission.checkers import BENCHMARK, RULESET, compliance_problems
 from sd_mlperf.training.mlperf_log import RESUMED_KEY, TRAINING_LOG_FILE
 
 LOG_FILE = "mlperf.log"
-CONFIG_FILE = "config.yaml"
 # The quality target of the rules (FID <= 90, CLIP >= 0.15): the training config's defaults are the reference's.
 TARGET_FID = TrainingConfig.target_fid
 TARGET_CLIP = TrainingConfig.target_clip
@@ -59,7 +59,7 @@ def read_run(run_dir: Path) -> tuple[RunRecord, list[str]]:
     record = RunRecord(run_dir)
     if not run_dir.is_dir():
         return record, ["not a directory"]
-    problems = _read_config(run_dir / CONFIG_FILE, record)
+    problems = _read_config(run_dir / RUN_CONFIG_FILE, record)
     log = run_dir / LOG_FILE
     if not log.is_file():
         if (run_dir / TRAINING_LOG_FILE).is_file():
@@ -86,14 +86,14 @@ def _read_config(path: Path, record: RunRecord) -> list[str]:
     from sd_mlperf.config import global_batch_size
 
     if not path.is_file():
-        return [f"no {CONFIG_FILE} (the trainer saves the resolved config there)"]
+        return [f"no {RUN_CONFIG_FILE} (the trainer saves the resolved config there)"]
     try:
         cfg = OmegaConf.load(path)
         record.num_nodes, record.gpus_per_node = int(cfg.parallel.num_nodes), int(cfg.parallel.gpus_per_node)
         record.global_batch_size = int(global_batch_size(cfg))  # type: ignore[arg-type]  # reads 4 keys only
     except Exception as exc:  # noqa: BLE001 -- any unreadable config is the same problem for the user
-        return [f"{CONFIG_FILE} does not give parallel.num_nodes, parallel.gpus_per_node, training.micro_batch_size "
-                f"and training.grad_accumulation_steps: {type(exc).__name__}: {exc}"]
+        return [f"{RUN_CONFIG_FILE} does not give parallel.num_nodes, parallel.gpus_per_node, "
+                f"training.micro_batch_size and training.grad_accumulation_steps: {type(exc).__name__}: {exc}"]
     return []
 
 
@@ -148,7 +148,7 @@ def _read_log(lines: list, record: RunRecord) -> list[str]:
         problems.append(f"run_stop says success but no evaluation reaches FID <= {TARGET_FID} and CLIP >= "
                         f"{TARGET_CLIP}")
     if logged_gbs is not None and record.global_batch_size is not None and logged_gbs != record.global_batch_size:
-        problems.append(f"the log's global_batch_size {logged_gbs} differs from {CONFIG_FILE}'s "
+        problems.append(f"the log's global_batch_size {logged_gbs} differs from {RUN_CONFIG_FILE}'s "
                         f"{record.global_batch_size}: this config.yaml is not the log's run")
     if logged_gbs is not None:
         record.global_batch_size = int(logged_gbs)  # what the RCP checker reads

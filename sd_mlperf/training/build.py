@@ -1,23 +1,28 @@
 """Building a Trainer from the config: MLPerf init events, the run seed, every part, then resume and warm-up.
 
 `build_trainer` is the one place that knows how the parts fit; `Trainer` (sd_mlperf.training.trainer) only runs them.
+It runs three steps in order: `_start_run` (run directory, resume point, seed, MLPerf init events), `_build_parts`
+(the parts, held by a new Trainer) and `_resume_and_warm_up`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from sd_mlperf.backends import fallbacks, log_resolutions, resolutions_to_dict, training_precisions
+from sd_mlperf.backends import Resolution, fallbacks, log_resolutions, resolutions_to_dict, training_precisions
 from sd_mlperf.config.load import (
     global_batch_size,
     latent_size,
+    run_directory,
     save_resolved_config,
     steps_between_checkpoints,
     uses_loss_scaling,
@@ -32,7 +37,7 @@ from sd_mlperf.training.trainer import UNBOUNDED_STEPS, EvaluatorLike, Trainer, 
 from sd_mlperf.utils.dist_info import DistInfo
 from sd_mlperf.utils.files import atomic_write_text
 from sd_mlperf.utils.logging import log_once, logger
-from sd_mlperf.utils.tensorboard import build_tensorboard_sink, summary_writer_class
+from sd_mlperf.utils.tensorboard import build_tensorboard_sink
 
 
 def plan_from_config(cfg: Config) -> TrainPlan:
@@ -71,25 +76,50 @@ def _device_generator(generator: torch.Generator, device: torch.device) -> torch
     return seeded
 
 
-def build_trainer(cfg: Config, dist: DistInfo, *, evaluator: EvaluatorLike | None | str = "from_config",
+class FromConfig(enum.Enum):
+    """Marks a part that `build_trainer` builds from the config, as opposed to a given object (or None)."""
+
+    FROM_CONFIG = enum.auto()
+
+
+FROM_CONFIG = FromConfig.FROM_CONFIG
+"""build_trainer's default `evaluator`: the configured one (eval.inline), built here."""
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """What `_start_run` settled before any part exists."""
+
+    cfg: Config
+    """The config with run.seed fixed (given, drawn, or the resumed checkpoint's)."""
+    run_dir: Path
+    plan: TrainPlan
+    checkpointer: Checkpointer
+    resume_from: Path | None
+    """The checkpoint training.resume picked, or None for a fresh run."""
+    mlperf: MLPerfLogger
+    """Its init events (cache_clear, init_start, submission, hyperparameters) are written."""
+
+
+def build_trainer(cfg: Config, dist: DistInfo, *, evaluator: EvaluatorLike | None | FromConfig = FROM_CONFIG,
                   data: tuple[Iterable[dict], Callable[..., Any]] | None = None,
                   init_time_ms: int | None = None) -> Trainer:
-    """Build every part from the config (MLPerf init events included), then resume per training.resume.
+    """Build every part from the config (MLPerf init events included), then resume per training.resume and warm up.
 
-    `evaluator` replaces the configured one (any object with `evaluate`, or None); `data` = (loader,
-    conditioner) replaces the configured data pipeline. Both exist for tests and tools. A null run.seed is
-    drawn here (or taken from the checkpoint a run resumes); `trainer.plan.seed` holds the one used.
+    `evaluator` replaces the configured one (any object with `evaluate`, or None for no evaluator); `data` =
+    (loader, conditioner) replaces the configured data pipeline. Both exist for tests and tools. A null run.seed
+    is drawn here (or taken from the checkpoint a run resumes); `trainer.plan.seed` holds the one used. A run on
+    the synthetic dataset needs its files first: sd_mlperf.training.smoke_assets.prepare_smoke_assets.
     """
-    from sd_mlperf.data.synthetic import ensure_synthetic_sources
-    from sd_mlperf.models.unet import build_unet
-    from sd_mlperf.parallel.data_parallel import apply_data_parallel
-    from sd_mlperf.parallel.distributed import seed_everything
-    from sd_mlperf.parallel.optimizer import LRSchedule
-    from sd_mlperf.training.step import build_train_step
+    run = _start_run(cfg, dist, init_time_ms)
+    trainer = _build_parts(run, dist, evaluator=evaluator, data=data)
+    _resume_and_warm_up(trainer, run.resume_from)
+    return trainer
 
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    if cfg.logging.tensorboard:
-        summary_writer_class()  # every rank, before any work: a missing `tensorboard` package fails here
+
+def _start_run(cfg: Config, dist: DistInfo, init_time_ms: int | None) -> RunStart:
+    """The run directory, the checkpoint to resume, the run seed and plan, the MLPerf init events, config.yaml."""
+    run_dir = run_directory(cfg)
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, rank=dist.rank, world_size=dist.world_size,
                                 barrier=torch.distributed.barrier if dist.world_size > 1 else None)
     resume_from = checkpointer.resolve(cfg.training.resume)
@@ -113,44 +143,65 @@ def build_trainer(cfg: Config, dist: DistInfo, *, evaluator: EvaluatorLike | Non
     mlperf.hyperparameters(cfg, global_batch_size=plan.global_batch_size)
     if dist.is_main:
         save_resolved_config(cfg, run_dir)
+    return RunStart(cfg=cfg, run_dir=run_dir, plan=plan, checkpointer=checkpointer, resume_from=resume_from,
+                    mlperf=mlperf)
 
+
+def _build_parts(run: RunStart, dist: DistInfo, *, evaluator: EvaluatorLike | None | FromConfig,
+                 data: tuple[Iterable[dict], Callable[..., Any]] | None) -> Trainer:
+    """UNet, data, data parallelism + optimizer, evaluator, step and progress writers, held by a new Trainer."""
+    from sd_mlperf.models.unet import build_unet
+    from sd_mlperf.parallel.data_parallel import apply_data_parallel
+    from sd_mlperf.parallel.distributed import seed_everything
+    from sd_mlperf.parallel.optimizer import LRSchedule
+    from sd_mlperf.training.step import build_train_step
+
+    cfg, plan, run_dir = run.cfg, run.plan, run.run_dir
     hardware = progress_hardware(cfg, dist)
     torch.manual_seed(cfg.run.seed)  # the same UNet init on every rank, whatever the backend
     # The UNet computes in training.precision, and in eval.precision when the inline evaluator runs it.
     unet = build_unet(cfg.model.unet, compute_precisions=training_precisions(cfg))
     generator = _device_generator(seed_everything(cfg.run.seed, dist.rank), dist.device)
-    build_eval = evaluator == "from_config" and cfg.eval.inline
-    ensure_synthetic_sources(cfg)  # smoke runs: the pictures (and a fitted toy VAE) before the frozen parts load
+    build_eval = evaluator is FROM_CONFIG and cfg.eval.inline
     vae, text_encoder = _build_frozen(cfg, dist) if (data is None or build_eval) else (None, None)
     loader, conditioner = data if data is not None else _build_data(cfg, dist, vae, text_encoder)
     dp = apply_data_parallel(unet, cfg, dist)
-    resolutions = [*unet.backend_resolutions, dp.resolution]
-    log_resolutions(resolutions)
-    _warn_slow_twins(cfg, dist, resolutions)
-    if dist.is_main:
-        atomic_write_text(run_dir / "resolved_backends.yaml", yaml.safe_dump(resolutions_to_dict(resolutions)))
-    if evaluator == "from_config":
+    _record_backends(cfg, dist, run_dir, [*unet.backend_resolutions, dp.resolution])
+    if evaluator is FROM_CONFIG:
         evaluator = _build_evaluator(cfg, dist, vae, text_encoder, run_dir) if cfg.eval.inline else None
     lr_schedule = LRSchedule(cfg.optim, plan.global_batch_size)
-    step = build_train_step(cfg, dp, conditioner=conditioner, lr_schedule=lr_schedule, generator=generator,
-                            device=dist.device)
+    optimizer_step = build_train_step(cfg, dp, conditioner=conditioner, lr_schedule=lr_schedule,
+                                      generator=generator, device=dist.device)
     # TensorBoard (rank 0): the same records as metrics.jsonl, and the grids the inline evaluator writes to RUN/eval.
     sinks = [build_tensorboard_sink(run_dir, run_dir / "eval")] if cfg.logging.tensorboard and dist.is_main else []
-    trainer = Trainer(
-        plan=plan, dp=dp, step=step, loader=loader, lr_schedule=lr_schedule, generator=generator,
-        checkpointer=checkpointer, mlperf=mlperf, evaluator=evaluator, reduce_mean=_mean_over_ranks(dist.world_size),
-        run_dir=run_dir, collector=None if cfg.eval.inline else EvalCheckpointWriter(run_dir, enabled=dist.is_main),
+    return Trainer(
+        plan=plan, dp=dp, optimizer_step=optimizer_step, loader=loader, lr_schedule=lr_schedule, generator=generator,
+        checkpointer=run.checkpointer, mlperf=run.mlperf, evaluator=evaluator,
+        reduce_mean=_mean_over_ranks(dist.world_size), run_dir=run_dir,
+        collector=None if cfg.eval.inline else EvalCheckpointWriter(run_dir, enabled=dist.is_main),
         progress=Progress(cfg.logging, run_dir, enabled=dist.is_main, global_batch_size=plan.global_batch_size,
                           total_steps=plan.max_steps if plan.max_steps < UNBOUNDED_STEPS else None, hardware=hardware,
                           sinks=sinks))
+
+
+def _resume_and_warm_up(trainer: Trainer, resume_from: Path | None) -> None:
+    """Restore the checkpoint (or log the fresh start), then warm the step up."""
     if resume_from is not None:
         trainer.restore(resume_from)
     else:
         trainer.progress.log_start()
     # After resume (loading optimizer state replaces its tensors; a graph must record the final ones) and
     # before run_start (fit): warmup on synthetic inputs, changing no weights, as the MLPerf rules allow.
-    step.warm_up()
-    return trainer
+    trainer.optimizer_step.warm_up()
+
+
+def _record_backends(cfg: Config, dist: DistInfo, run_dir: Path, resolutions: list[Resolution]) -> None:
+    """resolved_backends.yaml (rank 0), the one startup line naming it, and the closed division's slow-twin warning."""
+    path = run_dir / "resolved_backends.yaml"
+    if dist.is_main:
+        atomic_write_text(path, yaml.safe_dump(resolutions_to_dict(resolutions)))
+    log_resolutions(resolutions, details=path)
+    _warn_slow_twins(cfg, dist, resolutions)
 
 
 def progress_hardware(cfg: Config, dist: DistInfo) -> Hardware:
@@ -171,7 +222,7 @@ def progress_hardware(cfg: Config, dist: DistInfo) -> Hardware:
                     peak_flop_per_s=peak * 1e12 if peak else None, memory_device=dist.device if cuda else None)
 
 
-def _warn_slow_twins(cfg: Config, dist: DistInfo, resolutions: list) -> None:
+def _warn_slow_twins(cfg: Config, dist: DistInfo, resolutions: list[Resolution]) -> None:
     """A benchmark run (closed division) on a GPU says at start which roles fell back to a plain-PyTorch twin."""
     slow = fallbacks(resolutions)
     if dist.is_main and dist.device.type == "cuda" and cfg.run.division == "closed" and slow:
@@ -220,9 +271,7 @@ def _build_frozen(cfg: Config, dist: DistInfo) -> tuple[Any, Any]:
 def _build_data(cfg: Config, dist: DistInfo, vae: Any, text_encoder: Any) -> tuple[Iterable[dict], Callable[..., Any]]:
     from sd_mlperf.data.conditioning import build_batch_conditioner
     from sd_mlperf.data.laion import build_train_loader
-    from sd_mlperf.data.synthetic import ensure_synthetic_data
 
-    ensure_synthetic_data(cfg, vae, text_encoder)  # smoke runs: write + precompute the dataset once
     loader = build_train_loader(cfg.data, micro_batch_size=cfg.training.micro_batch_size, rank=dist.rank,
                                 world_size=dist.world_size, seed=cfg.run.seed, latent_size=latent_size(cfg))
     return loader, build_batch_conditioner(cfg, vae, text_encoder)
@@ -231,6 +280,5 @@ def _build_data(cfg: Config, dist: DistInfo, vae: Any, text_encoder: Any) -> tup
 def _build_evaluator(cfg: Config, dist: DistInfo, vae: Any, text_encoder: Any, run_dir: Path) -> EvaluatorLike:
     from sd_mlperf.eval.evaluator import build_evaluator
 
-    # It also writes the FID reference statistics of the synthetic validation images (smoke runs).
     return build_evaluator(cfg, vae=vae, text_encoder=text_encoder, rank=dist.rank, world_size=dist.world_size,
                            device=dist.device, run_dir=run_dir)

@@ -18,6 +18,8 @@ resuming therefore needs the same world size (the check says so). `model.pt` alo
 export) is enough to evaluate or to start a new run.
 Every directory is written as `.step_XXXXXXX.tmp` and renamed only when all ranks have finished, and
 `latest` is replaced atomically, so a crash never leaves a half-written checkpoint under a real name.
+`read_checkpoint_weights` answers, for `sd-mlperf evaluate --checkpoint`, every question about a path into this
+layout (or an ldm export anywhere): its weights, step, samples_count and run directory.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +37,28 @@ import numpy as np
 import torch
 
 from sd_mlperf.config.schema import CheckpointConfig
+from sd_mlperf.utils.errors import UserError
 from sd_mlperf.utils.files import atomic_write_text
 from sd_mlperf.utils.logging import logger
 
 FORMAT = 1
+CHECKPOINT_DIR = "checkpoints"
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 LATEST_FILE = "latest"
 LDM_EXPORT_FILE = "unet_ldm.safetensors"
-_STEP_RE = re.compile(r"^step_(\d{7,})$")
+_STEP_DIR_RE = re.compile(r"^step_(\d{7,})$")  # the package's one step-directory pattern: step_dir_name's names
 
 
 def step_dir_name(step: int) -> str:
     """`step_0000010` for step 10."""
     return f"step_{step:07d}"
+
+
+def step_of_dir_name(name: str) -> int | None:
+    """10 for `step_0000010`; None for a name `step_dir_name` never makes."""
+    match = _STEP_DIR_RE.match(name)
+    return int(match.group(1)) if match else None
 
 
 def rank_file_name(rank: int) -> str:
@@ -129,7 +140,7 @@ def load_file(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RuntimeError(f"cannot read checkpoint file {path}: {exc}. Delete that checkpoint directory "
+        raise UserError(f"cannot read checkpoint file {path}: {exc}. Delete that checkpoint directory "
                            "or set training.resume=never (or to another checkpoint path).") from exc
 
 
@@ -139,7 +150,7 @@ class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, run_dir: str | os.PathLike, *, rank: int = 0, world_size: int = 1,
                  barrier: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
-        self.dir = Path(run_dir) / "checkpoints"
+        self.dir = Path(run_dir) / CHECKPOINT_DIR
         self.rank = rank
         self.world_size = world_size
         self.barrier = barrier or (lambda: None)
@@ -217,7 +228,7 @@ class Checkpointer:
         """Published checkpoints, oldest first (directories under a temporary name are ignored)."""
         if not self.dir.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
+        found = [(step, p) for p in self.dir.iterdir() if p.is_dir() and (step := step_of_dir_name(p.name)) is not None]
         return [p for _, p in sorted(found) if (p / MODEL_FILE).is_file()]
 
     def latest(self) -> Path | None:
@@ -225,7 +236,7 @@ class Checkpointer:
         pointer = self.dir / LATEST_FILE
         if pointer.is_file():
             candidate = self.dir / pointer.read_text().strip()
-            if _STEP_RE.match(candidate.name) and self.is_complete(candidate):
+            if step_of_dir_name(candidate.name) is not None and self.is_complete(candidate):
                 return candidate
             logger.warning("%s names %s, which is not a complete checkpoint; using the newest complete one",
                            pointer, candidate.name)
@@ -265,6 +276,60 @@ class Checkpointer:
         optimizer = load_file(optimizer_path) if optimizer_path.is_file() else None
         rank_path = path / rank_file_name(self.rank if saved_world == self.world_size else 0)
         if not rank_path.is_file():
-            raise RuntimeError(f"checkpoint {path} lacks {rank_path.name}; it is incomplete. Delete it or set "
+            raise UserError(f"checkpoint {path} lacks {rank_path.name}; it is incomplete. Delete it or set "
                                "training.resume to another checkpoint.")
         return model, optimizer, load_file(rank_path)
+
+
+# -- reading weights for evaluation -----------------------------------------------------------------
+@dataclass(frozen=True)
+class CheckpointWeights:
+    """UNet weights read from a checkpoint path, with what the file and its place in the layout tell."""
+
+    path: Path
+    """The weights file: a step directory's model.pt or an ldm export (.safetensors/.ckpt)."""
+    state: dict[str, torch.Tensor]
+    step: int
+    """The recorded step; else the one its step directory names; else 0."""
+    samples_count: int | None
+    """The recorded samples_count; else the caller's default (None: unknown)."""
+    run_dir: Path | None
+    """RUN for RUN/checkpoints/step_XXXXXXX/FILE; None for a file outside that layout."""
+
+
+def checkpoint_run_dir(weights_file: str | os.PathLike) -> Path | None:
+    """RUN for a file RUN/checkpoints/step_XXXXXXX/FILE; None for a file anywhere else."""
+    path = Path(weights_file)
+    if step_of_dir_name(path.parent.name) is None or path.parent.parent.name != CHECKPOINT_DIR:
+        return None
+    return path.parents[2]
+
+
+def read_checkpoint_weights(path: str | os.PathLike, samples_count: int | None = None) -> CheckpointWeights:
+    """The UNet weights of a step directory, its model.pt, or an ldm UNet export.
+
+    `samples_count` stands in when the file does not record one (an ldm export).
+    """
+    from sd_mlperf.models.checkpoint_io import load_unet_state_dict
+
+    path = Path(path)
+    if path.is_dir():
+        if not (path / MODEL_FILE).is_file():
+            raise FileNotFoundError(f"{path} is a directory without {MODEL_FILE}; pass a trainer checkpoint "
+                                    f"directory (RUN_DIR/{CHECKPOINT_DIR}/step_XXXXXXX) or a weights file")
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    step, count = None, samples_count
+    if path.name == MODEL_FILE:
+        payload = load_file(path)
+        if not isinstance(payload, dict) or "unet" not in payload:
+            raise ValueError(f"{path}: not a trainer checkpoint (no 'unet' entry); pass an ldm export instead")
+        state, step = payload["unet"], int(payload.get("step", 0))
+        count = int(payload["samples_count"]) if "samples_count" in payload else count
+    else:
+        state = load_unet_state_dict(path)
+    if step is None:
+        step = step_of_dir_name(path.parent.name)
+    return CheckpointWeights(path=path, state=state, step=step or 0, samples_count=count,
+                             run_dir=checkpoint_run_dir(path))

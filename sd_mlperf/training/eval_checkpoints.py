@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from sd_mlperf.utils.errors import UserError
 from sd_mlperf.utils.files import atomic_path
 from sd_mlperf.utils.logging import logger
 
@@ -139,7 +140,7 @@ class EvalCheckpointWriter:
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
-            raise RuntimeError(f"writing an evaluation checkpoint into {self.dir} failed: {error}") from error
+            raise UserError(f"writing an evaluation checkpoint into {self.dir} failed: {error}") from error
 
     def _write_guarded(self, payload: dict[str, Any]) -> None:
         try:

@@ -79,6 +79,18 @@ def _eval_lines(score: Score) -> list[str]:
     return _event_lines(write)
 
 
+def append_eval_lines(log_path: str | os.PathLike, samples_count: int, fid: float, clip: float) -> Path:
+    """Append one evaluation's eval_start / eval_accuracy (FID, CLIP) / eval_stop to an MLPerf log (not a final one)."""
+    mlperf = MLPerfLogger(log_path, append=True)
+    try:
+        mlperf.eval_start(samples_count)
+        mlperf.eval_result(samples_count, fid, clip)
+        mlperf.eval_stop(samples_count)
+    finally:
+        mlperf.close()
+    return Path(log_path)
+
+
 def compose_final_log(training_log: str | os.PathLike, scores: list[Score], *, target_fid: float,
                       target_clip: float, training_end: tuple[int, int] | None) -> list[str]:
     """The lines of the final log (see the module docstring). Raises ValueError when it cannot be written yet.

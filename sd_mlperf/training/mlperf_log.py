@@ -18,7 +18,6 @@ from typing import Any
 from sd_mlperf.config.schema import Config
 
 # Reference dataset sizes (REFERENCE.md, "Data" and "Evaluation").
-LAION_TRAIN_SAMPLES = 6_513_144
 COCO_EVAL_SAMPLES = 30_000
 
 TRAINING_LOG_FILE = "mlperf_train.log"
@@ -42,11 +41,6 @@ def page_cache_cleared() -> bool:
 def training_log_path(cfg: Config, run_dir: str | os.PathLike) -> Path:
     """The log the trainer writes: the final one with inline evaluation, else the training part of it."""
     return Path(run_dir) / (cfg.logging.mlperf_log_file if cfg.eval.inline else TRAINING_LOG_FILE)
-
-
-def train_samples(cfg: Config) -> int:
-    """Size of the training set: the synthetic set's when training on it, else the LAION subset's."""
-    return cfg.data.synthetic.num_train_samples if cfg.data.synthetic_dir else LAION_TRAIN_SAMPLES
 
 
 class MLPerfLogger:
@@ -118,7 +112,7 @@ class MLPerfLogger:
         """Dataset sizes, seed, batch and optimizer keys (exactly once each)."""
         o = cfg.optim
         self.event("seed", cfg.run.seed)
-        self.event("train_samples", train_samples(cfg))
+        self.event("train_samples", cfg.data.num_train_samples)
         self.event("eval_samples", cfg.eval.num_prompts)
         self.event("global_batch_size", global_batch_size)
         self.event("gradient_accumulation_steps", cfg.training.grad_accumulation_steps)

@@ -1,7 +1,7 @@
-"""Offline evaluation of a run directory: score its collected checkpoints as the rules require, write its final log.
+"""Offline evaluation: score saved checkpoints; for a run directory, as the rules require, then write its final log.
 
-`sd-mlperf evaluate --run-dir RUN` drives it. The MLPerf Stable Diffusion rules ask for the FID and CLIP of
-every collected checkpoint up to the first passing one in 1 of the 10 runs (`all`), and of the first passing
+`sd-mlperf evaluate --run-dir RUN` drives `RunEvaluation`. The MLPerf Stable Diffusion rules ask for the FID and
+CLIP of every collected checkpoint up to the first passing one in 1 of the 10 runs (`all`), and of the first passing
 checkpoint and the one before it in the other 9 (`last_two`). `last_two` finds that pair by bisection over the
 collected checkpoints, which assumes quality that improves with training (a checkpoint that passes is
 followed by passing ones): it scores about log2(N) + 1 checkpoints instead of N, and the pair it reports is a
@@ -13,28 +13,218 @@ stops at its next block.
 Scores are kept in RUN/eval_offline/scores.jsonl (with the prompt count and noise seed they were computed
 with), so an interrupted or repeated evaluation never scores a checkpoint twice. Every rank runs the same
 calls: rank 0 reads the index and the score file and broadcasts what it read.
+
+`sd-mlperf evaluate --checkpoint PATH` scores any checkpoint (sd_mlperf.training.checkpoints.read_checkpoint_weights)
+with a `CheckpointScorer`. Both forms load their config here (`load_run_config`, `load_checkpoint_config`), build
+the scorer (`build_checkpoint_scorer`) and write grids and JSON under RUN/eval_offline/.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from sd_mlperf.config import load_config
+from sd_mlperf.config.load import RUN_CONFIG_FILE, evaluation_seed, run_directory
+from sd_mlperf.config.schema import Config
 from sd_mlperf.eval.distributed import broadcast_object
+from sd_mlperf.training.checkpoints import CheckpointWeights, read_checkpoint_weights
 from sd_mlperf.training.eval_checkpoints import EVAL_CHECKPOINT_DIR, read_index, request_stop
-from sd_mlperf.training.final_log import Score, compose_final_log, first_passing
+from sd_mlperf.training.final_log import Score, append_eval_lines, compose_final_log, first_passing
 from sd_mlperf.training.mlperf_log import TRAINING_LOG_FILE
+from sd_mlperf.utils.dist_info import DistInfo
 from sd_mlperf.utils.files import atomic_write_text
 from sd_mlperf.utils.logging import logger
 
-SCORES_FILE = "eval_offline/scores.jsonl"
-Strategy = Literal["all", "last_two"]
+if TYPE_CHECKING:
+    from sd_mlperf.eval.evaluator import EvalResult, Evaluator
+
+OFFLINE_EVAL_DIR = "eval_offline"
+SCORES_FILE = f"{OFFLINE_EVAL_DIR}/scores.jsonl"
+Strategy = Literal["all", "last_two", "watch"]
+
+
+def offline_eval_dir(run_dir: str | os.PathLike) -> Path:
+    """RUN/eval_offline: where offline evaluation writes grids, JSON and scores.jsonl."""
+    return Path(run_dir) / OFFLINE_EVAL_DIR
+
+
+def check_num_prompts(num_prompts: int | None) -> None:
+    """A quick look's prompt count (--num-prompts): None (all of eval.num_prompts) or at least 2."""
+    if num_prompts is not None and num_prompts < 2:
+        raise ValueError(f"--num-prompts must be at least 2 (FID needs 2 images), got {num_prompts}")
+
+
+def run_config_seed(run_dir: str | os.PathLike | None) -> int | None:
+    """The run.seed a run directory's config.yaml records; None without a run, a config.yaml or a seed."""
+    from omegaconf import OmegaConf
+
+    config = Path(run_dir) / RUN_CONFIG_FILE if run_dir is not None else None
+    if config is None or not config.is_file():
+        return None
+    seed = OmegaConf.load(config).run.get("seed")
+    return None if seed is None else int(seed)
+
+
+def load_run_config(run_dir: str | os.PathLike, config_files: Sequence[str | os.PathLike] = (),
+                    overrides: Sequence[str] = (), *, num_prompts: int | None = None) -> Config:
+    """The config to score a run's collected checkpoints with: its own config.yaml, then files, then overrides.
+
+    The run's config gives the seed, targets and evaluation settings; the processes are this launch's, not
+    training's. Refuses a run that evaluated inline (its log is final already) and a `num_prompts` below 2.
+    """
+    from sd_mlperf.parallel.launch import read_launch_env
+
+    run_dir = Path(run_dir)
+    config = run_dir / RUN_CONFIG_FILE
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} does not exist: --run-dir takes a run directory of `sd-mlperf train`")
+    world = read_launch_env().world_size
+    cfg = load_config([config, *config_files], ["parallel.num_nodes=1", f"parallel.gpus_per_node={world}",
+                                                *overrides])
+    if cfg.eval.inline:
+        raise ValueError(f"{run_dir} trained with eval.inline=true: its {cfg.logging.mlperf_log_file} is final "
+                         "already. Use --checkpoint to score its checkpoints again.")
+    check_num_prompts(num_prompts)
+    return cfg
+
+
+def load_checkpoint_config(paths: Sequence[str | os.PathLike], config_files: Sequence[str | os.PathLike] = (),
+                           overrides: Sequence[str] = (), *, num_prompts: int | None = None,
+                           samples_count: int | None = None) -> tuple[Config, list[CheckpointWeights]]:
+    """The config and the weights to score checkpoints with (`sd-mlperf evaluate --checkpoint`).
+
+    `num_prompts` becomes eval.num_prompts; `samples_count` stands in for files that record none. With run.seed and
+    eval.seed null, the seed comes from the config.yaml of the first checkpoint's run that records one, so the
+    evaluation noise is that run's.
+    """
+    check_num_prompts(num_prompts)
+    overrides = [*overrides, *([f"eval.num_prompts={num_prompts}"] if num_prompts else [])]
+    cfg = load_config(config_files, overrides)
+    checkpoints = [read_checkpoint_weights(path, samples_count) for path in paths]
+    if cfg.run.seed is None and cfg.eval.seed is None:
+        seed = next((s for c in checkpoints if (s := run_config_seed(c.run_dir)) is not None), None)
+        if seed is not None:
+            cfg = load_config(config_files, [*overrides, f"run.seed={seed}"])
+    return cfg, checkpoints
+
+
+class CheckpointScorer:
+    """A UNet and the evaluator on this rank's device: loads weights into the UNet and scores them (all ranks)."""
+
+    def __init__(self, unet: torch.nn.Module, evaluator: Evaluator) -> None:
+        self.unet = unet
+        self.evaluator = evaluator
+
+    def score(self, state: dict[str, torch.Tensor], *, source: str, samples_count: int, step: int,
+              out_dir: Path | None = None) -> EvalResult:
+        """Load `state` (checked against the UNet; `source` names it in errors) and evaluate it."""
+        from sd_mlperf.models.checkpoint_io import check_state_dict
+
+        check_state_dict(self.unet, state, source=source)
+        self.unet.load_state_dict(state, strict=True)
+        return self.evaluator.evaluate(self.unet, samples_count=samples_count, step=step, out_dir=out_dir)
+
+    def score_checkpoint(self, checkpoint: CheckpointWeights) -> EvalResult:
+        """Score read weights; the outputs go to their run's eval_offline/ (else to the evaluator's directory)."""
+        out_dir = offline_eval_dir(checkpoint.run_dir) if checkpoint.run_dir is not None else None
+        return self.score(checkpoint.state, source=str(checkpoint.path), samples_count=checkpoint.samples_count or 0,
+                          step=checkpoint.step, out_dir=out_dir)
+
+    def collected_scorer(self, run_dir: str | os.PathLike) -> Callable[[dict[str, Any]], tuple[float, float]]:
+        """`RunEvaluation`'s `evaluate`: (FID, CLIP) of a collected checkpoint's payload."""
+        def evaluate(payload: dict[str, Any]) -> tuple[float, float]:
+            result = self.score(payload["unet"], source=f"{run_dir} step {payload['step']}",
+                                samples_count=int(payload["samples_count"]), step=int(payload["step"]))
+            return result.fid, result.clip
+
+        return evaluate
+
+
+def build_checkpoint_scorer(cfg: Config, dist: DistInfo, out_dir: str | os.PathLike | None = None, *,
+                            num_prompts: int | None = None) -> CheckpointScorer:
+    """The UNet and evaluator on this rank's device; `num_prompts` overrides eval.num_prompts.
+
+    The evaluator writes under `out_dir`, by default the eval_offline/ of the config's run
+    (run.output_dir/run.name). The frozen parts are the trainer's: the same file, or the same fixed seed for
+    random (smoke) encoders.
+    """
+    from sd_mlperf.eval.evaluator import build_evaluator
+    from sd_mlperf.models.checkpoint_io import build_frozen_encoders
+    from sd_mlperf.models.unet import build_unet
+
+    if num_prompts is not None:
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, num_prompts=num_prompts))
+    vae, text_encoder = build_frozen_encoders(cfg.model)
+    vae.to(dist.device).eval()
+    text_encoder.to(dist.device).eval()
+    unet = build_unet(cfg.model.unet, compute_precisions={"eval.precision": cfg.eval.precision})
+    unet.to(dist.device).eval()
+    out_dir = Path(out_dir) if out_dir is not None else offline_eval_dir(run_directory(cfg))
+    evaluator = build_evaluator(cfg, vae=vae, text_encoder=text_encoder, rank=dist.rank, world_size=dist.world_size,
+                                device=dist.device, run_dir=out_dir.parent, out_subdir=out_dir.name)
+    return CheckpointScorer(unet, evaluator)
+
+
+def describe_checkpoint_score(checkpoint: CheckpointWeights, result: EvalResult) -> str:
+    """One line: the checkpoint, its step and samples, FID, CLIP, images, seconds and the JSON written."""
+    return (f"{checkpoint.path}: step {checkpoint.step} samples {checkpoint.samples_count} FID {result.fid:.4f} "
+            f"CLIP {result.clip:.4f} ({result.num_images} images, {result.seconds:.1f} s) -> {result.json_path}")
+
+
+def append_checkpoint_score(log_path: str | os.PathLike, checkpoint: CheckpointWeights, result: EvalResult) -> bool:
+    """Append the score's eval_* lines to an MLPerf log; False (with a warning) when no samples_count is known."""
+    count = checkpoint.samples_count
+    if count is None:
+        logger.warning("%s records no samples_count: no MLPerf lines written (pass --samples-count N)",
+                       checkpoint.path)
+        return False
+    append_eval_lines(log_path, count, result.fid, result.clip)
+    logger.info("appended eval_* lines (samples_count %d) to %s", count, log_path)
+    return True
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """Where scoring a run ended: the final log written (or why not) and the first passing checkpoint."""
+
+    log_path: Path
+    scores: list[tuple[Score, bool]]
+    """Every score in step order, with whether it passes."""
+    first: Score | None
+    error: str | None
+    """Why the final log could not be written; None when it was."""
+    lonely: bool
+    """The first collected checkpoint passes already: the log holds one evaluation, which the checker refuses."""
+
+    @property
+    def exit_code(self) -> int:
+        """0 for a valid converged run (final log written, two evaluations at least), else 1."""
+        return 0 if self.error is None and self.first is not None and not self.lonely else 1
+
+    def summary(self) -> str:
+        """What to print: one line per score, then the verdict."""
+        lines = [f"step {s.step} samples {s.samples_count}: FID {s.fid:.4f} CLIP {s.clip:.4f} "
+                 f"{'PASS' if ok else 'fail'}" for s, ok in self.scores]
+        if self.error is not None:
+            lines.append(f"no final log written: {self.error}")
+        elif self.first is None:
+            lines.append(f"not converged: {self.log_path} ends with run_stop (aborted)")
+        else:
+            lines.append(f"converged at {self.first.samples_count} samples (step {self.first.step}): {self.log_path} "
+                         "ends with run_stop (success) at that checkpoint's collection time")
+        if self.lonely:
+            lines.append("error: the first collected checkpoint already passes, so the log holds one evaluation "
+                         "and the compliance checker (which wants two) refuses it")
+        return "".join(line + "\n" for line in lines)
 
 
 class RunEvaluation:
@@ -140,6 +330,17 @@ class RunEvaluation:
                                    f"{timeout_s:.0f} s")
             time.sleep(poll_s)
 
+    def run(self, strategy: Strategy, *, poll_s: float = 30.0, timeout_s: float | None = None) -> None:
+        """Score as `strategy` asks (see the module docstring); `all` and `last_two` need a collected checkpoint."""
+        if strategy == "watch":
+            self.watch(poll_s=poll_s, timeout_s=timeout_s)
+            return
+        records, _ = self.collected()
+        if not records:
+            raise ValueError(f"{self.run_dir}/{EVAL_CHECKPOINT_DIR} holds no collected checkpoint yet (the trainer "
+                             "collects one at every checkpoint_every_samples)")
+        (self.score_all if strategy == "all" else self.score_last_two)(records)
+
     # -- the result --------------------------------------------------------------------------------
     def first_passing(self) -> Score | None:
         """The first passing checkpoint among those scored."""
@@ -167,3 +368,24 @@ class RunEvaluation:
         if self.is_main:
             atomic_write_text(path, "\n".join(lines) + "\n")
         return path
+
+    def conclude(self, log_path: str | Path) -> RunOutcome:
+        """Write the final log if it can be written (every rank calls this: it is collective) and say how it ended."""
+        first = self.first_passing()
+        try:
+            self.write_final_log(log_path)  # collective: every rank, before any rank returns
+            error = None
+        except ValueError as exc:
+            error = str(exc)
+        lonely = first is not None and not any(s.samples_count < first.samples_count for s in self.scores.values())
+        scores = [(s, self.passes(s)) for s in sorted(self.scores.values(), key=lambda s: s.step)]
+        return RunOutcome(log_path=Path(log_path), scores=scores, first=first, error=error, lonely=lonely)
+
+
+def open_run_evaluation(run_dir: str | os.PathLike, cfg: Config, scorer: CheckpointScorer, *, is_main: bool,
+                        num_prompts: int | None = None) -> RunEvaluation:
+    """The evaluation of a run's collected checkpoints with the run's config (noise seed, targets) and a scorer."""
+    return RunEvaluation(run_dir, evaluate=scorer.collected_scorer(run_dir),
+                         num_prompts=num_prompts or cfg.eval.num_prompts, noise_seed=evaluation_seed(cfg),
+                         target_fid=cfg.training.target_fid, target_clip=cfg.training.target_clip, is_main=is_main,
+                         final_num_prompts=cfg.eval.num_prompts)

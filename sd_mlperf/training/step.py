@@ -18,13 +18,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from sd_mlperf.config.load import latent_size, uses_loss_scaling, world_size
 from sd_mlperf.config.schema import Config
 from sd_mlperf.diffusion.schedule import add_noise, make_alphas_cumprod, sample_timesteps, v_loss, v_target
+
+if TYPE_CHECKING:
+    from sd_mlperf.parallel.data_parallel import DataParallelModel
+    from sd_mlperf.parallel.optimizer import LRSchedule
 
 GRAPH_WARMUP_STEPS = 3
 """Eager steps before capture: cuDNN autotuning and lazy allocations (Adam moments) happen there."""
@@ -50,7 +54,7 @@ class TrainStep(Protocol):
 class DiffusionLoss:
     """z0, context -> v-MSE: timesteps and noise from `generator`, noisy latents, forward under autocast."""
 
-    dp: Any
+    dp: DataParallelModel
     alphas_cumprod: torch.Tensor
     num_timesteps: int
     autocast: Callable[[], contextlib.AbstractContextManager]
@@ -79,7 +83,7 @@ def step_metrics(loss: torch.Tensor, ok: torch.Tensor, grad_norm: torch.Tensor,
 class _StepParts:
     """What both steps hold: the loss, the conditioner, the lr schedule, the device."""
 
-    def __init__(self, *, loss_fn: DiffusionLoss, conditioner: Callable[..., Any], lr_schedule: Any,
+    def __init__(self, *, loss_fn: DiffusionLoss, conditioner: Callable[..., Any], lr_schedule: LRSchedule,
                  device: torch.device, loss_scaling: bool) -> None:
         self.loss_fn = loss_fn
         self.dp = loss_fn.dp
@@ -125,7 +129,7 @@ class EagerTrainStep(_StepParts):
 class GraphedTrainStep(_StepParts):
     """training.cuda_graph: conditioner eager, the rest one CUDA graph replay (eager twin on the CPU)."""
 
-    def __init__(self, *, loss_fn: DiffusionLoss, conditioner: Callable[..., Any], lr_schedule: Any,
+    def __init__(self, *, loss_fn: DiffusionLoss, conditioner: Callable[..., Any], lr_schedule: LRSchedule,
                  device: torch.device, loss_scaling: bool, example_inputs: dict[str, torch.Tensor],
                  cuda_graph: bool, warmup_steps: int) -> None:
         super().__init__(loss_fn=loss_fn, conditioner=conditioner, lr_schedule=lr_schedule, device=device,
@@ -211,7 +215,7 @@ def check_cuda_graph_supported(cfg: Config, parallel_backend: str) -> None:
                          "instead) or training.cuda_graph=false.")
 
 
-def build_train_step(cfg: Config, dp: Any, *, conditioner: Callable[..., Any], lr_schedule: Any,
+def build_train_step(cfg: Config, dp: DataParallelModel, *, conditioner: Callable[..., Any], lr_schedule: LRSchedule,
                      generator: torch.Generator, device: torch.device) -> EagerTrainStep | GraphedTrainStep:
     """The trainer's step for training.cuda_graph (decided here, once); call `warm_up()` before run_start."""
     from sd_mlperf.models.precision import autocast

@@ -2,7 +2,7 @@
 
 No backend or distributed branches live here: data parallelism, precision and the optimizer sit
 behind `dp` (sd_mlperf.parallel), the step's math (eager, or one CUDA graph with training.cuda_graph)
-behind `step` (sd_mlperf.training.step), the data behind `loader` + `conditioner`, evaluation behind any
+behind `optimizer_step` (sd_mlperf.training.step), the data behind `loader` + `conditioner`, evaluation behind any
 object with `evaluate(unet, samples_count=, step=) -> result with .fid/.clip`. The loop syncs with the
 device only at log intervals and at checkpoints (marked "host sync").
 """
@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -24,14 +24,19 @@ from sd_mlperf.training.meter import IntervalMeter
 from sd_mlperf.training.metrics import Progress
 from sd_mlperf.training.mlperf_log import MLPerfLogger
 from sd_mlperf.training.step import TrainStep
+from sd_mlperf.utils.errors import UserError
 from sd_mlperf.utils.logging import logger
 from sd_mlperf.utils.seeds import stream_seed
+
+if TYPE_CHECKING:
+    from sd_mlperf.parallel.data_parallel import DataParallelModel
+    from sd_mlperf.parallel.optimizer import LRSchedule
 
 UNBOUNDED_STEPS = 2**62
 """max_steps when neither training.max_steps nor training.max_samples is set (stop at the target)."""
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """The loss (or gradient norm) of an applied step was NaN or inf: training cannot continue."""
 
 
@@ -90,8 +95,8 @@ class TrainState:
 class Trainer:
     """Holds the built parts; `train_step` is one optimizer step, `fit` is the run."""
 
-    def __init__(self, *, plan: TrainPlan, dp: Any, step: TrainStep, loader: Iterable[dict], lr_schedule: Any,
-                 generator: torch.Generator, checkpointer: Checkpointer, mlperf: MLPerfLogger,
+    def __init__(self, *, plan: TrainPlan, dp: DataParallelModel, optimizer_step: TrainStep, loader: Iterable[dict],
+                 lr_schedule: LRSchedule, generator: torch.Generator, checkpointer: Checkpointer, mlperf: MLPerfLogger,
                  progress: Progress, run_dir: Path, evaluator: EvaluatorLike | None = None,
                  collector: EvalCheckpointWriter | None = None,
                  reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
@@ -99,7 +104,7 @@ class Trainer:
         trainer writes no run_stop: `sd-mlperf evaluate --run-dir` places it in the final log."""
         self.plan = plan
         self.dp = dp
-        self.step = step
+        self.optimizer_step = optimizer_step  # eager or one CUDA graph; `state.step` counts the steps done
         self.loader = loader
         self.lr_schedule = lr_schedule
         self.generator = generator
@@ -115,7 +120,7 @@ class Trainer:
     # -- one step ------------------------------------------------------------------------------------
     def train_step(self, micro_batches: Sequence[dict]) -> dict[str, torch.Tensor]:
         """One optimizer step (conditioner, noise, v-loss, backward, grad sync, AdamW) at this step's lr."""
-        return self.step(micro_batches, self.state.step)  # metric tensors: no host sync
+        return self.optimizer_step(micro_batches, self.state.step)  # metric tensors: no host sync
 
     # -- the run ---------------------------------------------------------------------------------------
     def fit(self) -> TrainState:
@@ -254,7 +259,7 @@ class Trainer:
     def restore(self, path: str | Path) -> None:
         """Resume exactly: weights, optimizer/scaler, RNGs, data position, step and samples_count.
 
-        build_trainer calls it before `step.warm_up()`: loading optimizer state replaces its tensors,
+        build_trainer calls it before `optimizer_step.warm_up()`: loading optimizer state replaces its tensors,
         and a captured CUDA graph (training.cuda_graph) keeps using the ones it recorded.
         """
         model, optimizer_state, rank = self.checkpointer.load(path)

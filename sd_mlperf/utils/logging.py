@@ -1,22 +1,18 @@
-"""The package logger: rank 0 by default, warn-once for repeats, nothing at import time."""
+"""The package logger: rank 0 by default, warn-once for repeats, nothing at import time.
+
+The caller says which rank this process is (the CLI from the launch environment before any command runs,
+train/evaluate from their DistInfo after init); this module reads no environment.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import IO
 
 LOGGER_NAME = "sd_mlperf"
 logger = logging.getLogger(LOGGER_NAME)
 _seen_once: set[str] = set()
-
-
-def _env_rank() -> int:
-    for var in ("RANK", "SLURM_PROCID"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
 
 
 class _CurrentStderrHandler(logging.StreamHandler):
@@ -34,9 +30,8 @@ class _CurrentStderrHandler(logging.StreamHandler):
         pass
 
 
-def setup_logging(level: str | int = "INFO", *, rank: int | None = None, all_ranks: bool = False) -> None:
-    """Attach one stderr handler to the package logger; ranks other than 0 log warnings only."""
-    rank = _env_rank() if rank is None else rank
+def setup_logging(level: str | int = "INFO", *, rank: int = 0, all_ranks: bool = False) -> None:
+    """Attach one stderr handler to the package logger; ranks other than 0 log warnings only (unless all_ranks)."""
     if isinstance(level, str):
         level = logging.getLevelName(level.upper())
     logger.setLevel(level if (rank == 0 or all_ranks) else logging.WARNING)

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
+from sd_mlperf.utils.errors import UserError
+
 TENSORBOARD_DIR = "tensorboard"
 """Event files go to RUN/tensorboard/."""
 _NOT_SCALARS = ("kind", "step", "samples", "time")
@@ -41,7 +43,7 @@ def summary_writer_class() -> type:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
-        raise RuntimeError(
+        raise UserError(
             f"logging.tensorboard=true needs the tensorboard package ({exc}). Install it with "
             "`pip install -c tests/constraints-cpu.txt -e '.[tensorboard]'` (or `pip install tensorboard`), or set "
             "logging.tensorboard=false.") from exc

@@ -50,7 +50,7 @@ SKIP_EXIT=77  # a stage that exits with this status after a "SKIP: <reason>" lin
 # torchmetrics, timm, huggingface_hub, regex, pandas) lacks, with the dependencies it also lacks, pinned to
 # the CPU CI versions (tests/constraints-cpu.txt). About 5.5 MB.
 # DALI (about 425 MB) does not fit the 64 MiB that travels: its GPU checks skip there.
-WHEELS="omegaconf==2.4.0 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 webdataset==1.0.2 braceexpand==0.1.7
+WHEELS="omegaconf==2.4.0 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
 megatron-core==0.16.1 mlperf-logging==4.1.68"
 
 case "${1:-}" in

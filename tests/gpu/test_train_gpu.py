@@ -98,7 +98,7 @@ def test_cuda_graph_step_matches_eager_without_host_sync(tmp_path, precision, rt
     common = ["run.device=cuda", f"training.precision={precision}", "parallel.backend=torch", *SMOKE_UNET]
     eager = _trainer(make_cfg(tmp_path / "eager", *common), batches)
     graphed = _trainer(make_cfg(tmp_path / "graph", *common, "training.cuda_graph=true"), batches)
-    assert graphed.step.graphed  # captured in build_trainer, before run_start
+    assert graphed.optimizer_step.graphed  # captured in build_trainer, before run_start
     start = {name: value.clone() for name, value in eager.dp.unwrapped.state_dict().items()}
     for name, value in graphed.dp.unwrapped.state_dict().items():  # warmup + capture changed no weight
         assert torch.equal(value, start[name]), name

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from sd_mlperf.config import load_config
-from sd_mlperf.data.synthetic import ensure_synthetic_sources
 from sd_mlperf.training.build import build_trainer
+from sd_mlperf.training.smoke_assets import prepare_smoke_assets
 from tests.unit.training._helpers import cpu_dist
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,7 +45,7 @@ def shared(tmp_path_factory) -> Iterator[dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.run.num_threads)  # as `sd-mlperf train` does (1: tiny ops on a shared CPU)
     try:
-        ensure_synthetic_sources(cfg)
+        prepare_smoke_assets(cfg, cpu_dist())  # pictures, toy VAE, latents, FID statistics
         trainer = build_trainer(cfg, cpu_dist())
         try:
             before = trainer.evaluator.evaluate(trainer.dp.unwrapped, samples_count=0, step=0).extra
@@ -84,7 +84,9 @@ SABOTAGE = {"none": lambda monkeypatch: None, "shuffled_captions": _shuffle_capt
                                                   ("flipped_v_target", False)])
 def test_training_lifts_the_toy_metrics(shared, tmp_path, monkeypatch, sabotage, learns):
     SABOTAGE[sabotage](monkeypatch)
-    trainer = build_trainer(_cfg(shared["data"], tmp_path, sabotage), cpu_dist())
+    cfg = _cfg(shared["data"], tmp_path, sabotage)
+    prepare_smoke_assets(cfg, cpu_dist())  # made by the fixture: reused
+    trainer = build_trainer(cfg, cpu_dist())
     start = time.perf_counter()
     try:
         state = trainer.fit()

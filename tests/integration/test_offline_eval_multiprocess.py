@@ -20,7 +20,6 @@ PASS, FAIL = (80.0, 0.2), (120.0, 0.1)
 
 
 def _worker(rank: int, port: int, run_dir: str, out: str) -> None:
-    from sd_mlperf.commands.evaluate import _report
     from sd_mlperf.training.eval_checkpoints import read_index
     from sd_mlperf.training.offline_eval import RunEvaluation
 
@@ -36,7 +35,7 @@ def _worker(rank: int, port: int, run_dir: str, out: str) -> None:
         runner = RunEvaluation(run_dir, evaluate=evaluate, num_prompts=30000, noise_seed=0, target_fid=90.0,
                                target_clip=0.15, is_main=rank == 0, final_num_prompts=30000)
         runner.score_last_two(runner.collected()[0])
-        status = _report(runner, Path(run_dir) / "mlperf.log", is_main=rank == 0)
+        status = runner.conclude(Path(run_dir) / "mlperf.log").exit_code
         runner.watch(poll_s=0.01, timeout_s=5)  # returns at once: a checkpoint passes
     finally:
         torch.distributed.destroy_process_group()

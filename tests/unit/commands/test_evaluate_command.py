@@ -2,7 +2,7 @@
 
 The same checkpoint, prompts and seed must give the same FID and CLIP offline as inline, and the
 offline run appends eval_start / eval_accuracy (FID, CLIP) / eval_stop with the checkpoint's
-samples_count to the run's MLPerf log.
+samples_count to the run's MLPerf log. Every documented command line parses into the arguments it means.
 """
 
 from __future__ import annotations
@@ -39,6 +39,51 @@ def _mlperf_events(path):
         if line.startswith(":::MLLOG "):
             events.append(json.loads(line[len(":::MLLOG "):]))
     return events
+
+
+# Every command line README.md, examples/03_offline_eval.sh, slurm/srun.sh and the tests below document.
+FORMS = [
+    (["--run-dir", "R"], {"run_dir": "R", "strategy": "all", "config": [], "overrides": []}),
+    (["--run-dir", "R", "--all"], {"strategy": "all"}),
+    (["--run-dir", "R", "--last-two"], {"strategy": "last_two"}),
+    (["--run-dir", "R", "--watch"], {"strategy": "watch", "poll_s": 30.0, "watch_timeout_s": None}),
+    (["--run-dir", "R", "--last-two", "--config", "C", "a.b=1", "c.d=2"],
+     {"strategy": "last_two", "config": ["C"], "overrides": ["a.b=1", "c.d=2"]}),
+    (["--run-dir", "R", "--watch", "--poll-s", "0.01", "a.b=1", "c.d=2"],
+     {"strategy": "watch", "poll_s": 0.01, "overrides": ["a.b=1", "c.d=2"]}),
+    (["--run-dir", "R", "a.b=1"], {"overrides": ["a.b=1"]}),
+    (["--config", "C", "--checkpoint", "A", "--checkpoint", "B", "a.b=1"],
+     {"run_dir": None, "checkpoint": ["A", "B"], "config": ["C"], "overrides": ["a.b=1"]}),
+    (["--config", "C", "--checkpoint", "A", "--mlperf-log", "F", "--num-prompts", "500"],
+     {"checkpoint": ["A"], "mlperf_log": "F", "num_prompts": 500, "overrides": []}),
+    (["--checkpoint", "A", "--config", "C", "--mlperf-log", "F", "a.b=1", "c.d=2"],
+     {"checkpoint": ["A"], "config": ["C"], "mlperf_log": "F", "overrides": ["a.b=1", "c.d=2"]}),
+    (["--num-prompts", "3", "--config", "C", "--checkpoint", "A", "a.b=1"],
+     {"num_prompts": 3, "checkpoint": ["A"], "overrides": ["a.b=1"]}),
+    (["--checkpoint", "A", "a.b=1", "--checkpoint", "B", "c.d=2", "--samples-count", "8"],
+     {"checkpoint": ["A", "B"], "overrides": ["a.b=1", "c.d=2"], "samples_count": 8}),
+]
+
+
+@pytest.mark.parametrize(("argv", "expected"), FORMS, ids=[" ".join(a) for a, _ in FORMS])
+def test_documented_command_lines_parse(argv, expected, monkeypatch):
+    import sd_mlperf.commands.evaluate as evaluate
+
+    seen = []
+    monkeypatch.setattr(evaluate, "run", lambda args: seen.append(args) or 0)
+    assert main(["evaluate", *argv]) == 0
+    assert {k: getattr(seen[0], k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("argv", [["--run-dir", "R", "--checkpoint", "A"], ["--run-dir", "R", "--all", "--watch"],
+                                  [], ["--run-dir", "R", "--poll-s"], ["--checkpoint", "A", "a.b=1", "--nope"]])
+def test_conflicting_or_missing_arguments_are_refused(argv, monkeypatch):
+    import sd_mlperf.commands.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "run", lambda args: pytest.fail("ran"))
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", *argv])
+    assert exc.value.code == 2
 
 
 @pytest.mark.slow

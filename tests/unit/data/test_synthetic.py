@@ -15,7 +15,15 @@ from sd_mlperf.config import load_config
 from sd_mlperf.data.coco import read_prompts
 from sd_mlperf.data.precompute import MANIFEST
 from sd_mlperf.data.shards import index_shard
-from sd_mlperf.data.synthetic import COLOURS, POSITIONS, ensure_synthetic_data, is_complete, make_synthetic_dataset
+from sd_mlperf.data.synthetic import (
+    COLOURS,
+    POSITIONS,
+    ensure_synthetic_latents,
+    ensure_synthetic_sources,
+    is_complete,
+    make_synthetic_dataset,
+    synthetic_latents_missing,
+)
 
 
 def _digest(root):
@@ -78,13 +86,20 @@ SMALL_SYNTHETIC = ["data.synthetic.num_train_samples=6", "data.synthetic.num_tra
                    "data.synthetic.num_val_prompts=2", "data.synthetic.image_size=32", "data.image_size=32"]
 
 
-def test_ensure_synthetic_data_is_idempotent(tmp_path, tiny_vae):
+def test_ensure_synthetic_sources_and_latents_are_idempotent(tmp_path, tiny_vae):
     smoke = str(REPO / "conf" / "smoke.yaml")
     cfg = load_config([smoke], [*SMALL_SYNTHETIC, f"run.output_dir={tmp_path}", "data.train_format=moments",
                                 "model.vae.base_channels=8", "model.vae.norm_groups=4"])
-    ensure_synthetic_data(cfg, tiny_vae, None)
+    assert ensure_synthetic_sources(cfg) and synthetic_latents_missing(cfg)
+    ensure_synthetic_latents(cfg, tiny_vae, None)
     latents = Path(cfg.data.train_shards)
-    assert json.loads((latents / MANIFEST).read_text())["samples"] == 6
+    assert json.loads((latents / MANIFEST).read_text())["samples"] == 6 and not synthetic_latents_missing(cfg)
     stamps = {p: p.stat().st_mtime_ns for p in Path(cfg.data.synthetic_dir).rglob("*") if p.is_file()}
-    ensure_synthetic_data(cfg, tiny_vae, None)
+    assert not ensure_synthetic_sources(cfg)  # complete: nothing rewritten
+    ensure_synthetic_latents(cfg, tiny_vae, None)
     assert stamps == {p: p.stat().st_mtime_ns for p in Path(cfg.data.synthetic_dir).rglob("*") if p.is_file()}
+
+
+def test_images_format_needs_no_latents(tmp_path):
+    cfg = load_config([str(REPO / "conf" / "smoke.yaml")], [f"run.output_dir={tmp_path}", "data.train_format=images"])
+    assert not synthetic_latents_missing(cfg)

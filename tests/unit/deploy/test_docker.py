@@ -25,10 +25,21 @@ def _pip_installs(commands: list[str]) -> list[list[str]]:
     return found
 
 
+def dockerfile_instructions(text: str | None = None) -> list[tuple[str, str]]:
+    """(instruction, arguments) of docker/Dockerfile in order, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text() if text is None else text)
+    found = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            found.append((keyword.upper(), rest.strip()))
+    return found
+
+
 def dockerfile_run_commands() -> list[str]:
     """The RUN instructions of docker/Dockerfile, continuation lines joined."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    return [line.strip()[4:] for line in text.splitlines() if line.strip().startswith("RUN ")]
+    return [rest for keyword, rest in dockerfile_instructions() if keyword == "RUN"]
 
 
 def readme_gpu_container_section(text: str | None = None) -> str:
@@ -57,11 +68,42 @@ def test_drift_check_reads_the_section_and_ignores_other_sections():
     assert _pip_installs(["pip install -e '.[gpu,bench]'"]) != [["pip", "install", "-e", ".[gpu]"]]
 
 
+CODE_INSTALL = ["pip", "install", "--no-deps", "-e", "."]
+"""The Dockerfile's last install: the package alone, on top of the dependencies installed before the code."""
+
+
 def test_dockerfile_installs_what_the_readme_says():
     readme = readme_pip_installs(readme_gpu_container_section())
     docker = _pip_installs(dockerfile_run_commands())
     assert docker, "docker/Dockerfile has no pip install step"
-    assert readme == docker, f"README {README_HEADING} says {readme}, docker/Dockerfile runs {docker}"
+    # The dependency install is the README's line; the second only puts the copied code in place.
+    assert docker == [*readme, CODE_INSTALL], f"README {README_HEADING} says {readme}, docker/Dockerfile runs {docker}"
+
+
+def _install_order(text: str | None = None) -> tuple[list[list[str]], list[int], int, int]:
+    """COPY sources, then the indices of: each COPY, the first pip install, the last pip install."""
+    steps = dockerfile_instructions(text)
+    copies = [(i, shlex.split(rest)[:-1]) for i, (keyword, rest) in enumerate(steps) if keyword == "COPY"]
+    installs = [i for i, (keyword, rest) in enumerate(steps) if keyword == "RUN" and _pip_installs([rest])]
+    return [src for _, src in copies], [i for i, _ in copies], installs[0], installs[-1]
+
+
+def _check_dependencies_before_code(text: str | None = None) -> None:
+    sources, at, deps, code = _install_order(text)
+    before = [src for src, i in zip(sources, at) if i < deps]
+    assert before == [["pyproject.toml"]], (
+        f"only pyproject.toml may be copied before the dependency install (else every edit reinstalls them): {before}")
+    assert all(i < code for i in at), "the package install (--no-deps) must follow every COPY"
+    assert _pip_installs([dockerfile_instructions(text)[code][1]]) == [CODE_INSTALL]
+
+
+def test_dockerfile_installs_dependencies_before_copying_the_code():
+    _check_dependencies_before_code()
+    # ... and the check catches the old order: everything copied, then one install.
+    old = ("FROM x\nCOPY pyproject.toml README.md ./\nCOPY sd_mlperf/ sd_mlperf/\n"
+           "RUN pip install --no-cache-dir -e '.[gpu]'\n")
+    with pytest.raises(AssertionError, match="only pyproject.toml"):
+        _check_dependencies_before_code(old)
 
 
 def test_readme_names_the_dockerfile_base_image():

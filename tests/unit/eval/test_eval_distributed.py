@@ -36,3 +36,18 @@ def test_gather_single_process_is_identity_and_bad_rank_raises():
     assert gather_rows(rows, [3]) is rows
     with pytest.raises(ValueError):
         shard_bounds(4, 2, 2)
+
+
+def test_gather_uses_the_rank_it_is_given(monkeypatch):
+    # The caller's rank (DistInfo.rank, as the shards were cut) places its rows; torch.distributed is not asked.
+    import sd_mlperf.eval.distributed as D
+
+    def all_gather(parts, padded):  # two ranks: rank 0 holds [0, 1], this process (rank 1) one row [2]
+        parts[0].copy_(torch.tensor([[0.0], [1.0]]))
+        parts[1].copy_(padded)
+
+    monkeypatch.setattr(D, "dist_active", lambda: True)
+    monkeypatch.setattr(D.dist, "all_gather", all_gather)
+    monkeypatch.setattr(D.dist, "get_rank", lambda: pytest.fail("asked torch.distributed for the rank"))
+    out = gather_rows(torch.tensor([[2.0]]), [2, 1], rank=1)
+    assert out.flatten().tolist() == [0.0, 1.0, 2.0]

@@ -17,14 +17,17 @@ from eval_helpers import build_parts, free_port, make_cfg
 
 from sd_mlperf.data.synthetic import make_synthetic_dataset
 from sd_mlperf.eval.evaluator import build_evaluator
-from sd_mlperf.eval.fid import ensure_fid_stats
+from sd_mlperf.eval.fid import ensure_folder_fid_stats
+from sd_mlperf.eval.inception import load_fid_inception
 from tests.multiprocess_helpers import set_torchrun_env
 
 
 def _prepare(tmp_path):
+    """The smoke validation prompts and images, and the FID statistics of those images (the smoke assets)."""
     cfg = make_cfg(tmp_path)
-    make_synthetic_dataset(cfg.data.synthetic_dir, cfg.data.synthetic)
-    ensure_fid_stats(cfg)
+    paths = make_synthetic_dataset(cfg.data.synthetic_dir, cfg.data.synthetic)
+    ensure_folder_fid_stats(paths.val_images_dir, cfg.eval.fid_stats, load_fid_inception(cfg.eval.inception_weights,
+                                                                                          "cpu"))
     return cfg
 
 
@@ -85,6 +88,11 @@ def test_outputs_grid_and_json(tmp_path):
     assert record["extra"] == result.extra
     assert record["ddim_steps"] == 2 and record["guidance_scale"] == 8.0
     assert -1.0 <= result.clip <= 1.0 and result.fid >= 0
+    # One evaluator scores checkpoints of several runs: each evaluation may write into its own directory.
+    other = evaluator.evaluate(unet, samples_count=40, step=10, out_dir=tmp_path / "other" / "eval_offline")
+    assert other.grid_path == tmp_path / "other" / "eval_offline" / "step_0000010.png" and other.grid_path.is_file()
+    assert other.json_path.parent == other.grid_path.parent and evaluator.out_dir == tmp_path / "run" / "eval"
+    assert (other.fid, other.clip) == (result.fid, result.clip)
 
 
 def test_too_few_prompts_is_a_config_error(tmp_path):

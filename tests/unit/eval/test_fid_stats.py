@@ -1,4 +1,4 @@
-"""FID reference statistics: a folder of images, the smoke-mode ensure_fid_stats, `sd-mlperf fid-stats`."""
+"""FID reference statistics: of a folder of images, made once, required by the evaluator; `sd-mlperf fid-stats`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from PIL import Image
 
 from sd_mlperf.cli import main
 from sd_mlperf.data.coco import read_fid_stats
-from sd_mlperf.eval.fid import ensure_fid_stats, image_folder_features, image_folder_stats
+from sd_mlperf.eval.fid import ensure_folder_fid_stats, image_folder_features, image_folder_stats, require_fid_stats
 from sd_mlperf.eval.inception import load_fid_inception
 from sd_mlperf.eval.metrics import feature_statistics
 
@@ -58,22 +58,21 @@ def test_unreadable_image_names_the_file(folder_and_features, tmp_path):
         image_folder_features(folder, inception, batch_size=2)
 
 
-def test_ensure_fid_stats_makes_smoke_statistics_once(folder_and_features, tmp_path):
-    folder, _, expected = folder_and_features
-    cfg = make_cfg(tmp_path, f"data.synthetic_dir={folder.parent}", f"eval.fid_stats={tmp_path}/stats.npz")
-    path = ensure_fid_stats(cfg)  # the fixed-seed random Inception, the one the fixture used
+def test_folder_statistics_are_made_once(folder_and_features, tmp_path):
+    folder, inception, expected = folder_and_features
+    path = tmp_path / "stats.npz"
+    assert ensure_folder_fid_stats(folder, path, inception)
     mu, sigma = read_fid_stats(path)
     ref_mu, _ = feature_statistics(expected)
     np.testing.assert_allclose(mu, ref_mu, rtol=1e-5, atol=1e-7)
     stamp = path.stat().st_mtime_ns
-    assert ensure_fid_stats(cfg) == path and path.stat().st_mtime_ns == stamp  # not recomputed
+    assert not ensure_folder_fid_stats(folder, path, inception) and path.stat().st_mtime_ns == stamp  # not recomputed
+    assert require_fid_stats(str(path)) == path
 
 
-def test_ensure_fid_stats_without_synthetic_data_names_the_key(tmp_path):
-    cfg = make_cfg(tmp_path, "data.synthetic_dir=null", "data.train_shards=/nowhere",
-                   "eval.prompts_file=/nowhere/p.tsv", f"eval.fid_stats={tmp_path}/missing.npz")
-    with pytest.raises(FileNotFoundError, match="eval.fid_stats"):
-        ensure_fid_stats(cfg)
+def test_missing_statistics_name_the_key_and_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="eval.fid_stats=.*sd-mlperf fid-stats"):
+        require_fid_stats(tmp_path / "missing.npz")
 
 
 def test_fid_stats_command(folder_and_features, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Launcher parsing, process-group init on one process, per-rank seeding."""
+"""Launcher parsing, the device rule, process-group init on one process, per-rank seeding."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from sd_mlperf.config.schema import Config
 from sd_mlperf.parallel import distributed as D
+from sd_mlperf.parallel import launch as L
 from sd_mlperf.utils.dist_info import DistInfo
 
 
@@ -22,18 +23,18 @@ from sd_mlperf.utils.dist_info import DistInfo
     ("x[001-002],y", ["x001", "x002", "y"]),
 ])
 def test_expand_nodelist(nodelist, hosts):
-    assert D.expand_nodelist(nodelist) == hosts
+    assert L.expand_nodelist(nodelist) == hosts
 
 
 def test_expand_nodelist_rejects_bad_range():
     with pytest.raises(ValueError, match="MASTER_ADDR"):
-        D.expand_nodelist("n[5-2]")
+        L.expand_nodelist("n[5-2]")
 
 
 def test_read_launch_env_torchrun():
     env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "MASTER_ADDR": "h0", "MASTER_PORT": "1234",
            "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}  # torchrun inside an allocation wins
-    got = D.read_launch_env(env)
+    got = L.read_launch_env(env)
     assert (got.launcher, got.rank, got.world_size, got.local_rank, got.master_addr, got.master_port) == (
         "torchrun", 3, 8, 3, "h0", 1234)
 
@@ -41,17 +42,57 @@ def test_read_launch_env_torchrun():
 def test_read_launch_env_slurm_takes_first_host():
     env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
            "SLURM_JOB_NODELIST": "dgx[07-08]", "SLURM_JOB_ID": "4321"}
-    got = D.read_launch_env(env)
+    got = L.read_launch_env(env)
     assert (got.launcher, got.rank, got.world_size, got.local_rank, got.master_addr) == ("slurm", 9, 16, 1, "dgx07")
-    assert got.master_port == D.DEFAULT_MASTER_PORT + 321
+    assert got.master_port == L.DEFAULT_MASTER_PORT + 321
     env["MASTER_ADDR"], env["MASTER_PORT"] = "head", "777"
-    got = D.read_launch_env(env)
+    got = L.read_launch_env(env)
     assert (got.master_addr, got.master_port) == ("head", 777)
 
 
 def test_read_launch_env_none():
-    got = D.read_launch_env({})
+    got = L.read_launch_env({})
     assert (got.launcher, got.rank, got.world_size) == ("none", 0, 1)
+
+
+def test_launch_env_reader_imports_no_torch():
+    # The CLI reads the rank before any command runs; `sd-mlperf config` and `--help` must not pay for torch.
+    import subprocess
+    import sys
+
+    code = "import sys, sd_mlperf.parallel.launch; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_pick_device_rule(monkeypatch):
+    assert D.pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert D.pick_device("auto", local_rank=3) == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="run.device=cpu"):
+        D.pick_device("cuda")
+    with pytest.raises(ValueError, match="auto, cuda or cpu"):
+        D.pick_device("gpu")
+
+
+def test_pick_device_takes_the_local_rank_gpu(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert D.pick_device("auto", local_rank=1) == torch.device("cuda", 1) and chosen == [1]
+    assert D.pick_device("cuda") == torch.device("cuda", 0)
+    assert D.pick_device("cpu", local_rank=1) == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="local rank 2 has no GPU"):
+        D.pick_device("cuda", local_rank=2)
+
+
+def test_launch_dist_info_reads_the_launcher_without_a_process_group():
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
+    assert D.launch_dist_info("cpu", torchrun) == DistInfo(3, 4, 1, torch.device("cpu"), "none")
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "n[1-2]"}
+    assert D.launch_dist_info("cpu", slurm) == DistInfo(5, 8, 1, torch.device("cpu"), "none")
+    assert D.launch_dist_info("cpu", {}) == DistInfo(0, 1, 0, torch.device("cpu"), "none")
+    assert not torch.distributed.is_initialized()
 
 
 def _clear_launch_env(monkeypatch):

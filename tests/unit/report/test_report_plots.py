@@ -55,7 +55,7 @@ def test_without_matplotlib_the_error_says_how_to_install_it(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
     assert main(["report", str(run)]) == 1
     err = capsys.readouterr().err
-    assert "RuntimeError: sd-mlperf report draws with matplotlib, which is not installed" in err
+    assert "UserError: sd-mlperf report draws with matplotlib, which is not installed" in err
     assert "pip install -c tests/constraints-cpu.txt -e '.[report]'" in err
     assert not (run / "report").exists()
 

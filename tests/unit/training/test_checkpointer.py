@@ -13,9 +13,12 @@ from sd_mlperf.training.checkpoints import (
     LATEST_FILE,
     Checkpointer,
     capture_rng_state,
+    checkpoint_run_dir,
     load_file,
+    read_checkpoint_weights,
     restore_rng_state,
     step_dir_name,
+    step_of_dir_name,
 )
 
 
@@ -159,3 +162,41 @@ def test_a_corrupt_rank_file_falls_back_to_the_older_checkpoint(tmp_path, caplog
     with caplog.at_level("WARNING"):
         assert ck.resolve("auto") == tmp_path / "checkpoints" / step_dir_name(1)
     assert "step_0000002 is not usable" in caplog.text
+
+
+def test_step_directory_names_round_trip_and_nothing_else_is_one():
+    assert step_of_dir_name(step_dir_name(10)) == 10 and step_of_dir_name(step_dir_name(0)) == 0
+    assert step_of_dir_name("step_12345678") == 12345678
+    for name in ("step_10", ".step_0000010.tmp", ".step_0000010.old", "step_0000010.pt", "latest", "step_"):
+        assert step_of_dir_name(name) is None, name
+
+
+def test_read_checkpoint_weights_of_a_step_directory_its_model_file_and_its_ldm_export(tmp_path):
+    ck = Checkpointer(CheckpointConfig(export_ldm_weights=True), tmp_path / "run")
+    _save(ck, 10)
+    step_dir = tmp_path / "run" / "checkpoints" / "step_0000010"
+    for path in (step_dir, step_dir / "model.pt"):
+        weights = read_checkpoint_weights(path, samples_count=7)
+        assert weights.path == step_dir / "model.pt" and weights.run_dir == tmp_path / "run"
+        assert (weights.step, weights.samples_count) == (10, 40)  # recorded: the default is not taken
+        assert torch.equal(weights.state["w"], torch.full((2,), 10.0))
+    export = read_checkpoint_weights(step_dir / "unet_ldm.safetensors")
+    assert (export.step, export.samples_count, export.run_dir) == (10, None, tmp_path / "run")  # step: the dir name
+    assert list(export.state) == ["w"]
+    assert read_checkpoint_weights(step_dir / "unet_ldm.safetensors", samples_count=40).samples_count == 40
+    # Outside the layout: no run directory, step 0.
+    loose = tmp_path / "loose" / "unet.safetensors"
+    loose.parent.mkdir()
+    (step_dir / "unet_ldm.safetensors").rename(loose)
+    weights = read_checkpoint_weights(loose)
+    assert (weights.step, weights.run_dir) == (0, None) and checkpoint_run_dir(loose) is None
+
+
+def test_read_checkpoint_weights_names_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_checkpoint_weights(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="without model.pt"):
+        read_checkpoint_weights(tmp_path)
+    torch.save({"state_dict": {}}, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="not a trainer checkpoint"):
+        read_checkpoint_weights(tmp_path / "model.pt")

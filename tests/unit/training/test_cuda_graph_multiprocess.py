@@ -39,7 +39,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             trainer.fit()
             trainer.close()
             results[name] = (losses, {k: v.clone() for k, v in trainer.dp.unwrapped.state_dict().items()},
-                             type(trainer.step).__name__, trainer.dp.sharded)
+                             type(trainer.optimizer_step).__name__, trainer.dp.sharded)
     finally:
         destroy_distributed()
     torch.save(results, out / f"rank{rank}.pt")

@@ -37,7 +37,8 @@ def test_graphed_step_on_cpu_equals_the_default_step(tmp_path, precision, caplog
     ref.close()
     with caplog.at_level(logging.INFO, logger="sd_mlperf"):
         graphed, loader = make_trainer(make_cfg(tmp_path / "graph", *common, *GRAPH), batches)
-    assert isinstance(graphed.step, GraphedTrainStep) and not graphed.step.graphed  # eager twin on the CPU
+    step = graphed.optimizer_step
+    assert isinstance(step, GraphedTrainStep) and not step.graphed  # eager twin on the CPU
     assert sum("training.cuda_graph=true has no effect" in r.getMessage() for r in caplog.records) == 1
     assert loader.pos == 0  # warmup ran on synthetic tensors, not on the data
     losses = record_losses(graphed)
@@ -67,7 +68,7 @@ def test_warmup_changes_no_training_state(tmp_path):
     calls = []
     step = trainer.dp.step
     trainer.dp.step = lambda lr: (calls.append(float(lr)), step(lr))[1]
-    trainer.step.warm_up()  # warm up again: it really runs steps (which update the weights), then undoes them
+    trainer.optimizer_step.warm_up()  # warm up again: it really runs steps (which update the weights), then undoes them
     assert len(calls) == GRAPH_WARMUP_STEPS and loader.pos == 0
     again = _state(trainer)
     for name, value in after_build["weights"].items():
@@ -91,8 +92,8 @@ def test_lr_tensor_follows_the_warmup_schedule(tmp_path):
     peak = cfg.optim.base_lr_per_sample * 2
     expected = [peak * (1e-6 + (1 - 1e-6) * n / 4) for n in range(4)] + [peak, peak]
     assert seen == pytest.approx(expected, rel=1e-12)
-    assert all(t is trainer.step.lr for t in tensors)  # one tensor, filled in place: what a graph replays
-    assert all(g["lr"] is trainer.step.lr for g in trainer.dp.optimizer.param_groups)
+    assert all(t is trainer.optimizer_step.lr for t in tensors)  # one tensor, filled in place: what a graph replays
+    assert all(g["lr"] is trainer.optimizer_step.lr for g in trainer.dp.optimizer.param_groups)
 
 
 def test_checkpoint_stores_a_float_lr_and_resume_matches(tmp_path):
@@ -111,7 +112,8 @@ def test_checkpoint_stores_a_float_lr_and_resume_matches(tmp_path):
     cut.dp.optimizer.param_groups[0]["capturable"] = True  # as make_capturable leaves it on a GPU
     state = cut.dp.state_dict()
     assert all(isinstance(g["lr"], float) and not g["capturable"] for g in state["optimizer"]["param_groups"])
-    assert cut.dp.optimizer.param_groups[0]["capturable"] and cut.dp.optimizer.param_groups[0]["lr"] is cut.step.lr
+    group = cut.dp.optimizer.param_groups[0]
+    assert group["capturable"] and group["lr"] is cut.optimizer_step.lr
     resumed, _ = make_trainer(cfg, batches)  # restores, then warms up: the warmup keeps the restored state
     assert resumed.state.step == 3
     losses = record_losses(resumed)

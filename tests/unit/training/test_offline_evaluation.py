@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from sd_mlperf.training.eval_checkpoints import STOP_FILE, read_index
 from sd_mlperf.training.final_log import parse_mllog_line
@@ -173,3 +176,124 @@ def test_watch_beside_a_training_run_stops_it_at_the_first_pass(tmp_path):
     assert trainer.state.step == 4 and read_index(run)[1]["reason"] == "stop_requested"
     events = _events(runner.write_final_log(run / "mlperf.log"))
     assert events[-1]["metadata"] == {**events[-1]["metadata"], "status": "success", "samples_count": 8}
+
+
+# -- what `sd-mlperf evaluate` asks of the library -------------------------------------------------------
+def test_run_dispatches_the_strategy_and_needs_a_collected_checkpoint(run_dir, tmp_path):
+    run = _copy(run_dir, tmp_path)
+    verdicts = [FAIL, FAIL, FAIL, FAIL, PASS, PASS]
+    calls: dict[str, list[int]] = {}
+    for strategy in ("all", "last_two", "watch"):
+        (run / "eval_offline" / "scores.jsonl").unlink(missing_ok=True)  # score again
+        _runner(run, verdicts, calls.setdefault(strategy, [])).run(strategy, poll_s=0.01, timeout_s=5)
+    assert calls["all"] == calls["watch"] == [2, 4, 6, 8, 10]
+    assert calls["last_two"][0] == 12 and set(calls["last_two"]) >= {8, 10}  # bisection from the last one
+    assert (run / STOP_FILE).is_file()  # watch
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no collected checkpoint yet"):
+        RunEvaluation(empty, evaluate=lambda p: PASS, num_prompts=2, noise_seed=0, target_fid=90.0,
+                      target_clip=0.15, is_main=True, final_num_prompts=2).run("all")
+
+
+@pytest.mark.parametrize(("verdicts", "exit_code", "verdict_line"), [
+    ([FAIL, FAIL, FAIL, PASS, PASS, PASS], 0, "converged at 16 samples (step 8)"),
+    ([FAIL] * 6, 1, "not converged"),
+    ([PASS] * 6, 1, "the compliance checker (which wants two) refuses it"),
+])
+def test_conclude_writes_the_final_log_and_says_how_the_run_ended(run_dir, tmp_path, verdicts, exit_code,
+                                                                   verdict_line):
+    run = _copy(run_dir, tmp_path)
+    runner = _runner(run, verdicts, [])
+    runner.run("all")
+    outcome = runner.conclude(run / "mlperf.log")
+    assert outcome.exit_code == exit_code and outcome.error is None and (run / "mlperf.log").is_file()
+    assert outcome.lonely == (verdicts[0] == PASS)
+    summary = outcome.summary().splitlines()
+    assert summary[0] == "step 2 samples 4: FID {:.4f} CLIP {:.4f} {}".format(
+        *verdicts[0], "PASS" if verdicts[0] == PASS else "fail")
+    assert len(summary) == len(outcome.scores) + 1 + outcome.lonely and verdict_line in outcome.summary()
+
+
+def test_conclude_reports_a_log_it_cannot_write_yet(run_dir, tmp_path):
+    run = _copy(run_dir, tmp_path)
+    runner = _runner(run, [PASS] * 6, [], num_prompts=500)
+    runner.run("all")
+    outcome = runner.conclude(run / "mlperf.log")
+    assert outcome.exit_code == 1 and "quick look" in outcome.error and not (run / "mlperf.log").exists()
+    assert outcome.summary().splitlines()[-2].startswith("no final log written: ")
+
+
+def test_load_run_config_takes_the_runs_config_on_this_launch_and_refuses_an_inline_run(run_dir, tmp_path):
+    from sd_mlperf.training.offline_eval import load_run_config, run_config_seed
+
+    cfg = load_run_config(run_dir, overrides=["training.target_fid=-1"], num_prompts=3)
+    assert cfg.run.seed == run_config_seed(run_dir) == 1234 and cfg.training.target_fid == -1
+    assert (cfg.parallel.num_nodes, cfg.parallel.gpus_per_node) == (1, 1)
+    with pytest.raises(ValueError, match="--num-prompts must be at least 2"):
+        load_run_config(run_dir, num_prompts=1)
+    with pytest.raises(ValueError, match="eval.inline=true"):
+        load_run_config(run_dir, overrides=["eval.inline=true"])
+    with pytest.raises(FileNotFoundError, match="--run-dir takes a run directory"):
+        load_run_config(tmp_path)
+    assert run_config_seed(tmp_path) is None and run_config_seed(None) is None
+
+
+def test_load_checkpoint_config_adopts_the_seed_of_the_checkpoints_run(tmp_path):
+    from sd_mlperf.config.schema import CheckpointConfig
+    from sd_mlperf.training.checkpoints import Checkpointer
+    from sd_mlperf.training.offline_eval import load_checkpoint_config
+    from tests.unit.training._helpers import SMOKE
+
+    Checkpointer(CheckpointConfig(export_ldm_weights=False), tmp_path / "r1").save(
+        10, 40, unet_state={"w": torch.zeros(2)}, optimizer_state=None, rank_state={})
+    (tmp_path / "r1" / "config.yaml").write_text("run:\n  seed: 77\n")
+    step = tmp_path / "r1" / "checkpoints" / "step_0000010"
+    base = [f"run.output_dir={tmp_path}", "run.seed=null"]
+    cfg, checkpoints = load_checkpoint_config([step, step / "model.pt"], [SMOKE], base, num_prompts=3)
+    assert cfg.run.seed == 77 and cfg.eval.num_prompts == 3
+    assert [(c.step, c.samples_count, c.run_dir) for c in checkpoints] == [(10, 40, tmp_path / "r1")] * 2
+    assert load_checkpoint_config([step], [SMOKE], [*base, "run.seed=5"])[0].run.seed == 5  # set: kept
+    cfg = load_checkpoint_config([step], [SMOKE], [*base, "eval.seed=3"])[0]
+    assert (cfg.run.seed, cfg.eval.seed) == (None, 3)  # the evaluation noise is set: no seed adopted
+    with pytest.raises(ValueError, match="--num-prompts"):
+        load_checkpoint_config([step], [SMOKE], base, num_prompts=1)
+
+
+def test_checkpoint_scorer_loads_checks_and_writes_into_each_checkpoints_run(tmp_path):
+    from sd_mlperf.training.checkpoints import CheckpointWeights
+    from sd_mlperf.training.offline_eval import (
+        CheckpointScorer,
+        append_checkpoint_score,
+        describe_checkpoint_score,
+    )
+
+    class Evaluator:  # a stand-in: records what it was asked
+        def __init__(self):
+            self.calls = []
+
+        def evaluate(self, unet, *, samples_count, step, out_dir=None):
+            self.calls.append((float(unet.weight.detach().sum()), samples_count, step, out_dir))
+            return SimpleNamespace(fid=80.0, clip=0.2, num_images=2, seconds=1.0, json_path=Path("x.json"))
+
+    unet, evaluator = torch.nn.Linear(2, 2, bias=False), Evaluator()
+    scorer = CheckpointScorer(unet, evaluator)
+    ones = {"weight": torch.ones(2, 2)}
+    run = CheckpointWeights(path=tmp_path / "r" / "model.pt", state=ones, step=4, samples_count=None,
+                            run_dir=tmp_path / "r")
+    loose = CheckpointWeights(path=tmp_path / "u.safetensors", state=ones, step=0, samples_count=8, run_dir=None)
+    result = scorer.score_checkpoint(run)
+    scorer.score_checkpoint(loose)
+    assert evaluator.calls == [(4.0, 0, 4, tmp_path / "r" / "eval_offline"), (4.0, 8, 0, None)]
+    assert scorer.collected_scorer(tmp_path)({"unet": ones, "step": 6, "samples_count": 12}) == (80.0, 0.2)
+    with pytest.raises(ValueError, match="step 6: does not match Linear"):
+        scorer.collected_scorer(tmp_path)({"unet": {"w": torch.ones(1)}, "step": 6, "samples_count": 12})
+    assert describe_checkpoint_score(run, result) == (f"{run.path}: step 4 samples None FID 80.0000 CLIP 0.2000 "
+                                                      "(2 images, 1.0 s) -> x.json")
+    log = tmp_path / "extra.log"
+    assert not append_checkpoint_score(log, run, result) and not log.exists()  # no samples_count: nothing written
+    assert append_checkpoint_score(log, loose, result)
+    events = _events(log)
+    assert [e["key"] for e in events] == ["eval_start", "eval_accuracy", "eval_accuracy", "eval_stop"]
+    assert {e["metadata"]["samples_count"] for e in events} == {8}
+    assert [e["value"] for e in events[1:3]] == [80.0, 0.2]

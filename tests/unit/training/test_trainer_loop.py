@@ -54,7 +54,7 @@ def _scale_trainer(cfg, tmp_path, w=0.5, seed=7):
     generator, lr_schedule = torch.Generator().manual_seed(seed), LRSchedule(cfg.optim, 2)
     step = build_train_step(cfg, dp, conditioner=conditioner, lr_schedule=lr_schedule, generator=generator,
                             device=torch.device("cpu"))
-    trainer = Trainer(plan=plan_from_config(cfg), dp=dp, step=step, loader=[], lr_schedule=lr_schedule,
+    trainer = Trainer(plan=plan_from_config(cfg), dp=dp, optimizer_step=step, loader=[], lr_schedule=lr_schedule,
                       generator=generator, checkpointer=Checkpointer(cfg.checkpoint, tmp_path),
                       mlperf=MLPerfLogger(None), run_dir=tmp_path,
                       progress=Progress(cfg.logging, tmp_path, enabled=False, total_steps=1, global_batch_size=2))

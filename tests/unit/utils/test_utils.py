@@ -35,6 +35,28 @@ def test_log_once_logs_a_key_once():
     assert handler.messages == ["hello", "different key"]
 
 
+@pytest.fixture
+def restore_logger():
+    """Put the package logger's level back after a test that calls setup_logging."""
+    log = logging.getLogger(LOGGER_NAME)
+    level = log.level
+    yield log
+    log.setLevel(level)
+
+
+def test_setup_logging_takes_the_rank_it_is_given_not_the_environment(monkeypatch, restore_logger):
+    from sd_mlperf.utils.logging import setup_logging
+
+    monkeypatch.setenv("RANK", "3")  # ignored: the caller says which rank this is
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    setup_logging("INFO")
+    assert restore_logger.level == logging.INFO
+    setup_logging("INFO", rank=1)
+    assert restore_logger.level == logging.WARNING  # other ranks: warnings only
+    setup_logging("DEBUG", rank=1, all_ranks=True)
+    assert restore_logger.level == logging.DEBUG
+
+
 def test_importing_the_package_logs_nothing():
     import subprocess
     import sys
