@@ -80,16 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         logger.error("config error: %s", exc)
         return 2
-    except Exception as exc:
-        if not _raised_for_the_user(exc):
-            raise  # unexpected: keep the traceback
+    except (ValueError, FileNotFoundError, UserError) as exc:
+        # Raised on purpose for the user to fix: one line. Anything else leaves with its traceback.
         logger.error("%s: %s", type(exc).__name__, exc)
         return 1
-
-
-def _raised_for_the_user(exc: Exception) -> bool:
-    """Whether `exc` is an error we raise on purpose for the user to fix (module docstring)."""
-    return isinstance(exc, (ValueError, FileNotFoundError, UserError))
 
 
 if __name__ == "__main__":

@@ -294,12 +294,17 @@ score_and_check() {  # I NAME: offline evaluation if the run collected checkpoin
         note "run $1: no $run_dir/mlperf.log to check"
         return 2
     fi
-    if "${CHECK[@]}" >/dev/null 2>&1; then
+    # The checker's own console output goes to a file: its verdict is in compliance_checker.log.
+    if "${CHECK[@]}" > "$run_dir/compliance_checker.out" 2>&1; then
         echo "$PROG: run $1: compliance checker PASSED ($run_dir/compliance_checker.log)"
         return 0
     fi
     echo "$PROG: run $1: compliance checker FAILED ($run_dir/compliance_checker.log):"
-    grep -E '^(ERROR|WARNING)' "$run_dir/compliance_checker.log" 2>/dev/null | head -n 20 || true
+    if [ -f "$run_dir/compliance_checker.log" ]; then
+        grep -E '^(ERROR|WARNING)' "$run_dir/compliance_checker.log" | head -n 20 || true
+    else  # it did not get as far as its log (not installed, srun refused the step): say why
+        tail -n 20 "$run_dir/compliance_checker.out"
+    fi
     return 1
 }
 

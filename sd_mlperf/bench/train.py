@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from sd_mlperf.backends import BackendUnavailable, backend_names, resolve_backend
+from sd_mlperf.backends import BackendUnavailable, attention_unsuitable, backend_names, resolve_backend
 from sd_mlperf.bench import bench_seed
 from sd_mlperf.bench.table import add_ratios
 from sd_mlperf.config.load import latent_size, load_config
@@ -94,7 +94,7 @@ def compare_variants(cfg: Config, groups: Sequence[str] = COMPARE_GROUPS) -> lis
     if "attention" in groups:
         chosen = resolve_backend("attention", u.attention_backend).name
         # te computes in fp16/bf16 only: in an fp32 config its row would be a config error, not a measurement.
-        unsuitable = {"te"} if tr.precision == "fp32" else set()
+        unsuitable = attention_unsuitable({"training.precision": tr.precision})
         variants += [Variant(f"attention={n}", (f"model.unet.attention_backend={n}",))
                      for n in backend_names("attention") if n != chosen and n not in unsuitable]
     if "norm" in groups:

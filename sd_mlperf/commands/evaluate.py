@@ -25,7 +25,6 @@ from sd_mlperf.commands._common import add_config_arguments
 
 if TYPE_CHECKING:
     from sd_mlperf.config.schema import Config
-    from sd_mlperf.training.checkpoints import CheckpointWeights
     from sd_mlperf.utils.dist_info import DistInfo
 
 NAME = "evaluate"
@@ -70,12 +69,12 @@ def run(args: argparse.Namespace) -> int:
     from sd_mlperf.training.smoke_assets import prepare_smoke_assets
     from sd_mlperf.utils.logging import setup_logging
 
-    checkpoints: list[CheckpointWeights] = []
+    checkpoints: list[Path] = []
     if args.run_dir:
         cfg = load_run_config(args.run_dir, args.config, args.overrides, num_prompts=args.num_prompts)
     else:
         cfg, checkpoints = load_checkpoint_config(args.checkpoint, args.config, args.overrides,
-                                                  num_prompts=args.num_prompts, samples_count=args.samples_count)
+                                                  num_prompts=args.num_prompts)
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
     dist = init_distributed(cfg.run, cfg.parallel)
@@ -102,8 +101,8 @@ def _score_run(args: argparse.Namespace, cfg: Config, dist: DistInfo) -> int:
     return outcome.exit_code
 
 
-def _score_checkpoints(args: argparse.Namespace, cfg: Config, dist: DistInfo,
-                       checkpoints: list[CheckpointWeights]) -> int:
+def _score_checkpoints(args: argparse.Namespace, cfg: Config, dist: DistInfo, checkpoints: list[Path]) -> int:
+    from sd_mlperf.training.checkpoints import read_checkpoint_weights
     from sd_mlperf.training.offline_eval import (
         append_checkpoint_score,
         build_checkpoint_scorer,
@@ -111,7 +110,8 @@ def _score_checkpoints(args: argparse.Namespace, cfg: Config, dist: DistInfo,
     )
 
     scorer = build_checkpoint_scorer(cfg, dist)
-    for checkpoint in checkpoints:
+    for path in checkpoints:
+        checkpoint = read_checkpoint_weights(path, args.samples_count)  # one checkpoint's weights in memory at a time
         result = scorer.score_checkpoint(checkpoint)
         if dist.is_main:
             sys.stdout.write(describe_checkpoint_score(checkpoint, result) + "\n")

@@ -36,8 +36,12 @@ def list_images(image_dir: str | os.PathLike) -> list[Path]:
     return files
 
 
-def _batches(files: list[Path], batch_size: int) -> Iterator[torch.Tensor]:
-    # Consecutive images of one size form a batch; a size change starts a new one.
+def image_batches(files: list[Path], batch_size: int) -> Iterator[torch.Tensor]:
+    """The images of `files` as RGB float tensors in [0, 1], up to `batch_size` a batch, in order.
+
+    Consecutive images of one size form a batch; a size change starts a new one. An unreadable file is a
+    ValueError naming it.
+    """
     batch: list[torch.Tensor] = []
     for path in files:
         try:
@@ -61,7 +65,7 @@ def image_folder_features(image_dir: str | os.PathLike, inception: torch.nn.Modu
     device = torch.device(device)
     files = list_images(image_dir)
     feats = []
-    for batch in _batches(files, batch_size):
+    for batch in image_batches(files, batch_size):
         with autocast(precision, device):
             feats.append(inception(batch.to(device)).float().cpu())
     return torch.cat(feats)

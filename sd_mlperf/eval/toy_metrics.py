@@ -25,6 +25,7 @@ from torch import nn
 from sd_mlperf.config.schema import Config
 from sd_mlperf.data.coco import Prompt
 from sd_mlperf.data.scene_reader import COLOUR_NAMES, Scene, parse_caption, scene_matches
+from sd_mlperf.eval.fid import image_batches
 from sd_mlperf.eval.metrics import FrechetReference, feature_statistics
 from sd_mlperf.utils.logging import logger
 
@@ -121,27 +122,12 @@ def build_toy_metrics(cfg: Config, prompts: Sequence[Prompt], reference_prompts:
 
     scale_factor, image_range = cfg.model.vae.scale_factor, cfg.data.image_range
     image_dir = Path(cfg.data.synthetic_dir) / VAL_IMAGES_DIR
-    latents = torch.cat([encode_latents(vae, _read_images([image_dir / f"{p.image_id}.png" for p in chunk]),
-                                        scale_factor=scale_factor, image_range=image_range)
-                         for chunk in _chunks(list(reference_prompts), cfg.eval.batch_size)])
+    files = [image_dir / f"{p.image_id}.png" for p in reference_prompts]
+    latents = torch.cat([encode_latents(vae, images, scale_factor=scale_factor, image_range=image_range)
+                         for images in image_batches(files, cfg.eval.batch_size)])
     mu, sigma = feature_statistics(latents)
     logger.info("toy metrics: background-colour accuracy (chance %.2f), object colour at its position (chance "
                 "%.2f), latent Frechet distance to %d validation pictures' latents (%d-d)",
                 CHANCE["toy_background_acc"], CHANCE["toy_object_acc"], latents.shape[0], latents.shape[1])
     return ToyMetrics([parse_caption(p.caption) for p in prompts], vae=vae, scale_factor=scale_factor,
                       image_range=image_range, reference=FrechetReference(mu, sigma, method="eigh"))
-
-
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i: i + size] for i in range(0, len(items), size)]
-
-
-def _read_images(paths: Sequence[Path]) -> torch.Tensor:
-    import torchvision.transforms.functional as TF
-    from PIL import Image
-
-    def read(path: Path) -> torch.Tensor:
-        with Image.open(path) as img:
-            return TF.to_tensor(img.convert("RGB"))
-
-    return torch.stack([read(p) for p in paths])

@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd_mlperf.submission.checkers import BENCHMARK, RULESET, USAGE
-
-RCP_OUTLIERS_DROPPED = 1
-"""Olympic mean: the RCP checker drops this many runs at each end (4 for unet3d only)."""
+from sd_mlperf.submission.runs import olympic_mean
 
 
 def rcp_path() -> Path:
@@ -40,13 +38,6 @@ def load_rcps(path: str | os.PathLike | None = None) -> dict[int, list[int]]:
     for record in raw.values():
         rcps.setdefault(int(record["BS"]), [int(x) for x in record["Epochs to converge"]])
     return dict(sorted(rcps.items()))
-
-
-def olympic_mean(values: list[int] | list[float]) -> float:
-    """Mean after dropping the smallest and largest value (RCP_OUTLIERS_DROPPED at each end)."""
-    kept = sorted(values)[RCP_OUTLIERS_DROPPED:len(values) - RCP_OUTLIERS_DROPPED]
-    assert kept, "an RCP needs more than two runs"
-    return sum(kept) / len(kept)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from sd_mlperf.submission.checkers import (
     run_result_summarizer,
     run_seed_checker,
 )
-from sd_mlperf.submission.runs import RunRecord, check_runs, olympic_dropped
+from sd_mlperf.submission.runs import RunRecord, check_runs, olympic_dropped, olympic_mean
 from sd_mlperf.submission.system import load_system_config, system_description
 
 IMPLEMENTATION = "sd_mlperf"
@@ -127,9 +127,8 @@ def package_runs(run_dirs: list[Path], out_dir: Path, system_config: Path, *, rc
         run_seed_checker(result_files, out_dir / "seed_checker.log"),
     ]
     minutes = [r.minutes for r in plan.runs]
-    fastest, slowest = olympic_dropped(minutes)
-    kept = [m for i, m in enumerate(minutes) if i not in (fastest, slowest)]
-    score = sum(kept) / len(kept)
+    fastest, slowest = olympic_dropped(minutes)  # the runs the score leaves out, marked in the report
+    score = olympic_mean(minutes)
     summary, status = run_result_summarizer(out_dir, plan.org, plan.system, out_dir / "result_summarizer.log")
     verdicts.append(_summarizer_verdict(summary, status, score, out_dir / "result_summarizer.log"))
     report = PackageReport(

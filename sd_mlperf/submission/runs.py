@@ -196,6 +196,14 @@ def check_runs(run_dirs: list[Path], *, required: int, allow_count_mismatch: boo
     return records, problems
 
 
+def olympic_mean(values: list[int] | list[float]) -> float:
+    """Mean after dropping the smallest and the largest value: how MLPerf scores a benchmark's runs and averages
+    an RCP's (the RCP checker drops one run at each end for Stable Diffusion)."""
+    kept = sorted(values)[1:-1]
+    assert kept, "an olympic mean needs more than two values"
+    return sum(kept) / len(kept)
+
+
 def olympic_dropped(minutes: list[float]) -> tuple[int, int]:
     """Indices of the fastest and the slowest run, which olympic scoring drops (ties: the earlier run)."""
     order = sorted(range(len(minutes)), key=lambda i: (minutes[i], i))

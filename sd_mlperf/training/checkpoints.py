@@ -305,13 +305,8 @@ def checkpoint_run_dir(weights_file: str | os.PathLike) -> Path | None:
     return path.parents[2]
 
 
-def read_checkpoint_weights(path: str | os.PathLike, samples_count: int | None = None) -> CheckpointWeights:
-    """The UNet weights of a step directory, its model.pt, or an ldm UNet export.
-
-    `samples_count` stands in when the file does not record one (an ldm export).
-    """
-    from sd_mlperf.models.checkpoint_io import load_unet_state_dict
-
+def checkpoint_weights_file(path: str | os.PathLike) -> Path:
+    """The weights file a checkpoint path names (a step directory's model.pt, or the file itself), checked to exist."""
     path = Path(path)
     if path.is_dir():
         if not (path / MODEL_FILE).is_file():
@@ -320,6 +315,17 @@ def read_checkpoint_weights(path: str | os.PathLike, samples_count: int | None =
         path = path / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path
+
+
+def read_checkpoint_weights(path: str | os.PathLike, samples_count: int | None = None) -> CheckpointWeights:
+    """The UNet weights of a step directory, its model.pt, or an ldm UNet export.
+
+    `samples_count` stands in when the file does not record one (an ldm export).
+    """
+    from sd_mlperf.models.checkpoint_io import load_unet_state_dict
+
+    path = checkpoint_weights_file(path)
     step, count = None, samples_count
     if path.name == MODEL_FILE:
         payload = load_file(path)

@@ -36,7 +36,7 @@ from sd_mlperf.config import load_config
 from sd_mlperf.config.load import RUN_CONFIG_FILE, evaluation_seed, run_directory
 from sd_mlperf.config.schema import Config
 from sd_mlperf.eval.distributed import broadcast_object
-from sd_mlperf.training.checkpoints import CheckpointWeights, read_checkpoint_weights
+from sd_mlperf.training.checkpoints import CheckpointWeights, checkpoint_run_dir, checkpoint_weights_file
 from sd_mlperf.training.eval_checkpoints import EVAL_CHECKPOINT_DIR, read_index, request_stop
 from sd_mlperf.training.final_log import Score, append_eval_lines, compose_final_log, first_passing
 from sd_mlperf.training.mlperf_log import TRAINING_LOG_FILE
@@ -98,23 +98,24 @@ def load_run_config(run_dir: str | os.PathLike, config_files: Sequence[str | os.
 
 
 def load_checkpoint_config(paths: Sequence[str | os.PathLike], config_files: Sequence[str | os.PathLike] = (),
-                           overrides: Sequence[str] = (), *, num_prompts: int | None = None,
-                           samples_count: int | None = None) -> tuple[Config, list[CheckpointWeights]]:
-    """The config and the weights to score checkpoints with (`sd-mlperf evaluate --checkpoint`).
+                           overrides: Sequence[str] = (), *,
+                           num_prompts: int | None = None) -> tuple[Config, list[Path]]:
+    """The config and the weights files to score checkpoints with (`sd-mlperf evaluate --checkpoint`).
 
-    `num_prompts` becomes eval.num_prompts; `samples_count` stands in for files that record none. With run.seed and
-    eval.seed null, the seed comes from the config.yaml of the first checkpoint's run that records one, so the
-    evaluation noise is that run's.
+    `num_prompts` becomes eval.num_prompts. With run.seed and eval.seed null, the seed comes from the config.yaml
+    of the first checkpoint's run that records one, so the evaluation noise is that run's. Every path is checked
+    here, before any model is built; the weights are read one checkpoint at a time (read_checkpoint_weights) while
+    scoring, so only one checkpoint's weights are in memory at once.
     """
     check_num_prompts(num_prompts)
     overrides = [*overrides, *([f"eval.num_prompts={num_prompts}"] if num_prompts else [])]
     cfg = load_config(config_files, overrides)
-    checkpoints = [read_checkpoint_weights(path, samples_count) for path in paths]
+    files = [checkpoint_weights_file(path) for path in paths]
     if cfg.run.seed is None and cfg.eval.seed is None:
-        seed = next((s for c in checkpoints if (s := run_config_seed(c.run_dir)) is not None), None)
+        seed = next((s for f in files if (s := run_config_seed(checkpoint_run_dir(f))) is not None), None)
         if seed is not None:
-            cfg = load_config(config_files, [*overrides, f"run.seed={seed}"])
-    return cfg, checkpoints
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=seed))
+    return cfg, files
 
 
 class CheckpointScorer:

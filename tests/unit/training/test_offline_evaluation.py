@@ -241,7 +241,7 @@ def test_load_run_config_takes_the_runs_config_on_this_launch_and_refuses_an_inl
 
 def test_load_checkpoint_config_adopts_the_seed_of_the_checkpoints_run(tmp_path):
     from sd_mlperf.config.schema import CheckpointConfig
-    from sd_mlperf.training.checkpoints import Checkpointer
+    from sd_mlperf.training.checkpoints import Checkpointer, read_checkpoint_weights
     from sd_mlperf.training.offline_eval import load_checkpoint_config
     from tests.unit.training._helpers import SMOKE
 
@@ -250,8 +250,10 @@ def test_load_checkpoint_config_adopts_the_seed_of_the_checkpoints_run(tmp_path)
     (tmp_path / "r1" / "config.yaml").write_text("run:\n  seed: 77\n")
     step = tmp_path / "r1" / "checkpoints" / "step_0000010"
     base = [f"run.output_dir={tmp_path}", "run.seed=null"]
-    cfg, checkpoints = load_checkpoint_config([step, step / "model.pt"], [SMOKE], base, num_prompts=3)
+    cfg, files = load_checkpoint_config([step, step / "model.pt"], [SMOKE], base, num_prompts=3)
     assert cfg.run.seed == 77 and cfg.eval.num_prompts == 3
+    assert files == [step / "model.pt"] * 2  # checked, not read: the scoring loop reads one at a time
+    checkpoints = [read_checkpoint_weights(f) for f in files]
     assert [(c.step, c.samples_count, c.run_dir) for c in checkpoints] == [(10, 40, tmp_path / "r1")] * 2
     assert load_checkpoint_config([step], [SMOKE], [*base, "run.seed=5"])[0].run.seed == 5  # set: kept
     cfg = load_checkpoint_config([step], [SMOKE], [*base, "eval.seed=3"])[0]
