@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     dist = init_distributed(cfg.run, cfg.parallel)
     setup_logging(cfg.logging.level, rank=dist.rank)
     try:
-        prepare_smoke_assets(cfg, dist)  # smoke configs only: the FID statistics of the synthetic pictures
+        prepare_smoke_assets(cfg, dist, for_training=False)  # smoke configs only: pictures and FID statistics
         if args.run_dir:
             return _score_run(args, cfg, dist)
         return _score_checkpoints(args, cfg, dist, checkpoints)

@@ -11,8 +11,13 @@ rank order gives the rows in prompt order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def dist_active() -> bool:
@@ -79,3 +84,21 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def main_rank_result(fn: Callable[[], T], *, is_main: bool) -> T:
+    """`fn()` run on rank 0 only, its result on every rank; if it raised, every rank raises its exception.
+
+    The other ranks wait in the broadcast: without passing the failure along they would wait there for the
+    collective timeout while rank 0 had already stopped.
+    """
+    outcome: tuple[bool, Any] | None = None
+    if is_main:
+        try:
+            outcome = (True, fn())
+        except Exception as exc:  # noqa: BLE001 -- passed to every rank and raised there, rank 0 included
+            outcome = (False, exc)
+    ok, value = broadcast_object(outcome)  # type: ignore[misc]
+    if not ok:
+        raise value
+    return value

@@ -27,7 +27,7 @@ from sd_mlperf.config.schema import Config, EvalConfig
 from sd_mlperf.data.coco import Prompt
 from sd_mlperf.diffusion.ddim import DDIMSchedule, PromptNoise, ddim_sample, make_ddim_schedule
 from sd_mlperf.eval.clip_score import ClipScorer
-from sd_mlperf.eval.distributed import block_counts, broadcast_object, gather_rows, shard_indices
+from sd_mlperf.eval.distributed import block_counts, gather_rows, main_rank_result, shard_indices
 from sd_mlperf.eval.inception import FEATURE_DIM
 from sd_mlperf.eval.metrics import FrechetReference, mean_clip_score
 from sd_mlperf.models.precision import autocast
@@ -222,11 +222,12 @@ class Evaluator:
         # Rows come back in prompt order whatever the world size; padding is trimmed before any use.
         all_feats = gather_rows(local_feats.contiguous(), counts, rank=self.rank).cpu()
         all_scores = gather_rows(local_scores.contiguous(), counts, rank=self.rank).cpu()
-        metrics = None
-        if self.rank == 0:  # one rank does the (CPU-heavy with sqrtm) linear algebra; the others wait
-            metrics = (self.frechet.distance(all_feats), mean_clip_score(all_scores[:, 0]),
-                       self.extra_metrics.summarise(all_scores[:, 1:]))
-        fid, clip, extra = broadcast_object(metrics)
+        def metrics() -> tuple[float, float, dict[str, float]]:
+            return (self.frechet.distance(all_feats), mean_clip_score(all_scores[:, 0]),
+                    self.extra_metrics.summarise(all_scores[:, 1:]))
+
+        # One rank does the (CPU-heavy with sqrtm) linear algebra; the others wait (and raise if it failed).
+        fid, clip, extra = main_rank_result(metrics, is_main=self.rank == 0)
         grid_counts = block_counts(n, self.world_size, self.cfg.batch_size, limit=self.cfg.num_grid_images)
         factor = vae_downsample_factor(self.vae.cfg) if hasattr(self.vae, "cfg") else 8  # 8: a stand-in VAE
         h, w = self.latent_shape[1] * factor, self.latent_shape[2] * factor

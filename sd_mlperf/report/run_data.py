@@ -26,7 +26,7 @@ from sd_mlperf.config.schema import Config
 from sd_mlperf.training.final_log import parse_mllog_line
 from sd_mlperf.training.metrics import RESTART_KINDS, read_metrics
 from sd_mlperf.training.mlperf_log import TRAINING_LOG_FILE
-from sd_mlperf.training.offline_eval import OFFLINE_EVAL_DIR, SCORES_FILE
+from sd_mlperf.training.offline_eval import OFFLINE_EVAL_DIR, read_score_records
 
 INLINE_EVAL_DIR = "eval"
 _GRID = re.compile(r"^step_(\d+)\.png$")
@@ -150,14 +150,8 @@ def read_run(run_dir: str | os.PathLike, cfg: Config | None = None) -> RunData:
 
 def _offline_evals(run_dir: Path) -> list[dict[str, Any]]:
     """Offline scores: scores.jsonl, completed by each evaluation's JSON (further metrics under `extra`)."""
-    by_step: dict[int, dict[str, Any]] = {}
-    scores = run_dir / SCORES_FILE
-    if scores.is_file():
-        for line in scores.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                r = json.loads(line)
-                by_step[r["step"]] = {"step": r["step"], "samples": r["samples_count"], "fid": r["fid"],
-                                      "clip": r["clip"]}
+    by_step = {r["step"]: {"step": r["step"], "samples": r["samples_count"], "fid": r["fid"], "clip": r["clip"]}
+               for r in read_score_records(run_dir)}
     folder = run_dir / OFFLINE_EVAL_DIR
     for path in sorted(folder.glob("step_*.json")) if folder.is_dir() else []:
         r = json.loads(path.read_text(encoding="utf-8"))

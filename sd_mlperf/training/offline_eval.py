@@ -35,7 +35,7 @@ import torch
 from sd_mlperf.config import load_config
 from sd_mlperf.config.load import RUN_CONFIG_FILE, evaluation_seed, run_directory
 from sd_mlperf.config.schema import Config
-from sd_mlperf.eval.distributed import broadcast_object
+from sd_mlperf.eval.distributed import broadcast_object, main_rank_result
 from sd_mlperf.training.checkpoints import CheckpointWeights, checkpoint_run_dir, checkpoint_weights_file
 from sd_mlperf.training.eval_checkpoints import EVAL_CHECKPOINT_DIR, read_index, request_stop
 from sd_mlperf.training.final_log import Score, append_eval_lines, compose_final_log, first_passing
@@ -55,6 +55,19 @@ Strategy = Literal["all", "last_two", "watch"]
 def offline_eval_dir(run_dir: str | os.PathLike) -> Path:
     """RUN/eval_offline: where offline evaluation writes grids, JSON and scores.jsonl."""
     return Path(run_dir) / OFFLINE_EVAL_DIR
+
+
+def read_score_records(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The complete records of a run's scores.jsonl, in order ([] without one).
+
+    A last line without its newline is an evaluator killed while appending: left out (that score is computed
+    again); any other line that is not JSON is an error.
+    """
+    path = Path(run_dir) / SCORES_FILE
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    return [json.loads(line) for line in lines if line.endswith("\n") and line.strip()]
 
 
 def check_num_prompts(num_prompts: int | None) -> None:
@@ -250,20 +263,14 @@ class RunEvaluation:
     # -- what is there ---------------------------------------------------------------------------
     def collected(self) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         """(collected checkpoints in step order, training_end record or None), as rank 0 read them."""
-        return broadcast_object(read_index(self.run_dir) if self.is_main else None)  # type: ignore[return-value]
+        return main_rank_result(lambda: read_index(self.run_dir), is_main=self.is_main)
 
     def _read_scores(self) -> dict[int, Score]:
-        path = self.run_dir / SCORES_FILE
-        found: dict[int, Score] = {}
-        if self.is_main and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-                if not line.endswith("\n"):  # an evaluator killed while appending: that score is computed again
-                    break
-                record = json.loads(line)
-                if {k: record.get(k) for k in self.key} == self.key:
-                    found[record["step"]] = Score(record["step"], record["samples_count"], record["collected_ms"],
-                                                  record["fid"], record["clip"])
-        return broadcast_object(found)  # type: ignore[return-value]
+        def read() -> dict[int, Score]:  # this evaluation's scores (same prompts and noise seed), by step
+            return {r["step"]: Score(r["step"], r["samples_count"], r["collected_ms"], r["fid"], r["clip"])
+                    for r in read_score_records(self.run_dir) if {k: r.get(k) for k in self.key} == self.key}
+
+        return main_rank_result(read, is_main=self.is_main)
 
     # -- scoring ---------------------------------------------------------------------------------
     def score(self, record: dict[str, Any]) -> Score:

@@ -6,7 +6,8 @@ they depend on each other:
 
 1. the pictures: raw training shards, val2014_30k.tsv and the validation images (sd_mlperf.data.synthetic);
 2. with `data.synthetic.fit_vae_steps` > 0, the toy VAE at `model.frozen_checkpoint` (sd_mlperf.data.toy_vae);
-3. the latents in `data.train_shards`, precomputed with the frozen encoders (unless `data.train_format=images`);
+3. the latents in `data.train_shards`, precomputed with the frozen encoders (unless `data.train_format=images`;
+   not for an evaluation, which reads only the pictures, the frozen checkpoint and the statistics);
 4. the FID reference statistics of the validation images at `eval.fid_stats`.
 
 After it, `build_trainer` and `build_evaluator` read those paths as they read the benchmark's. It composes
@@ -23,17 +24,17 @@ from sd_mlperf.config.schema import Config
 from sd_mlperf.utils.dist_info import DistInfo
 
 
-def prepare_smoke_assets(cfg: Config, dist: DistInfo) -> None:
+def prepare_smoke_assets(cfg: Config, dist: DistInfo, *, for_training: bool = True) -> None:
     """Make the synthetic dataset's files (see the module docstring); nothing without `data.synthetic_dir`.
 
     Idempotent. Rank 0 makes them while the other ranks wait at a barrier; every rank then checks that it sees
     them (the run directory must be on a file system all ranks share). Call it once per process, after
-    distributed init and before `build_trainer` (or `build_evaluator`).
+    distributed init and before `build_trainer` (or, with `for_training=False`, before scoring checkpoints).
     """
     if cfg.data.synthetic_dir is None:
         return
     if dist.is_main:
-        _make_assets(cfg, dist)
+        _make_assets(cfg, dist, for_training=for_training)
     if dist.world_size > 1:
         torch.distributed.barrier()
     stats = Path(cfg.eval.fid_stats)
@@ -42,7 +43,7 @@ def prepare_smoke_assets(cfg: Config, dist: DistInfo) -> None:
                                 "the run directory must be on a file system that all ranks share")
 
 
-def _make_assets(cfg: Config, dist: DistInfo) -> None:
+def _make_assets(cfg: Config, dist: DistInfo, *, for_training: bool) -> None:
     from sd_mlperf.data.synthetic import (
         VAL_IMAGES_DIR,
         ensure_synthetic_latents,
@@ -54,7 +55,7 @@ def _make_assets(cfg: Config, dist: DistInfo) -> None:
     from sd_mlperf.models.checkpoint_io import build_frozen_encoders
 
     ensure_synthetic_sources(cfg)  # the pictures, then the toy VAE fitted to them: before the frozen parts load
-    if synthetic_latents_missing(cfg):
+    if for_training and synthetic_latents_missing(cfg):
         vae, text_encoder = build_frozen_encoders(cfg.model)  # the ones the trainer loads (same file or seed)
         ensure_synthetic_latents(cfg, vae.to(dist.device).eval(), text_encoder.to(dist.device).eval())
     if not Path(cfg.eval.fid_stats).is_file():

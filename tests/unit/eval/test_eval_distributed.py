@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd_mlperf.eval.distributed import block_counts, gather_rows, shard_bounds, shard_indices
+from sd_mlperf.eval.distributed import block_counts, gather_rows, main_rank_result, shard_bounds, shard_indices
 
 
 @pytest.mark.parametrize("n", [1, 5, 8, 30000, 30001])
@@ -51,3 +51,44 @@ def test_gather_uses_the_rank_it_is_given(monkeypatch):
     monkeypatch.setattr(D.dist, "get_rank", lambda: pytest.fail("asked torch.distributed for the rank"))
     out = gather_rows(torch.tensor([[2.0]]), [2, 1], rank=1)
     assert out.flatten().tolist() == [0.0, 1.0, 2.0]
+
+
+def test_main_rank_result_returns_or_raises_in_one_process():
+    assert main_rank_result(lambda: {"fid": 1.0}, is_main=True) == {"fid": 1.0}
+
+    def fail() -> None:
+        raise ValueError("corrupt index.jsonl")
+
+    with pytest.raises(ValueError, match="corrupt index.jsonl"):
+        main_rank_result(fail, is_main=True)
+
+
+def _main_rank_worker(rank: int, port: int, out_dir: str) -> None:
+    import os
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        assert main_rank_result(lambda: rank * 10 + 7, is_main=rank == 0) == 7  # rank 0's value everywhere
+
+        def fail() -> None:
+            raise ValueError(f"rank {rank} failed")
+
+        with pytest.raises(ValueError, match="rank 0 failed"):  # rank 1 raises too instead of waiting
+            main_rank_result(fail, is_main=rank == 0)
+    finally:
+        dist.destroy_process_group()
+    (Path(out_dir) / f"rank{rank}.ok").touch()
+
+
+@pytest.mark.slow  # two processes
+def test_main_rank_result_passes_rank_zeros_failure_to_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.multiprocess_helpers import free_port
+
+    mp.spawn(_main_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "rank0.ok").is_file() and (tmp_path / "rank1.ok").is_file()

@@ -41,6 +41,13 @@ def test_prepare_makes_pictures_latents_and_fid_statistics_once(tmp_path):
     assert _stamps(root) == stamps  # idempotent: nothing rewritten
 
 
+def test_for_an_evaluation_the_latents_are_not_made(tmp_path):
+    cfg = make_cfg(tmp_path, *SMALL)
+    prepare_smoke_assets(cfg, cpu_dist(), for_training=False)
+    assert Path(cfg.eval.prompts_file).is_file() and Path(cfg.eval.fid_stats).is_file()
+    assert not (Path(cfg.data.train_shards) / MANIFEST).exists()
+
+
 def test_without_synthetic_dir_nothing_is_made(tmp_path):
     cfg = make_cfg(tmp_path, "data.synthetic_dir=null", f"data.train_shards={tmp_path}/shards",
                    f"eval.prompts_file={tmp_path}/p.tsv", f"eval.fid_stats={tmp_path}/missing.npz")
