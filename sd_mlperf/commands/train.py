@@ -3,7 +3,7 @@
 `main` is the whole run: logging, config, distributed init, the smoke assets (synthetic-data configs only), build,
 fit; it always closes writers and groups.
 Run it as `sd-mlperf train --config conf/smoke.yaml` (one process) or under torchrun / srun with the benchmark
-configs; see README.
+configs; see docs/training.md.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def load_clip(weights: str | os.PathLike | None, *, tiny: bool = False, device: 
     else:
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"eval.clip_weights={weights} does not exist; download ViT-H-14 "
-                                    "laion2b_s32b_b79k open_clip_pytorch_model.bin (see README) or set the path")
+                                    "laion2b_s32b_b79k open_clip_pytorch_model.bin (see docs/data.md) or set the path")
         model = build_clip(tiny)
         strict_load(model, weights, "OpenCLIP ViT-H-14 laion2b_s32b_b79k open_clip_pytorch_model.bin (a plain state "
                     "dict); with eval.clip_tiny=true, a tiny CLIP state dict")

@@ -125,7 +125,7 @@ def load_fid_inception(weights: str | os.PathLike | None, device: torch.device |
     else:
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"eval.inception_weights={weights} does not exist; download "
-                                    "pt_inception-2015-12-05-6726825d.pth (see README) or set the path")
+                                    "pt_inception-2015-12-05-6726825d.pth (see docs/data.md) or set the path")
         strict_load(model, weights, "the FID Inception weights pt_inception-2015-12-05-6726825d.pth "
                     "(pytorch-fid release fid_weights)")
     return model.to(device).eval().requires_grad_(False)

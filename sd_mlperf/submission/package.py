@@ -35,7 +35,7 @@ from sd_mlperf.submission.system import load_system_config, system_description
 
 IMPLEMENTATION = "sd_mlperf"
 # Copied beside the package directory when present (a source checkout); pyproject.toml pins the dependencies.
-SOURCE_EXTRAS = ("conf", "slurm", "docker", "README.md", "pyproject.toml")
+SOURCE_EXTRAS = ("conf", "slurm", "docker", "docs", "README.md", "pyproject.toml")
 SUMMARY_FILE = "package_summary.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _SCORE_RTOL = 1e-6

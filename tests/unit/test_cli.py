@@ -120,3 +120,12 @@ def test_only_rank_0_of_a_launch_logs_info_before_init(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "h0")
     assert main(["config"]) == 0
     assert levels == [logging.INFO, logging.WARNING]
+
+
+def test_top_level_help_says_what_the_tool_does(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "Stable Diffusion v2" in text and "MLPerf Training benchmark" in text and "submission" in text
+    assert "sd-mlperf train --config conf/smoke.yaml" in text  # where to start, not the module layout

@@ -1,4 +1,5 @@
-"""docker/: the Dockerfile installs exactly what README.md's "GPU container" section says; build/launch dry runs."""
+"""docker/: the Dockerfile installs exactly what docs/cluster-and-container.md's "GPU container" section says;
+build/launch dry runs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from deploy_helpers import REPO, run_script
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 README_HEADING = "## GPU container"
+CONTAINER_DOC = REPO / "docs" / "cluster-and-container.md"
 # Flags that only change how pip runs in an image layer, not what it installs.
 PIP_NOISE = {"--no-cache-dir", "-q", "--quiet"}
 
@@ -43,12 +45,13 @@ def dockerfile_run_commands() -> list[str]:
 
 
 def readme_gpu_container_section(text: str | None = None) -> str:
-    """The text of README.md under `## GPU container`, up to the next level-2 heading."""
-    text = (REPO / "README.md").read_text() if text is None else text
+    """The text of docs/cluster-and-container.md under `## GPU container`, up to the next level-2 heading."""
+    text = CONTAINER_DOC.read_text() if text is None else text
     start = text.find(f"\n{README_HEADING}\n")
     if start < 0:
-        pytest.fail(f"README.md has no '{README_HEADING}' section. Add one holding a ```bash block with the "
-                    "container's install line, exactly: pip install -e '.[gpu]'  (and the base image tag)")
+        pytest.fail(f"{CONTAINER_DOC.relative_to(REPO)} has no '{README_HEADING}' section. Add one holding a "
+                    "```bash block with the container's install line, exactly: pip install -e '.[gpu]'  "
+                    "(and the base image tag)")
     end = text.find("\n## ", start + 1)
     return text[start:end if end > 0 else len(text)]
 
