@@ -17,7 +17,12 @@ Usage: docker/build.sh [--tag TAG] [--base-image IMAGE] [--push] [--sqsh FILE] [
       --sqsh FILE        enroot import the built image into FILE (.sqsh) for pyxis
       --dry-run          print the commands; run nothing
   -h, --help
-Arguments after -- go to docker build (e.g. --no-cache, --progress=plain).
+Arguments after -- go to docker build (e.g. --no-cache, --progress=plain, --network host).
+The build uses BuildKit (DOCKER_BUILDKIT=1), which sends only what docker/Dockerfile.dockerignore lets in; the
+legacy builder would send the whole checkout, .venv included. The environment variable DOCKER names the docker
+client (default: docker, or Debian's /usr/bin/docker where docker is 23.0 or newer without buildx: such a
+client cannot build with BuildKit; an older one has it built in). Without nvcr.io, docker/standin_base.sh makes a
+stand-in base: docker/build.sh --base-image sd_mlperf-standin:bookworm -- --network host
 EOF2
 }
 
@@ -48,12 +53,17 @@ done
 [ "$PUSH" = 0 ] || [[ "$TAG" == */* ]] \
     || die "--push needs a tag with a registry, e.g. --tag registry.example.com/team/sd_mlperf:latest"
 [ -z "$SQSH" ] || [[ "$SQSH" == *.sqsh ]] || die "--sqsh must name a .sqsh file, got '$SQSH'"
-[ "$DRY_RUN" = 1 ] || command -v docker >/dev/null || die "docker is not on PATH (install Docker and the NVIDIA Container Toolkit)"
+export DOCKER_BUILDKIT=1
+if [ "$DRY_RUN" = 0 ]; then
+    DOCKER=$(buildkit_docker)
+else
+    DOCKER=${DOCKER:-docker}
+fi
 
-BUILD=(docker build -f "$REPO/docker/Dockerfile" -t "$TAG")
+BUILD=("$DOCKER" build -f "$REPO/docker/Dockerfile" -t "$TAG")
 [ -z "$BASE_IMAGE" ] || BUILD+=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
 BUILD+=("${EXTRA[@]+"${EXTRA[@]}"}" "$REPO")
 
 run_cmd "${BUILD[@]}"
-[ "$PUSH" = 0 ] || run_cmd docker push "$TAG"
+[ "$PUSH" = 0 ] || run_cmd "$DOCKER" push "$TAG"
 [ -z "$SQSH" ] || run_cmd enroot import -o "$SQSH" "dockerd://$TAG"

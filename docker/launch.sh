@@ -18,9 +18,12 @@ Usage: docker/launch.sh [options] [-- COMMAND ...]
   -k, --checkpoint-dir DIR another folder with checkpoints, mounted at the same path (optional)
   -r, --results-dir DIR    mounted at /results (default ./results)
       --code-in-image      run the image's code instead of mounting this checkout at /workspace/sd_mlperf
+  -g, --gpus SPEC          docker run --gpus SPEC (default all; 'none' for a machine without GPUs or the NVIDIA
+                           Container Toolkit, e.g. to check an image on a build host)
+  -u, --user UID[:GID]|me  run as this user instead of root ('me': yours), so results are owned by it; HOME is /tmp
       --dry-run            print the docker command; run nothing
   -h, --help
-Without a COMMAND an interactive bash starts.
+Without a COMMAND an interactive bash starts. The environment variable DOCKER names the docker client.
 EOF2
 }
 
@@ -29,6 +32,8 @@ DATASET_DIR=/data/mlcommons
 CKPT_DIR=""
 RESULTS_DIR=./results
 MOUNT_CODE=1
+GPUS=all
+RUN_AS=""
 DRY_RUN=0
 COMMAND=()
 while [ $# -gt 0 ]; do
@@ -38,6 +43,8 @@ while [ $# -gt 0 ]; do
         -k|--checkpoint-dir) need_value "$1" $# "${2-}"; CKPT_DIR=$2; shift ;;
         -r|--results-dir) need_value "$1" $# "${2-}"; RESULTS_DIR=$2; shift ;;
         --code-in-image) MOUNT_CODE=0 ;;
+        -g|--gpus) need_value "$1" $# "${2-}"; GPUS=$2; shift ;;
+        -u|--user) need_value "$1" $# "${2-}"; RUN_AS=$2; shift ;;
         --dry-run) DRY_RUN=1 ;;
         -h|--help) usage; exit 0 ;;
         --) shift; COMMAND=("$@"); break ;;
@@ -48,23 +55,30 @@ done
 
 [[ "$DATASET_DIR" == /* ]] || die "--dataset-dir must be an absolute path (it is mounted at the same path), got '$DATASET_DIR'"
 [ -z "$CKPT_DIR" ] || [[ "$CKPT_DIR" == /* ]] || die "--checkpoint-dir must be an absolute path, got '$CKPT_DIR'"
+[ "$RUN_AS" != me ] || RUN_AS="$(id -u):$(id -g)"
+[ -z "$RUN_AS" ] || [[ "$RUN_AS" =~ ^[0-9]+(:[0-9]+)?$ ]] || die "--user must be UID[:GID] (numbers) or 'me', got '$RUN_AS'"
 RESULTS_DIR=$(realpath -m "$RESULTS_DIR")
+DOCKER_CLI=${DOCKER:-docker}
 if [ "$DRY_RUN" = 0 ]; then
     check_dir --dataset-dir "$DATASET_DIR"
     [ -z "$CKPT_DIR" ] || check_dir --checkpoint-dir "$CKPT_DIR"
-    command -v docker >/dev/null || die "docker is not on PATH (install Docker and the NVIDIA Container Toolkit)"
+    command -v "$DOCKER_CLI" >/dev/null || die "docker client '$DOCKER_CLI' is not on PATH" \
+        "(install Docker and the NVIDIA Container Toolkit; or set DOCKER)"
     mkdir -p "$RESULTS_DIR"
 fi
 
+DOCKER_RUN=("$DOCKER_CLI" run --rm)
+[ "$GPUS" = none ] || DOCKER_RUN+=(--gpus "$GPUS")
 # memlock and stack limits as NGC recommends for NCCL and the CUDA libraries.
-DOCKER=(docker run --rm --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864
-        -v "$DATASET_DIR:$DATASET_DIR" -v "$RESULTS_DIR:/results")
-[ -z "$CKPT_DIR" ] || DOCKER+=(-v "$CKPT_DIR:$CKPT_DIR")
-[ "$MOUNT_CODE" = 0 ] || DOCKER+=(-v "$REPO:/workspace/sd_mlperf")
-DOCKER+=(-w /workspace/sd_mlperf)
+DOCKER_RUN+=(--ipc=host --ulimit memlock=-1 --ulimit stack=67108864 -v "$DATASET_DIR:$DATASET_DIR" -v "$RESULTS_DIR:/results")
+# Any numeric user works: the image needs no account for it. HOME=/tmp gives torch and matplotlib a writable cache.
+[ -z "$RUN_AS" ] || DOCKER_RUN+=(--user "$RUN_AS" -e HOME=/tmp)
+[ -z "$CKPT_DIR" ] || DOCKER_RUN+=(-v "$CKPT_DIR:$CKPT_DIR")
+[ "$MOUNT_CODE" = 0 ] || DOCKER_RUN+=(-v "$REPO:/workspace/sd_mlperf")
+DOCKER_RUN+=(-w /workspace/sd_mlperf)
 if [ ${#COMMAND[@]} -eq 0 ]; then
-    DOCKER+=(-it "$IMAGE" bash)
+    DOCKER_RUN+=(-it "$IMAGE" bash)
 else
-    DOCKER+=("$IMAGE" "${COMMAND[@]}")
+    DOCKER_RUN+=("$IMAGE" "${COMMAND[@]}")
 fi
-run_cmd "${DOCKER[@]}"
+run_cmd "${DOCKER_RUN[@]}"

@@ -118,3 +118,27 @@ rendezvous_addr() {
     [ -n "$addr" ] || return 1
     printf '%s\n' "$addr"
 }
+
+# buildkit_docker: the docker client that builds with BuildKit (docker/Dockerfile.dockerignore is a BuildKit file; the
+# legacy builder would send the whole checkout, .venv included): $DOCKER when set; else `docker` when it has the
+# buildx plugin or is older than 23.0 (BuildKit built in); else Debian's /usr/bin/docker (docker.io, 20.10) where a
+# newer client without buildx comes first on PATH. Dies naming the fix otherwise. Callers export DOCKER_BUILDKIT=1.
+buildkit_docker() {
+    local client major
+    if [ -n "${DOCKER:-}" ]; then
+        printf '%s\n' "$DOCKER"
+        return 0
+    fi
+    command -v docker >/dev/null || die "docker is not on PATH (install Docker, e.g. apt-get install docker.io)"
+    client=$(docker version --format '{{.Client.Version}}' 2>/dev/null || true)
+    major=${client%%.*}
+    if ! [[ "$major" =~ ^[0-9]+$ ]] || [ "$major" -lt 23 ] || docker buildx version >/dev/null 2>&1; then
+        printf 'docker\n'
+    elif [ -x /usr/bin/docker ] && [ "$(/usr/bin/docker version --format '{{.Client.Version}}' 2>/dev/null \
+            | cut -d. -f1)" -lt 23 ] 2>/dev/null; then
+        printf '/usr/bin/docker\n'
+    else
+        die "docker client $client has no buildx plugin, so it cannot build with BuildKit: install docker-buildx," \
+            "or set DOCKER to a client older than 23.0 (Debian's docker.io is 20.10)"
+    fi
+}

@@ -3,6 +3,7 @@ build/launch dry runs."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 
@@ -171,3 +172,27 @@ def test_launch_dry_run_mounts_gpu_ipc_and_folders(tmp_path):
 def test_launch_checks_the_dataset_folder(tmp_path):
     proc = run_script("docker/launch.sh", "--dataset-dir", str(tmp_path / "none"))
     assert proc.returncode != 0 and "--dataset-dir directory" in proc.stderr
+
+
+def test_launch_without_gpus_as_another_user(tmp_path):
+    proc = run_script("docker/launch.sh", "--dry-run", "--dataset-dir", "/d", "--results-dir", str(tmp_path),
+                      "--gpus", "none", "--user", "4242:4242", "--code-in-image", "--", "sd-mlperf", "--version")
+    assert proc.returncode == 0, proc.stderr
+    words = shlex.split(proc.stdout)
+    assert "--gpus" not in words and words[:3] == ["docker", "run", "--rm"]
+    assert words[words.index("--user") + 1] == "4242:4242" and "HOME=/tmp" in words
+    me = shlex.split(run_script("docker/launch.sh", "--dry-run", "--user", "me", "--", "true").stdout)
+    assert me[me.index("--user") + 1] == f"{os.getuid()}:{os.getgid()}"
+    bad = run_script("docker/launch.sh", "--dry-run", "--user", "alice")
+    assert bad.returncode != 0 and "--user must be UID[:GID]" in bad.stderr
+
+
+def test_standin_base_dry_run_bootstraps_then_installs_the_cpu_pins():
+    proc = run_script("docker/standin_base.sh", "--dry-run", "--mirror", "http://mirror.example/debian")
+    assert proc.returncode == 0, proc.stderr
+    boot, imported, build = proc.stdout.splitlines()
+    assert shlex.split(boot)[:2] == ["debootstrap", "--variant=minbase"] and boot.endswith(
+        "bookworm " + shlex.split(boot)[-2] + " http://mirror.example/debian")
+    assert "python3-pip" in boot and imported.endswith("- sd_mlperf-standin-minbase:bookworm")
+    assert shlex.split(build)[:5] == ["docker", "build", "--network", "host", "-t"]
+    assert shlex.split(build)[5] == "sd_mlperf-standin:bookworm"
