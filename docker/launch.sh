@@ -21,6 +21,9 @@ Usage: docker/launch.sh [options] [-- COMMAND ...]
   -g, --gpus SPEC          docker run --gpus SPEC (default all; 'none' for a machine without GPUs or the NVIDIA
                            Container Toolkit, e.g. to check an image on a build host)
   -u, --user UID[:GID]|me  run as this user instead of root ('me': yours), so results are owned by it; HOME is /tmp
+      --memlock LIMIT      locked-memory limit: unlimited (default, as NGC recommends for NCCL over InfiniBand), a
+                           number of bytes, or 'default' (the daemon's), for a host where dockerd may not raise it
+                           (docker then fails with "error setting rlimit type 8: operation not permitted")
       --dry-run            print the docker command; run nothing
   -h, --help
 Without a COMMAND an interactive bash starts. The environment variable DOCKER names the docker client.
@@ -33,6 +36,7 @@ CKPT_DIR=""
 RESULTS_DIR=./results
 MOUNT_CODE=1
 GPUS=all
+MEMLOCK=unlimited
 RUN_AS=""
 DRY_RUN=0
 COMMAND=()
@@ -45,6 +49,7 @@ while [ $# -gt 0 ]; do
         --code-in-image) MOUNT_CODE=0 ;;
         -g|--gpus) need_value "$1" $# "${2-}"; GPUS=$2; shift ;;
         -u|--user) need_value "$1" $# "${2-}"; RUN_AS=$2; shift ;;
+        --memlock) need_value "$1" $# "${2-}"; MEMLOCK=$2; shift ;;
         --dry-run) DRY_RUN=1 ;;
         -h|--help) usage; exit 0 ;;
         --) shift; COMMAND=("$@"); break ;;
@@ -57,6 +62,7 @@ done
 [ -z "$CKPT_DIR" ] || [[ "$CKPT_DIR" == /* ]] || die "--checkpoint-dir must be an absolute path, got '$CKPT_DIR'"
 [ "$RUN_AS" != me ] || RUN_AS="$(id -u):$(id -g)"
 [ -z "$RUN_AS" ] || [[ "$RUN_AS" =~ ^[0-9]+(:[0-9]+)?$ ]] || die "--user must be UID[:GID] (numbers) or 'me', got '$RUN_AS'"
+[[ "$MEMLOCK" =~ ^(unlimited|default|[0-9]+)$ ]] || die "--memlock must be unlimited, default or bytes, got '$MEMLOCK'"
 RESULTS_DIR=$(realpath -m "$RESULTS_DIR")
 DOCKER_CLI=${DOCKER:-docker}
 if [ "$DRY_RUN" = 0 ]; then
@@ -70,7 +76,9 @@ fi
 DOCKER_RUN=("$DOCKER_CLI" run --rm)
 [ "$GPUS" = none ] || DOCKER_RUN+=(--gpus "$GPUS")
 # memlock and stack limits as NGC recommends for NCCL and the CUDA libraries.
-DOCKER_RUN+=(--ipc=host --ulimit memlock=-1 --ulimit stack=67108864 -v "$DATASET_DIR:$DATASET_DIR" -v "$RESULTS_DIR:/results")
+DOCKER_RUN+=(--ipc=host)
+[ "$MEMLOCK" = default ] || DOCKER_RUN+=(--ulimit "memlock=${MEMLOCK/unlimited/-1}")
+DOCKER_RUN+=(--ulimit stack=67108864 -v "$DATASET_DIR:$DATASET_DIR" -v "$RESULTS_DIR:/results")
 # Any numeric user works: the image needs no account for it. HOME=/tmp gives torch and matplotlib a writable cache.
 [ -z "$RUN_AS" ] || DOCKER_RUN+=(--user "$RUN_AS" -e HOME=/tmp)
 [ -z "$CKPT_DIR" ] || DOCKER_RUN+=(-v "$CKPT_DIR:$CKPT_DIR")

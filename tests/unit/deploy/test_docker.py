@@ -185,6 +185,9 @@ def test_launch_without_gpus_as_another_user(tmp_path):
     assert me[me.index("--user") + 1] == f"{os.getuid()}:{os.getgid()}"
     bad = run_script("docker/launch.sh", "--dry-run", "--user", "alice")
     assert bad.returncode != 0 and "--user must be UID[:GID]" in bad.stderr
+    assert "memlock=-1" in words and "stack=67108864" in words  # NGC's limits by default ...
+    kept = shlex.split(run_script("docker/launch.sh", "--dry-run", "--memlock", "default", "--", "true").stdout)
+    assert not any(w.startswith("memlock=") for w in kept) and "stack=67108864" in kept  # ... or the daemon's
 
 
 def test_standin_base_dry_run_bootstraps_then_installs_the_cpu_pins():
@@ -196,3 +199,9 @@ def test_standin_base_dry_run_bootstraps_then_installs_the_cpu_pins():
     assert "python3-pip" in boot and imported.endswith("- sd_mlperf-standin-minbase:bookworm")
     assert shlex.split(build)[:5] == ["docker", "build", "--network", "host", "-t"]
     assert shlex.split(build)[5] == "sd_mlperf-standin:bookworm"
+
+
+def test_dockerfile_builds_without_docker_hub():
+    # A `# syntax=` line makes BuildKit pull its frontend image from Docker Hub before anything else, which fails on
+    # an offline build host (and did here); the built-in frontend reads this Dockerfile and its .dockerignore.
+    assert not re.search(r"^#\s*syntax\s*=", DOCKERFILE.read_text(), flags=re.M | re.I)
