@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,12 +160,24 @@ def cluster() -> Iterator[Cluster]:
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
+    with running_cluster() as c:
+        yield c
+
+
+@contextmanager
+def running_cluster(plugstack: str | None = None) -> Iterator[Cluster]:
+    """Start the two-node cluster (slurm.conf above; `plugstack`: the lines of a plugstack.conf, e.g. pyxis'),
+    wait until both nodes are idle, and stop every daemon it started when done."""
     root = Path(tempfile.mkdtemp(prefix="sd_mlperf_slurm_"))
     for sub in ("state", "spool", "log"):
         (root / sub).mkdir()
     ctld_port, n1_port, n2_port = _free_ports(3)
     conf = root / "slurm.conf"
     conf.write_text(SLURM_CONF.format(root=root, ctld_port=ctld_port, n1_port=n1_port, n2_port=n2_port))
+    if plugstack is not None:
+        (root / "plugstack.conf").write_text(plugstack)
+        with conf.open("a") as f:
+            f.write(f"PlugStackConfig={root}/plugstack.conf\n")
     env = script_env(SLURM_CONF=str(conf))
     env.pop("MASTER_ADDR", None)
     env["PATH"] = f"{env['PATH']}{os.pathsep}/usr/sbin{os.pathsep}/sbin"
