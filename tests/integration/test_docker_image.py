@@ -48,7 +48,10 @@ def _skip_reason(docker: str | None) -> str | None:
         return "docker is not installed: apt-get install docker.io (.ci/run does)"
     info = subprocess.run([docker, "info"], capture_output=True, text=True, timeout=60)
     if info.returncode != 0:
-        return f"dockerd does not answer `docker info` (start it as root: dockerd &): {info.stderr.strip()[-300:]}"
+        # The 20.10 client prints the daemon's error among its stdout; keep the lines that say what went wrong.
+        said = " ".join(line.strip() for line in (info.stdout + info.stderr).splitlines()
+                        if re.search(r"error|cannot", line, flags=re.I))[:300]
+        return f"dockerd does not answer `{docker} info` (start it as root: dockerd &): {said}"
     has_base = subprocess.run([docker, "image", "inspect", STANDIN], capture_output=True).returncode == 0
     if not has_base and os.geteuid() != 0:
         return f"the stand-in base {STANDIN} is missing and docker/standin_base.sh needs root (debootstrap)"
