@@ -185,3 +185,14 @@ def test_the_checks_catch_a_broken_link_and_a_bogus_flag(tmp_path):
     assert "unrecognized arguments: --no-such-flag" in problems[1]
     assert "no COMMAND traim" in problems[2] and "sd-mlperf report has no option --nope" in problems[3]
     assert "no choice vea" in problems[4] and problems[5] == "conf/none.yaml: no such file"
+
+
+def test_the_front_page_lists_every_command():
+    import argparse
+
+    from sd_mlperf.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    section = (REPO / "README.md").read_text().split("\n## Commands\n", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `([a-z-]+)` \|", section, flags=re.M)
+    assert sorted(listed) == sorted(sub.choices), f"README's table lists {listed}, the CLI has {sorted(sub.choices)}"
