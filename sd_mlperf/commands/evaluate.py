@@ -65,12 +65,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sd_mlperf.parallel.distributed import destroy_distributed, init_distributed
-    from sd_mlperf.training.offline_eval import load_checkpoint_config, load_run_config
+    from sd_mlperf.training.offline_eval import load_checkpoint_config, load_run_config, wait_for_run_config
     from sd_mlperf.training.smoke_assets import prepare_smoke_assets
     from sd_mlperf.utils.logging import setup_logging
 
     checkpoints: list[Path] = []
     if args.run_dir:
+        if args.strategy == "watch":  # started before the trainer wrote its config: wait for it
+            wait_for_run_config(args.run_dir, poll_s=args.poll_s, timeout_s=args.watch_timeout_s)
         cfg = load_run_config(args.run_dir, args.config, args.overrides, num_prompts=args.num_prompts)
     else:
         cfg, checkpoints = load_checkpoint_config(args.checkpoint, args.config, args.overrides,
@@ -89,13 +91,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _score_run(args: argparse.Namespace, cfg: Config, dist: DistInfo) -> int:
-    from sd_mlperf.training.offline_eval import build_checkpoint_scorer, offline_eval_dir, open_run_evaluation
+    from sd_mlperf.training.offline_eval import (
+        build_checkpoint_scorer,
+        offline_eval_dir,
+        open_run_evaluation,
+        prepare_run_evaluation,
+    )
 
     run_dir = Path(args.run_dir)
-    scorer = build_checkpoint_scorer(cfg, dist, offline_eval_dir(run_dir), num_prompts=args.num_prompts)
-    runner = open_run_evaluation(run_dir, cfg, scorer, is_main=dist.is_main, num_prompts=args.num_prompts)
-    runner.run(args.strategy, poll_s=args.poll_s, timeout_s=args.watch_timeout_s)
-    outcome = runner.conclude(run_dir / cfg.logging.mlperf_log_file)
+    # Before any model is built or prompt scored: writable, and no other evaluator on this run directory.
+    lock = prepare_run_evaluation(run_dir, cfg.logging.mlperf_log_file, is_main=dist.is_main)
+    try:
+        scorer = build_checkpoint_scorer(cfg, dist, offline_eval_dir(run_dir), num_prompts=args.num_prompts)
+        runner = open_run_evaluation(run_dir, cfg, scorer, is_main=dist.is_main, num_prompts=args.num_prompts)
+        runner.run(args.strategy, poll_s=args.poll_s, timeout_s=args.watch_timeout_s)
+        outcome = runner.conclude(run_dir / cfg.logging.mlperf_log_file)
+    finally:
+        if lock is not None:
+            lock.release()
     if dist.is_main:
         sys.stdout.write(outcome.summary())
     return outcome.exit_code

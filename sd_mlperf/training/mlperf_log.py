@@ -60,8 +60,13 @@ class MLPerfLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not append and self.path.exists() and self.path.stat().st_size > 0:
             # A resumed run is a new MLPerf run: keep the earlier log beside it instead of appending a
-            # second run_start to it (the checker wants exactly one).
-            self.path.rename(self.path.with_name(f"{self.path.name}.{time.strftime('%Y%m%d-%H%M%S')}"))
+            # second run_start to it (the checker wants exactly one). Never over an earlier piece of the same second.
+            aside = self.path.with_name(f"{self.path.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+            for n in itertools.count(1):
+                if not aside.exists():
+                    break
+                aside = aside.with_name(f"{self.path.name}.{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+            self.path.rename(aside)
         # A private python logger per instance: mllog's module-level default would add a handler per
         # run to one global logger (tests build many runs in one process).
         pylog = logging.getLogger(f"sd_mlperf.mllog.{next(_instance_ids)}")

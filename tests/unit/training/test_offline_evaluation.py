@@ -162,7 +162,7 @@ def test_watch_beside_a_training_run_stops_it_at_the_first_pass(tmp_path):
 
     def collect_then_wait_for_the_watcher(step, *args, **kwargs):  # a trainer slower than its evaluator
         collect(step, *args, **kwargs)
-        trainer.collector._wait()  # published
+        trainer.collector.wait()  # published
         deadline = time.monotonic() + 30
         while not (step in runner.scores and (not runner.passes(runner.scores[step]) or (run / STOP_FILE).exists())):
             assert time.monotonic() < deadline, f"the watcher never scored step {step}"
