@@ -130,7 +130,7 @@ class Trainer:
             logger.info("nothing to train: step %d already reached the stop step %d", s.step, plan.max_steps)
             return s
         self.mlperf.run_start(s.samples_count)
-        end_reason = "error"
+        end_reason, stop = "error", ""  # "error" until the loop ends normally: an exception keeps it
         try:
             self.mlperf.block_start(s.samples_count)
             batches = self._batches()
@@ -145,12 +145,12 @@ class Trainer:
                 if s.step % plan.steps_per_block == 0 or s.step == plan.max_steps:
                     self.mlperf.block_stop(s.samples_count)
                     self.end_block()  # host sync (finite check, state to CPU)
-                    end_reason = self.stop_reason()
-                    if end_reason:
+                    stop = self.stop_reason()
+                    if stop:
                         break
                     if s.step < plan.max_steps:
                         self.mlperf.block_start(s.samples_count)
-            end_reason = end_reason or "max_steps"
+            end_reason = stop or "max_steps"
         except KeyboardInterrupt:  # Ctrl-C: the end is recorded as interrupted, never as a normal end
             end_reason = "interrupted"
             raise
