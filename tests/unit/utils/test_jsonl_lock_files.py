@@ -1,4 +1,4 @@
-"""utils.jsonl (torn-line repair, bad-line errors), utils.lock (one holder, stale locks) and utils.files' write checks."""
+"""utils.jsonl (torn-line repair, bad-line errors), utils.lock (one holder, stale locks), utils.files' checks."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -73,7 +74,7 @@ def test_a_dead_holders_lock_is_reported_stale_with_the_command_that_clears_it(t
 def test_a_zombie_counts_as_dead(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     for _ in range(200):  # exited but not reaped
-        if open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+        if Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
             break
         __import__("time").sleep(0.01)
     assert not process_alive(child.pid)
