@@ -112,9 +112,10 @@ def training_log_lines(training_log: str | os.PathLike) -> list[str]:
     """The training log of a run, its resumed pieces stitched (a run resumed by path leaves one piece per start).
 
     Each resumed piece continues the piece before it: that piece's lines up to the block_start at the resume
-    point (the blocks from there on were trained again), then the resumed piece from its resume mark on; its
-    init, submission and hyperparameter lines and its run_start, repeated by the restart, are left out. The
-    resume mark stays: the rules still see a resumed run, and `sd-mlperf package` refuses it for a timed result.
+    point (the blocks from there on were trained again), then the resumed piece's lines after its run_start; its
+    init, submission and hyperparameter lines and its run_start, repeated by the restart, are left out. Its
+    resume mark moves before run_start: the rules still see a resumed run, and `sd-mlperf package` refuses it
+    for a timed result, however early the final log ends.
     """
     return _stitched(Path(training_log).read_text(encoding="utf-8").splitlines(), log_pieces(training_log))
 
@@ -126,13 +127,18 @@ def _stitched(lines: list[str], older: list[Path]) -> list[str]:
     head = _stitched(older[-1].read_text(encoding="utf-8").splitlines(), older[:-1])
     cut = next((i for i, line in enumerate(head) if (r := parse_mllog_line(line)) and r.get("key") == "block_start"
                 and (r.get("metadata") or {}).get("samples_count", 0) >= at), len(head))
-    tail, started = [], False
+    marks, tail, started = [], [], False
     for line in lines:
         key = (parse_mllog_line(line) or {}).get("key")
-        if key == RESUMED_KEY or started:
+        if key == RESUMED_KEY:
+            marks.append(line)
+        elif started:
             tail.append(line)
         started = started or key == "run_start"
-    return head[:cut] + tail
+    # The resume marks go before run_start, where a resumed run's own log has them: a final log cut at an
+    # earlier passing checkpoint still says resumed.
+    start = next((i for i, line in enumerate(head) if (parse_mllog_line(line) or {}).get("key") == "run_start"), 0)
+    return head[:start] + marks + head[start:cut] + tail
 
 
 def compose_final_log(training_log: str | os.PathLike, scores: list[Score], *, target_fid: float,

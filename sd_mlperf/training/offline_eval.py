@@ -411,6 +411,11 @@ class RunEvaluation:
         start = time.monotonic()
         while True:
             records, end = self.collected()
+            gone = broadcast_object(self._trainer_gone() if self.is_main and end is None else None)  # rank 0 looks
+            if gone:  # before scoring: a dead trainer is reported at once, not after hours of scoring
+                raise UserError(f"--watch: {gone} without recording the end of training in {self.run_dir} "
+                                f"({len(records)} checkpoint(s) collected): resume the training run, or score what "
+                                f"it collected with `sd-mlperf evaluate --run-dir {self.run_dir} --all`")
             for record in records:
                 if self.passes(self.score(record)):
                     if self.is_main:
@@ -419,11 +424,6 @@ class RunEvaluation:
                     return
             if end is not None:
                 return
-            gone = broadcast_object(self._trainer_gone() if self.is_main else None)  # rank 0 looks for all
-            if gone:
-                raise UserError(f"--watch: {gone} without recording the end of training in {self.run_dir} "
-                                f"(no passing checkpoint among {len(records)} collected): resume the training run, or "
-                                f"score what it collected with `sd-mlperf evaluate --run-dir {self.run_dir} --all`")
             expired = timeout_s is not None and time.monotonic() - start > timeout_s
             if broadcast_object(expired if self.is_main else None):  # rank 0's clock decides for all
                 raise UserError(f"--watch: no passing checkpoint and no end of training in {self.run_dir} within "
