@@ -25,7 +25,6 @@ the scorer (`build_checkpoint_scorer`) and write grids and JSON under RUN/eval_o
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +48,7 @@ from sd_mlperf.training.eval_checkpoints import (
 )
 from sd_mlperf.training.final_log import Score, append_eval_lines, compose_final_log, first_passing
 from sd_mlperf.training.mlperf_log import TRAINING_LOG_FILE
+from sd_mlperf.training.score_key import checkpoint_identity, evaluation_settings, settings_digest
 from sd_mlperf.utils.dist_info import DistInfo
 from sd_mlperf.utils.errors import UserError
 from sd_mlperf.utils.files import atomic_write_text
@@ -76,65 +76,6 @@ def read_score_records(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     again, and the next append cuts it); any other line that is not JSON is an error naming the file and line.
     """
     return read_jsonl(Path(run_dir) / SCORES_FILE)
-
-
-_HASHED_FILE_BYTES = 256 << 20
-"""Files up to this size are identified by their sha256 in the score key; larger ones by size and mtime."""
-
-
-def _file_identity(path: str | None) -> Any:
-    """What identifies an input file in the score key: its path and its sha256 (or size and mtime when large)."""
-    if path is None:
-        return None
-    p = Path(path)
-    if not p.is_file():
-        return str(path)
-    size = p.stat().st_size
-    if size <= _HASHED_FILE_BYTES:
-        import hashlib
-
-        with open(p, "rb") as f:
-            return {"path": str(path), "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
-    return {"path": str(path), "bytes": size, "mtime_ns": p.stat().st_mtime_ns}
-
-
-SETTINGS_NOT_SCORED = ("inline", "num_grid_images", "seed")
-"""eval keys that do not decide a score (the noise seed enters the key resolved, as noise_seed)."""
-SCORED_FILES = ("prompts_file", "fid_stats", "inception_weights", "clip_weights")
-
-
-def evaluation_settings(cfg: Config, num_prompts: int | None = None) -> dict[str, Any]:
-    """Everything besides the weights and the noise seed that decides a score, for the key of scores.jsonl."""
-    ev = dataclasses.asdict(cfg.eval)
-    if num_prompts is not None:
-        ev["num_prompts"] = num_prompts
-    for name in SETTINGS_NOT_SCORED:
-        ev.pop(name, None)
-    for name in SCORED_FILES:
-        ev[name] = _file_identity(ev[name])
-    model = dataclasses.asdict(cfg.model)
-    return {"eval": ev, "frozen_checkpoint": _file_identity(model.get("frozen_checkpoint")),
-            "model": model, "diffusion": dataclasses.asdict(cfg.diffusion)}
-
-
-def settings_digest(settings: dict[str, Any]) -> str:
-    """A short stable digest of `evaluation_settings` (what scores.jsonl records)."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def checkpoint_identity(run_dir: str | os.PathLike, record: dict[str, Any]) -> str:
-    """A collected checkpoint's identity for the score key: the sha256 its index line recorded.
-
-    An index written before checksums were recorded: the sha256 of the file itself.
-    """
-    if "sha256" in record:
-        return str(record["sha256"])
-    import hashlib
-
-    with open(Path(run_dir) / EVAL_CHECKPOINT_DIR / record["file"], "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_num_prompts(num_prompts: int | None) -> None:

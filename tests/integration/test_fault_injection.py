@@ -23,6 +23,7 @@ from sd_mlperf.training.eval_checkpoints import read_index
 from sd_mlperf.training.final_log import parse_mllog_line
 from sd_mlperf.training.mlperf_log import RESUMED_KEY
 
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["eval.inline=false", "training.checkpoint_every_samples=8", "data.synthetic.num_train_samples=16",
         "data.synthetic.num_train_shards=2", "data.synthetic.num_val_prompts=4", "eval.num_prompts=4",

@@ -320,7 +320,7 @@ def test_scores_are_cached_by_settings_and_by_the_checkpoint_they_scored(run_dir
 
 
 def test_evaluation_settings_change_with_every_setting_that_decides_a_score(tmp_path):
-    from sd_mlperf.training.offline_eval import evaluation_settings, settings_digest
+    from sd_mlperf.training.score_key import evaluation_settings, settings_digest
     from tests.unit.training._helpers import make_cfg
 
     prompts = tmp_path / "prompts.tsv"
@@ -365,6 +365,7 @@ def test_a_resumed_offline_run_gets_its_stitched_final_log(tmp_path):
     keys = [e["key"] for e in events]
     assert keys.count("run_start") == 1 and keys.count("init_start") == 1 and keys.count(RESUMED_KEY) == 1
     assert keys.count("submission_benchmark") == 1 and keys[-1] == "run_stop"
+    assert keys.index(RESUMED_KEY) < keys.index("run_start")  # kept however early the final log ends
     blocks = [(e["key"], e["metadata"]["samples_count"]) for e in events if e["key"] in ("block_start", "block_stop")]
     assert blocks == [("block_start", 0), ("block_stop", 4), ("block_start", 4), ("block_stop", 8),
                       ("block_start", 8), ("block_stop", 12)]
