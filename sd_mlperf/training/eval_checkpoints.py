@@ -131,25 +131,26 @@ def load_eval_checkpoint(run_dir: str | os.PathLike, record: Mapping[str, Any]) 
 
     A file truncated or changed after it was written, or one of another step, is an error naming the file.
     """
-    from sd_mlperf.utils.files import sha256_bytes
+    import hashlib
 
     path = Path(run_dir) / EVAL_CHECKPOINT_DIR / record["file"]
     where = f"{path} (indexed in {index_path(run_dir)} as step {record['step']})"
     fix = "Delete the file and its index line and resume the run to collect it again, or restore it."
     try:
-        data = path.read_bytes()
+        size = path.stat().st_size
+        if "bytes" in record and size != int(record["bytes"]):
+            raise UserError(f"evaluation checkpoint {where} has {size} bytes, {record['bytes']} were written: it is "
+                            f"truncated or was replaced. {fix}")
+        if "sha256" in record:
+            with open(path, "rb") as f:  # streamed: one copy of the weights in memory, not two
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            if digest != record["sha256"]:
+                raise UserError(f"evaluation checkpoint {where} does not match the sha256 recorded when it was "
+                                f"written: it is corrupted or was replaced. {fix}")
     except OSError as exc:
         raise UserError(f"cannot read evaluation checkpoint {where}: {exc.strerror or exc}. {fix}") from exc
-    if "bytes" in record and len(data) != int(record["bytes"]):
-        raise UserError(f"evaluation checkpoint {where} has {len(data)} bytes, {record['bytes']} were written: it is "
-                        f"truncated or was replaced. {fix}")
-    if "sha256" in record and sha256_bytes(data) != record["sha256"]:
-        raise UserError(f"evaluation checkpoint {where} does not match the sha256 recorded when it was written: it is "
-                        f"corrupted or was replaced. {fix}")
-    import io
-
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"cannot read evaluation checkpoint {where}: {exc}. {fix}") from exc
     if not isinstance(payload, dict) or int(payload.get("step", -1)) != int(record["step"]):
@@ -234,10 +235,15 @@ class EvalCheckpointWriter:
             return
         try:
             self.wait()
+        except BaseException:
+            reason = "error"  # the last collection failed: never recorded as a normal end
+            raise
         finally:  # the end is recorded even when the last write failed (its error still propagates)
-            self._append({"event": "training_end", "samples_count": samples_count,
-                          "time_ms": int(time.time() * 1e3), "reason": reason})
-            self._stop_heartbeat()
+            try:
+                self._append({"event": "training_end", "samples_count": samples_count,
+                              "time_ms": int(time.time() * 1e3), "reason": reason})
+            finally:
+                self._stop_heartbeat()
 
     def close(self) -> None:
         """Wait for a write in flight (an error is logged here: close runs while another error may unwind)."""

@@ -297,7 +297,9 @@ class RunEvaluation:
                 step = int(r["step"])
                 if {k: r.get(k, "") for k in self.key} != self.key:
                     continue
-                if identity.get(step) is not None and r.get("checkpoint_sha256") != identity[step]:
+                if step not in identity:
+                    continue  # superseded by a resume from an earlier step, and not collected again (yet)
+                if identity[step] is not None and r.get("checkpoint_sha256") != identity[step]:
                     continue  # another checkpoint of that step (collected again after a resume): score it again
                 found[step] = Score(step, r["samples_count"], r["collected_ms"], r["fid"], r["clip"])
             return found
@@ -447,7 +449,7 @@ def prepare_run_evaluation(run_dir: str | os.PathLike, log_file: str, *, is_main
     """Before any model is built: the run directory is writable (eval_offline/ and the final log's folder) and this
     evaluator holds its lock (rank 0 checks and takes it; every rank raises its error). Release the lock at the end.
     """
-    from sd_mlperf.utils.files import check_writable
+    from sd_mlperf.utils.files import check_writable, remove_stale_temporaries
 
     run_dir = Path(run_dir)
     lock = RunLock(run_dir / LOCK_FILE, "`sd-mlperf evaluate --run-dir`")
@@ -457,6 +459,8 @@ def prepare_run_evaluation(run_dir: str | os.PathLike, log_file: str, *, is_main
         check_writable(offline_eval_dir(run_dir), purpose)
         check_writable((run_dir / log_file).parent, purpose)
         lock.acquire()
+        for path in remove_stale_temporaries(offline_eval_dir(run_dir)):  # left by a killed evaluator
+            logger.info("removed %s, left by an evaluation that was killed", path)
         return True
 
     main_rank_result(take, is_main=is_main)

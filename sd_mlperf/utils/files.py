@@ -130,8 +130,3 @@ class HashingWriter:
     def hexdigest(self) -> str:
         """sha256 of everything written so far."""
         return self._hash.hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    """sha256 hex digest of `data`."""
-    return hashlib.sha256(data).hexdigest()
