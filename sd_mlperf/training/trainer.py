@@ -9,6 +9,7 @@ device only at log intervals and at checkpoints (marked "host sync").
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -191,14 +192,18 @@ class Trainer:
         """End of training: run_stop (inline evaluation), or the end record for the offline evaluator."""
         s = self.state
         if self.collector is None:
-            self.mlperf.run_stop(s.samples_count, success=s.reached_target)
-        elif reason not in ("error", "interrupted"):
-            self.collector.finish(s.samples_count, reason)
-        else:  # training is failing or interrupted already: record the end, never hide that behind a writer's error
-            try:
-                self.collector.finish(s.samples_count, reason)
-            except Exception as exc:  # noqa: BLE001 -- logged; the training error propagates
-                logger.error("could not record the end of training in %s: %s", self.collector.dir, exc)
+            record = functools.partial(self.mlperf.run_stop, s.samples_count, success=s.reached_target)
+            where = self.mlperf.path
+        else:
+            record = functools.partial(self.collector.finish, s.samples_count, reason)
+            where = self.collector.dir
+        if reason not in ("error", "interrupted"):
+            record()
+            return
+        try:  # training is failing or interrupted already: record the end, never hide that behind a writer's error
+            record()
+        except Exception as exc:  # noqa: BLE001 -- logged; the training error propagates
+            logger.error("could not record the end of training in %s: %s", where, exc)
 
     def _batches(self) -> Iterator[dict]:
         while True:  # the reference samples shards with replacement: no epochs

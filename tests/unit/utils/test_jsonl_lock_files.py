@@ -110,3 +110,22 @@ def test_remove_stale_temporaries_takes_files_and_folders(tmp_path):
     removed = remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in removed) == [".a.pt.x1.tmp", ".step_1.tmp"]
     assert [p.name for p in tmp_path.iterdir()] == ["keep.pt"]
+
+
+def test_a_failed_mlperf_log_write_raises_naming_the_file(tmp_path, monkeypatch):
+    import logging
+
+    from sd_mlperf.training.mlperf_log import MLPerfLogger
+
+    mlperf = MLPerfLogger(tmp_path / "mlperf.log")
+
+    def emit_on_a_full_disk(self, record):  # as logging.FileHandler.emit handles a failed write
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            self.handleError(record)
+
+    monkeypatch.setattr(logging.FileHandler, "emit", emit_on_a_full_disk)
+    with pytest.raises(UserError, match=rf"No space left on device: writing the MLPerf log {tmp_path / 'mlperf.log'}"):
+        mlperf.event("x", 1)
+    mlperf.close()
