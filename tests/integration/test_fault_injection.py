@@ -183,3 +183,21 @@ def test_a_full_disk_is_named_and_the_training_end_says_error(space, base, capsy
         assert not list((mount / "full").rglob(".*.tmp"))
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_read_only_run_directory_is_refused_before_any_scoring(space, base, capsys):
+    view = space / "read_only_view"
+    view.mkdir()
+    made = subprocess.run(["mount", "--bind", "-o", "ro", str(base), str(view)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"a read-only bind mount needs root (CAP_SYS_ADMIN): {made.stderr.decode().strip()}")
+    try:
+        if subprocess.run(["touch", str(view / "probe")], capture_output=True).returncode == 0:
+            (view / "probe").unlink()
+            pytest.skip("this kernel ignored the read-only flag of the bind mount")
+        assert main(["evaluate", "--run-dir", str(view), "--all"]) == 1
+        line = _last_error(capsys)
+        assert f"cannot write into {view}" in line and "Read-only file system" in line, line
+        assert "eval step" not in capsys.readouterr().err  # nothing was scored
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
