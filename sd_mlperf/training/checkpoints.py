@@ -39,7 +39,7 @@ import torch
 from sd_mlperf.config.schema import CheckpointConfig
 from sd_mlperf.training.eval_checkpoints import EVAL_CHECKPOINT_DIR, load_eval_checkpoint, read_index
 from sd_mlperf.utils.errors import UserError
-from sd_mlperf.utils.files import atomic_write_text, write_error
+from sd_mlperf.utils.files import atomic_write_text, remove_stale_temporaries, write_error
 from sd_mlperf.utils.logging import logger
 
 FORMAT = 1
@@ -219,8 +219,7 @@ class Checkpointer:
                 logger.warning("restored %s from %s (a kill interrupted its replacement)", final, old)
             else:
                 shutil.rmtree(old, ignore_errors=True)
-        for tmp in sorted(self.dir.glob(".step_*.tmp")):
-            shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in remove_stale_temporaries(self.dir):  # .step_X.tmp directories, .latest.*.tmp files
             logger.warning("removed %s, left by a checkpoint save that a kill interrupted", tmp)
 
     def _prune(self) -> None:

@@ -93,6 +93,7 @@ def test_ctrl_c_records_the_end_as_interrupted_and_a_rerun_cleans_up(tmp_path):
     (folder / ".step_0000006.pt.abc.tmp").write_bytes(b"partial")
     (folder / "step_0000006.pt").write_bytes((folder / "step_0000004.pt").read_bytes())
     (run / "checkpoints" / ".step_0000006.tmp").mkdir()
+    (run / "checkpoints" / ".latest.x1y2.tmp").write_text("step_0000006\n")
     Checkpointer(cfg.checkpoint, run).recover()
     EvalCheckpointWriter(run, enabled=True, heartbeat_s=None)
     assert sorted(p.name for p in folder.glob("step_*.pt")) == ["step_0000002.pt", "step_0000004.pt"]
