@@ -171,19 +171,13 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         self.barrier()
-        _save_file({**rank_state, "step": step, "samples_count": samples_count, "rank": self.rank,
-                    "world_size": self.world_size}, tmp / rank_file_name(self.rank))
-        if self.rank == 0:
-            cpu_state = {k: v.detach().cpu() for k, v in unet_state.items()}
-            _save_file({"unet": cpu_state, "step": step, "samples_count": samples_count,
-                        "world_size": self.world_size, "global_batch_size": global_batch_size, "format": FORMAT},
-                       tmp / MODEL_FILE)
-            if self.cfg.save_optimizer and optimizer_state is not None:
-                _save_file(dict(optimizer_state), tmp / OPTIMIZER_FILE)
-            if self.cfg.export_ldm_weights:
-                from sd_mlperf.models.checkpoint_io import export_unet_ldm
-
-                export_unet_ldm(cpu_state, tmp / LDM_EXPORT_FILE)
+        try:
+            self._write(tmp, step, samples_count, unet_state=unet_state, optimizer_state=optimizer_state,
+                        rank_state=rank_state, global_batch_size=global_batch_size)
+        except BaseException:  # Ctrl-C or a full disk: abandon the save cleanly (no temporary left behind)
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self.barrier()
         if self.rank == 0:
             self._publish(tmp, final)
@@ -191,6 +185,26 @@ class Checkpointer:
         self.barrier()
         logger.info("saved checkpoint %s (step %d, %d samples)", final, step, samples_count)
         return final
+
+    def _write(self, tmp: Path, step: int, samples_count: int, *, unet_state: Mapping[str, torch.Tensor],
+               optimizer_state: Mapping[str, Any] | None, rank_state: Mapping[str, Any],
+               global_batch_size: int | None) -> None:
+        _save_file({**rank_state, "step": step, "samples_count": samples_count, "rank": self.rank,
+                    "world_size": self.world_size}, tmp / rank_file_name(self.rank))
+        if self.rank != 0:
+            return
+        cpu_state = {k: v.detach().cpu() for k, v in unet_state.items()}
+        _save_file({"unet": cpu_state, "step": step, "samples_count": samples_count, "world_size": self.world_size,
+                    "global_batch_size": global_batch_size, "format": FORMAT}, tmp / MODEL_FILE)
+        if self.cfg.save_optimizer and optimizer_state is not None:
+            _save_file(dict(optimizer_state), tmp / OPTIMIZER_FILE)
+        if self.cfg.export_ldm_weights:
+            from sd_mlperf.models.checkpoint_io import export_unet_ldm
+
+            try:
+                export_unet_ldm(cpu_state, tmp / LDM_EXPORT_FILE)
+            except Exception as exc:  # a full disk says so, naming the file
+                raise write_error(exc, tmp / LDM_EXPORT_FILE, "checkpoint file") from exc
 
     def _publish(self, tmp: Path, final: Path) -> None:
         _fsync_dir(tmp)

@@ -208,3 +208,22 @@ def test_index_resume_records_supersede_later_steps_and_the_earlier_end(tmp_path
     records, end = read_index(tmp_path)
     assert [(r["step"], r["file"]) for r in records] == [(2, "a"), (4, "c")] and end is None
     assert TRAINING_LOG_FILE  # the log's name is the trainer's (imported for the reader of this test)
+
+
+def test_a_save_cut_by_ctrl_c_leaves_no_temporary(tmp_path, monkeypatch):
+    import sd_mlperf.training.checkpoints as checkpoints
+
+    cfg = make_cfg(tmp_path, "training.max_steps=2", "training.checkpoint_every_samples=4")
+    trainer, _ = make_trainer(cfg, make_batches(3))
+    real = checkpoints._save_file
+
+    def interrupted(obj, path):
+        if path.name == "optimizer.pt":
+            raise KeyboardInterrupt
+        real(obj, path)
+
+    monkeypatch.setattr(checkpoints, "_save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    trainer.close()
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
