@@ -1,14 +1,16 @@
 """`sd-mlperf evaluate`: FID and CLIP of saved checkpoints (offline evaluation, as the MLPerf rules allow).
 
 Two forms:
-- `--run-dir RUN` (the submission path): scores the checkpoints a run collected with eval.inline=false
-  (RUN/eval_checkpoints/) as the rules require -- `--all` (every checkpoint up to the first passing one),
-  `--last-two` (the first passing one and the one before it, by bisection) or `--watch` (as they land, then
-  RUN/STOP tells the trainer to stop) -- and writes the run's final MLPerf log (RUN/mlperf.log): the training
-  log, the scores, and run_stop at the time the first passing checkpoint was collected (sd_mlperf.training.final_log).
-  The run's own config.yaml is the config (its seed gives the evaluation noise); overrides may follow.
-- `--checkpoint PATH` (repeatable): any trainer checkpoint directory, its model.pt or an ldm export (.safetensors
-  /.ckpt); prints FID and CLIP. With `--mlperf-log FILE` it appends eval_* lines there.
+- `--run-dir RUN` (the submission path; one evaluator per run directory, RUN/eval_offline/evaluate.lock): scores
+  the checkpoints a run collected with eval.inline=false (RUN/eval_checkpoints/) as the rules require -- `--all`
+  (every checkpoint up to the first passing one), `--last-two` (the first passing one and the one before it, by
+  bisection) or `--watch` (as they land, then RUN/STOP tells the trainer to stop) -- and writes the run's final
+  MLPerf log (RUN/mlperf.log): the training log, the scores, and run_stop at the time the first passing checkpoint
+  was collected (sd_mlperf.training.final_log). The run's own config.yaml is the config (its seed gives the
+  evaluation noise); overrides may follow.
+- `--checkpoint PATH` (repeatable): any trainer checkpoint directory, its model.pt, a collected
+  RUN/eval_checkpoints/step_XXXXXXX.pt or an ldm export (.safetensors/.ckpt); prints FID and CLIP. With
+  `--mlperf-log FILE` it appends eval_* lines there.
 
 Both run the inline evaluator (all prompts split over the launched processes) and write the PNG grid and JSON
 under RUN/eval_offline/. The command parses arguments; sd_mlperf.training.offline_eval does the work.
@@ -47,11 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "quality improves with training; the rules ask this of 9 of the 10 runs)")
     how.add_argument("--watch", dest="strategy", action="store_const", const="watch",
                      help="--run-dir: score checkpoints as the trainer collects them; once one passes, write RUN/STOP "
-                          "(the trainer stops at its next checkpoint) and the final log")
+                          "(the trainer stops at its next checkpoint) and the final log. Waits for a trainer that has "
+                          "not started yet; exits 1 when the trainer dies without recording its end")
     parser.set_defaults(strategy="all")
     parser.add_argument("--poll-s", type=float, default=30.0, metavar="S", help="--watch: seconds between looks")
     parser.add_argument("--watch-timeout-s", type=float, metavar="S",
-                        help="--watch: give up after S seconds without a passing checkpoint or the end of training")
+                        help="--watch: give up (exit 1) after S seconds without a passing checkpoint or the end of "
+                             "training")
     parser.add_argument("--num-prompts", type=int, metavar="N", help="score only the first N prompts (a quick look; "
                         "never written to the final log: the MLPerf target needs all 30,000)")
     parser.add_argument("--samples-count", type=int, metavar="N",

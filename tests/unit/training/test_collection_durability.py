@@ -63,7 +63,7 @@ def test_the_resumable_checkpoint_waits_until_earlier_collections_are_durable(tm
     cfg = make_cfg(tmp_path, "eval.inline=false", "training.max_steps=6", "training.checkpoint_every_samples=4")
     trainer, _ = make_trainer(cfg, make_batches(3))
     write = trainer.collector._write
-    trainer.collector._write = lambda payload: (time.sleep(0.5), write(payload))  # a slow disk
+    trainer.collector._write = lambda payload: (time.sleep(0.3), write(payload))  # a slow disk
     save = trainer.checkpointer.save
     seen: list[tuple[int, list[int]]] = []
 
