@@ -22,7 +22,8 @@ most one write is in flight, so host memory holds at most two copies. A failed w
 next collection or at `finish`, never dropped. A checkpoint file appears under its final name only when
 complete, and its index line only after that, so a watching evaluator never reads a partial file.
 A kill can leave a temporary file (removed at the next start) or a published file without its index line
-(removed at the next start; a resume collects its step again, see `EvalCheckpointWriter.resume`).
+(removed at the next start; a resume collects its step again, see `EvalCheckpointWriter.resume`). The trainer
+waits for a collection to be durable before its next resumable checkpoint, so at most the newest one is redone.
 
 `RUN/STOP` is the stop request: `sd-mlperf evaluate --watch` writes it once a checkpoint reaches the
 target, and the trainer stops at its next block end.
