@@ -227,3 +227,19 @@ def test_a_save_cut_by_ctrl_c_leaves_no_temporary(tmp_path, monkeypatch):
         trainer.fit()
     trainer.close()
     assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_watch_started_before_the_trainer_waits_for_its_config(tmp_path):
+    import threading
+
+    from sd_mlperf.training.offline_eval import wait_for_run_config
+
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=rf"--watch: {run / 'config.yaml'} did not appear within 0 s"):
+        wait_for_run_config(run, poll_s=0.01, timeout_s=0)
+    late = threading.Timer(0.2, lambda: (run.mkdir(), (run / "config.yaml").write_text("run: {}\n")))
+    late.start()
+    start = time.monotonic()
+    wait_for_run_config(run, poll_s=0.01, timeout_s=30)
+    assert (run / "config.yaml").is_file() and time.monotonic() - start >= 0.15
+    late.join()
