@@ -5,7 +5,8 @@ keeps heavy imports inside run() so `sd-mlperf --help` stays fast.
 
 Errors: those we raise on purpose for the user to fix print one line: ConfigError exits 2; ValueError,
 FileNotFoundError and UserError (sd_mlperf.utils.errors; BackendUnavailable, BadDataError, ...) exit 1.
-Any other exception (CUDA, NCCL, out of memory, a bug) leaves main() with its traceback; Python exits 1.
+Any other exception (CUDA, NCCL, out of memory, a bug) leaves main() with its traceback; Python exits 1. Ctrl-C
+prints one line and exits 130.
 """
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Raised on purpose for the user to fix: one line. Anything else leaves with its traceback.
         logger.error("%s: %s", type(exc).__name__, exc)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: what was written says so (a training run records its end as interrupted)
+        logger.error("interrupted (Ctrl-C)")
+        return 130
 
 
 if __name__ == "__main__":

@@ -40,12 +40,19 @@ def merge_config(config_files: Sequence[str | os.PathLike] = (), overrides: Sequ
     cfg = OmegaConf.structured(Config)
     for path in config_files:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"--config '{path}' is a directory, not a YAML file: name the file, e.g. "
+                              f"{path / 'config.yaml'} (a run directory's config) or conf/smoke.yaml.")
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist (given with --config).")
         try:
             layer = OmegaConf.load(path)
         except Exception as exc:  # yaml errors come in several types
             raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+        if not isinstance(layer, DictConfig):
+            kind = "a list" if OmegaConf.is_list(layer) else f"a {type(layer).__name__}"
+            raise ConfigError(f"config file '{path}' holds {kind}, not a mapping of config sections (run:, model:, "
+                              "training:, ...): see conf/smoke.yaml for the layout.")
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as exc:

@@ -23,9 +23,10 @@ from typing import Any
 from sd_mlperf.config import load_config
 from sd_mlperf.config.load import RUN_CONFIG_FILE, global_batch_size, world_size
 from sd_mlperf.config.schema import Config
+from sd_mlperf.training.eval_checkpoints import EVAL_CHECKPOINT_DIR, read_index
 from sd_mlperf.training.final_log import parse_mllog_line
 from sd_mlperf.training.metrics import RESTART_KINDS, read_metrics
-from sd_mlperf.training.mlperf_log import TRAINING_LOG_FILE
+from sd_mlperf.training.mlperf_log import TRAINING_LOG_FILE, training_log_path
 from sd_mlperf.training.offline_eval import OFFLINE_EVAL_DIR, read_score_records
 
 INLINE_EVAL_DIR = "eval"
@@ -60,6 +61,9 @@ class RunData:
     mlperf: dict[str, dict[str, Any]] = field(default_factory=dict)
     """First MLPerf log event per key of MLPERF_KEYS (time_ms, value, metadata)."""
     mlperf_log: Path | None = None
+    trained: tuple[int, str] | None = None
+    """(samples trained, where that number comes from) from the authoritative record: the training_end of
+    eval_checkpoints/index.jsonl, else the training log's run_stop, else its last block_stop; None without them."""
 
     @property
     def train(self) -> list[dict[str, Any]]:
@@ -140,6 +144,7 @@ def read_run(run_dir: str | os.PathLike, cfg: Config | None = None) -> RunData:
     inline = [{**{k: v for k, v in r.items() if k not in ("kind", "time", "seconds")}, "source": "inline"}
               for r in data.records if r.get("kind") == "eval"]
     data.evals = sorted(inline + _offline_evals(run_dir), key=lambda e: (e["samples"], e["source"]))
+    data.trained = _trained_samples(run_dir, cfg)
     for name in (cfg.logging.mlperf_log_file, TRAINING_LOG_FILE):
         if (run_dir / name).is_file():
             data.mlperf_log = run_dir / name
@@ -160,6 +165,27 @@ def _offline_evals(run_dir: Path) -> list[dict[str, Any]]:
         by_step[r["step"]] = {**by_step.get(r["step"], {}), "step": r["step"], "samples": r["samples_count"],
                               "fid": r["fid"], "clip": r["clip"], **r.get("extra", {})}
     return [{**e, "source": "offline"} for e in by_step.values()]
+
+
+def _trained_samples(run_dir: Path, cfg: Config) -> tuple[int, str] | None:
+    """Samples trained, from the records that say so (not the progress records, written every log interval)."""
+    _, end = read_index(run_dir)
+    if end is not None:
+        return int(end["samples_count"]), f"{EVAL_CHECKPOINT_DIR}/index.jsonl training_end ({end.get('reason')})"
+    log = training_log_path(cfg, run_dir)
+    if not log.is_file():
+        return None
+    last: tuple[int, str] | None = None
+    with open(log, encoding="utf-8") as f:
+        for line in f:
+            try:
+                event = parse_mllog_line(line)
+            except json.JSONDecodeError:  # a line cut by a killed run
+                continue
+            count = ((event or {}).get("metadata") or {}).get("samples_count")
+            if event and count is not None and event.get("key") in ("block_stop", "run_stop"):
+                last = int(count), f"{log.name} {event['key']}"
+    return last
 
 
 def _mlperf_events(path: Path) -> dict[str, dict[str, Any]]:

@@ -63,12 +63,18 @@ def _timed_run(data: RunData) -> list[str]:
 
 
 def _samples(data: RunData) -> list[str]:
-    train = data.train
-    last = max(train, key=lambda r: r["step"]) if train else {"samples": 0, "step": 0}
     tr = data.cfg.training
+    if data.trained is not None:  # the authoritative record (training end, run_stop or last block_stop)
+        samples, source = data.trained
+        last = {"samples": samples, "step": samples // data.global_batch_size}
+        origin = f"; from {source}"
+    else:
+        train = data.train
+        last = max(train, key=lambda r: r["step"]) if train else {"samples": 0, "step": 0}
+        origin = "; from the progress records (no training end or block_stop recorded)"
     return [_row("samples", f"{last['samples']:,} trained in {last['step']} steps of global batch "
                  f"{data.global_batch_size} ({data.world_size} rank(s) x micro batch {tr.micro_batch_size} x "
-                 f"{tr.grad_accumulation_steps} accumulation)")]
+                 f"{tr.grad_accumulation_steps} accumulation){origin}")]
 
 
 def _evaluations(data: RunData) -> list[str]:

@@ -122,8 +122,11 @@ def _start_run(cfg: Config, dist: DistInfo, init_time_ms: int | None) -> RunStar
     run_dir = run_directory(cfg)
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, rank=dist.rank, world_size=dist.world_size,
                                 barrier=torch.distributed.barrier if dist.world_size > 1 else None)
+    checkpointer.recover()
+    if dist.world_size > 1:
+        torch.distributed.barrier()  # rank 0 recovered what a kill left before any rank looks for checkpoints
     resume_from = checkpointer.resolve(cfg.training.resume)
-    check_fresh_run_dir(cfg, run_dir)
+    check_fresh_run_dir(cfg, run_dir, resume_from)
     if dist.world_size > 1:
         torch.distributed.barrier()  # every rank has looked at the run directory before rank 0 writes into it
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=_run_seed(cfg, dist, resume_from)))
@@ -230,22 +233,27 @@ def _warn_slow_twins(cfg: Config, dist: DistInfo, resolutions: list[Resolution])
                        "a config on this machine.", "; ".join(f"{r.key}={r.name} ({r.why})" for r in slow))
 
 
-def check_fresh_run_dir(cfg: Config, run_dir: Path) -> None:
-    """Closed division: a timed run starts in a run directory of its own, unless a resume is asked for by path.
+def check_fresh_run_dir(cfg: Config, run_dir: Path, resume_from: Path | None = None) -> None:
+    """One run per directory: a fresh run never starts where another run left its log, index or checkpoints.
 
-    A relaunch with a reused run name would otherwise resume silently (training.resume=auto) or overwrite the
-    earlier run (never); neither is a valid timed run.
+    Any division: a run that starts fresh (training.resume=never, or auto with no checkpoint to resume) in such a
+    directory would append to the earlier run's eval_checkpoints/index.jsonl and mix their scores. The closed
+    division also refuses auto with a checkpoint: a relaunch with a reused run name would resume silently, which
+    is not a valid timed run. A resume asked for by path continues that run (its log is marked resumed).
     """
-    if cfg.run.division != "closed" or cfg.training.resume not in ("auto", "never"):
+    resume = cfg.training.resume
+    if resume not in ("auto", "never") or (resume == "auto" and resume_from is not None
+                                           and cfg.run.division != "closed"):
         return
     names = (cfg.logging.mlperf_log_file, TRAINING_LOG_FILE, "checkpoints", EVAL_CHECKPOINT_DIR)
     earlier = [str(run_dir / n) for n in names if (run_dir / n).exists()]
     if earlier:
         raise ValueError(
-            f"run directory {run_dir} already holds an earlier run ({', '.join(earlier)}). In the closed division "
-            "each timed run starts in its own directory: set run.name to a new name (slurm/sbatch.sh --num-runs "
-            "names them for you). To continue that run anyway, set training.resume to one of its checkpoints "
-            "(RUN/checkpoints/step_XXXXXXX); its log is then marked resumed and `sd-mlperf package` refuses it.")
+            f"run directory {run_dir} already holds an earlier run ({', '.join(earlier)}); a run directory holds one "
+            f"run (training.resume={resume} would start a new one there and mix their logs and scores): set run.name "
+            "to a new name (slurm/sbatch.sh --num-runs names them for you), or remove that directory. To continue "
+            "the earlier run instead, set training.resume to one of its checkpoints (RUN/checkpoints/step_XXXXXXX); "
+            "its log is then marked resumed and `sd-mlperf package` refuses it for a timed result.")
 
 
 def _run_seed(cfg: Config, dist: DistInfo, resume_from: Path | None) -> int:

@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 from sd_mlperf.config.schema import CheckpointConfig
+from sd_mlperf.training.eval_checkpoints import EVAL_CHECKPOINT_DIR, load_eval_checkpoint, read_index
 from sd_mlperf.utils.errors import UserError
-from sd_mlperf.utils.files import atomic_write_text
+from sd_mlperf.utils.files import atomic_write_text, remove_stale_temporaries, write_error
 from sd_mlperf.utils.logging import logger
 
 FORMAT = 1
@@ -99,10 +100,13 @@ def _to_tuple(x: Any) -> Any:
 
 
 def _save_file(obj: Any, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except Exception as exc:  # a full disk says so, naming the file
+        raise write_error(exc, path, "checkpoint file") from exc
 
 
 def _fsync_dir(path: Path) -> None:
@@ -167,19 +171,13 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         self.barrier()
-        _save_file({**rank_state, "step": step, "samples_count": samples_count, "rank": self.rank,
-                    "world_size": self.world_size}, tmp / rank_file_name(self.rank))
-        if self.rank == 0:
-            cpu_state = {k: v.detach().cpu() for k, v in unet_state.items()}
-            _save_file({"unet": cpu_state, "step": step, "samples_count": samples_count,
-                        "world_size": self.world_size, "global_batch_size": global_batch_size, "format": FORMAT},
-                       tmp / MODEL_FILE)
-            if self.cfg.save_optimizer and optimizer_state is not None:
-                _save_file(dict(optimizer_state), tmp / OPTIMIZER_FILE)
-            if self.cfg.export_ldm_weights:
-                from sd_mlperf.models.checkpoint_io import export_unet_ldm
-
-                export_unet_ldm(cpu_state, tmp / LDM_EXPORT_FILE)
+        try:
+            self._write(tmp, step, samples_count, unet_state=unet_state, optimizer_state=optimizer_state,
+                        rank_state=rank_state, global_batch_size=global_batch_size)
+        except BaseException:  # Ctrl-C or a full disk: abandon the save cleanly (no temporary left behind)
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self.barrier()
         if self.rank == 0:
             self._publish(tmp, final)
@@ -187,6 +185,26 @@ class Checkpointer:
         self.barrier()
         logger.info("saved checkpoint %s (step %d, %d samples)", final, step, samples_count)
         return final
+
+    def _write(self, tmp: Path, step: int, samples_count: int, *, unet_state: Mapping[str, torch.Tensor],
+               optimizer_state: Mapping[str, Any] | None, rank_state: Mapping[str, Any],
+               global_batch_size: int | None) -> None:
+        _save_file({**rank_state, "step": step, "samples_count": samples_count, "rank": self.rank,
+                    "world_size": self.world_size}, tmp / rank_file_name(self.rank))
+        if self.rank != 0:
+            return
+        cpu_state = {k: v.detach().cpu() for k, v in unet_state.items()}
+        _save_file({"unet": cpu_state, "step": step, "samples_count": samples_count, "world_size": self.world_size,
+                    "global_batch_size": global_batch_size, "format": FORMAT}, tmp / MODEL_FILE)
+        if self.cfg.save_optimizer and optimizer_state is not None:
+            _save_file(dict(optimizer_state), tmp / OPTIMIZER_FILE)
+        if self.cfg.export_ldm_weights:
+            from sd_mlperf.models.checkpoint_io import export_unet_ldm
+
+            try:
+                export_unet_ldm(cpu_state, tmp / LDM_EXPORT_FILE)
+            except Exception as exc:  # a full disk says so, naming the file
+                raise write_error(exc, tmp / LDM_EXPORT_FILE, "checkpoint file") from exc
 
     def _publish(self, tmp: Path, final: Path) -> None:
         _fsync_dir(tmp)
@@ -200,6 +218,23 @@ class Checkpointer:
         atomic_write_text(self.dir / LATEST_FILE, final.name + "\n")
         if old.exists():
             shutil.rmtree(old)
+
+    def recover(self) -> None:
+        """Rank 0, before training: undo what a kill during a save left (temporary and swapped-out directories).
+
+        A kill between the two renames of `_publish` leaves a step only as `.step_X.old`: it is put back.
+        """
+        if self.rank != 0 or not self.dir.is_dir():
+            return
+        for old in sorted(self.dir.glob(".step_*.old")):
+            final = self.dir / old.name[1:-len(".old")]
+            if not final.exists() and step_of_dir_name(final.name) is not None:
+                old.rename(final)
+                logger.warning("restored %s from %s (a kill interrupted its replacement)", final, old)
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        for tmp in remove_stale_temporaries(self.dir):  # .step_X.tmp directories, .latest.*.tmp files
+            logger.warning("removed %s, left by a checkpoint save that a kill interrupted", tmp)
 
     def _prune(self) -> None:
         complete = self.list_complete()
@@ -298,11 +333,21 @@ class CheckpointWeights:
 
 
 def checkpoint_run_dir(weights_file: str | os.PathLike) -> Path | None:
-    """RUN for a file RUN/checkpoints/step_XXXXXXX/FILE; None for a file anywhere else."""
+    """RUN for a file RUN/checkpoints/step_XXXXXXX/FILE or a collected RUN/eval_checkpoints/step_XXXXXXX.pt; None
+    for a file anywhere else."""
     path = Path(weights_file)
+    if is_collected_checkpoint(path):
+        return path.parents[1]
     if step_of_dir_name(path.parent.name) is None or path.parent.parent.name != CHECKPOINT_DIR:
         return None
     return path.parents[2]
+
+
+def is_collected_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a weights-only checkpoint collected for offline evaluation (RUN/eval_checkpoints/step_X.pt)."""
+    path = Path(path)
+    return (path.parent.name == EVAL_CHECKPOINT_DIR and path.suffix == ".pt"
+            and step_of_dir_name(path.stem) is not None)
 
 
 def checkpoint_weights_file(path: str | os.PathLike) -> Path:
@@ -318,6 +363,13 @@ def checkpoint_weights_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def _load_collected(path: Path) -> Any:
+    """A collected checkpoint's payload, verified against its index line when the index has one."""
+    run_dir = path.parents[1]
+    record = next((r for r in read_index(run_dir)[0] if r.get("file") == path.name), None)
+    return load_file(path) if record is None else load_eval_checkpoint(run_dir, record)
+
+
 def read_checkpoint_weights(path: str | os.PathLike, samples_count: int | None = None) -> CheckpointWeights:
     """The UNet weights of a step directory, its model.pt, or an ldm UNet export.
 
@@ -327,8 +379,8 @@ def read_checkpoint_weights(path: str | os.PathLike, samples_count: int | None =
 
     path = checkpoint_weights_file(path)
     step, count = None, samples_count
-    if path.name == MODEL_FILE:
-        payload = load_file(path)
+    if path.name == MODEL_FILE or is_collected_checkpoint(path):
+        payload = _load_collected(path) if is_collected_checkpoint(path) else load_file(path)
         if not isinstance(payload, dict) or "unet" not in payload:
             raise ValueError(f"{path}: not a trainer checkpoint (no 'unet' entry); pass an ldm export instead")
         state, step = payload["unet"], int(payload.get("step", 0))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sd_mlperf.training.mlperf_log import MLPerfLogger
+from sd_mlperf.training.mlperf_log import RESUMED_KEY, MLPerfLogger
 
 MLLOG_TOKEN = ":::MLLOG "
 
@@ -91,6 +91,56 @@ def append_eval_lines(log_path: str | os.PathLike, samples_count: int, fid: floa
     return Path(log_path)
 
 
+def _resume_point(lines: list[str]) -> int | None:
+    """The samples_count a log piece resumed at (its sd_mlperf_resumed mark), or None for a fresh start."""
+    for line in lines:
+        record = parse_mllog_line(line)
+        if record and record.get("key") == RESUMED_KEY:
+            return int((record.get("metadata") or {}).get("samples_count", 0))
+    return None
+
+
+def log_pieces(training_log: str | os.PathLike) -> list[Path]:
+    """The earlier pieces of a training log, oldest first: each start of a resumed run moves the log it finds
+    aside as LOG.YYYYmmdd-HHMMSS[-N] (sd_mlperf.training.mlperf_log)."""
+    training_log = Path(training_log)
+    pieces = [p for p in training_log.parent.glob(f"{training_log.name}.*") if p.is_file()]
+    return sorted(pieces, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def training_log_lines(training_log: str | os.PathLike) -> list[str]:
+    """The training log of a run, its resumed pieces stitched (a run resumed by path leaves one piece per start).
+
+    Each resumed piece continues the piece before it: that piece's lines up to the block_start at the resume
+    point (the blocks from there on were trained again), then the resumed piece's lines after its run_start; its
+    init, submission and hyperparameter lines and its run_start, repeated by the restart, are left out. Its
+    resume mark moves before run_start: the rules still see a resumed run, and `sd-mlperf package` refuses it
+    for a timed result, however early the final log ends.
+    """
+    return _stitched(Path(training_log).read_text(encoding="utf-8").splitlines(), log_pieces(training_log))
+
+
+def _stitched(lines: list[str], older: list[Path]) -> list[str]:
+    at = _resume_point(lines)
+    if at is None or not older:
+        return lines  # a fresh start; or its earlier piece is gone (compose_final_log names what it cannot place)
+    head = _stitched(older[-1].read_text(encoding="utf-8").splitlines(), older[:-1])
+    cut = next((i for i, line in enumerate(head) if (r := parse_mllog_line(line)) and r.get("key") == "block_start"
+                and (r.get("metadata") or {}).get("samples_count", 0) >= at), len(head))
+    marks, tail, started = [], [], False
+    for line in lines:
+        key = (parse_mllog_line(line) or {}).get("key")
+        if key == RESUMED_KEY:
+            marks.append(line)
+        elif started:
+            tail.append(line)
+        started = started or key == "run_start"
+    # The resume marks go before run_start, where a resumed run's own log has them: a final log cut at an
+    # earlier passing checkpoint still says resumed.
+    start = next((i for i, line in enumerate(head) if (parse_mllog_line(line) or {}).get("key") == "run_start"), 0)
+    return head[:start] + marks + head[start:cut] + tail
+
+
 def compose_final_log(training_log: str | os.PathLike, scores: list[Score], *, target_fid: float,
                       target_clip: float, training_end: tuple[int, int] | None) -> list[str]:
     """The lines of the final log (see the module docstring). Raises ValueError when it cannot be written yet.
@@ -108,7 +158,7 @@ def compose_final_log(training_log: str | os.PathLike, scores: list[Score], *, t
     kept = {s.samples_count: s for s in scores if first is None or s.samples_count <= first.samples_count}
     out: list[str] = []
     placed: set[int] = set()
-    for line in training_log.read_text(encoding="utf-8").splitlines():
+    for line in training_log_lines(training_log):
         record = parse_mllog_line(line)
         key = record.get("key") if record else None
         count = (record.get("metadata") or {}).get("samples_count") if record else None

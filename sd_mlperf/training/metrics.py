@@ -18,17 +18,9 @@ from typing import IO, Any, Protocol
 import torch
 
 from sd_mlperf.config.schema import LoggingConfig
+from sd_mlperf.utils.files import write_error
+from sd_mlperf.utils.jsonl import repair_torn_tail
 from sd_mlperf.utils.logging import logger, show_progress_bar
-
-
-def _ends_mid_line(path: Path) -> bool:
-    """True if `path` exists, is not empty, and its last byte is not a newline."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return False
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) != b"\n"
-
 
 RESTART_KINDS = ("start", "resume")
 """Records that begin a run's part of metrics.jsonl: a fresh start (step 0) or a resume (step N)."""
@@ -117,11 +109,10 @@ class Progress:
             return
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         # Line-buffered append: a resumed run continues the same file. A run killed mid-write can leave a
-        # partial last line: end it, so the records of this run start on lines of their own.
-        ends_open = _ends_mid_line(self.metrics_path)
+        # partial last line: cut it (sd_mlperf.utils.jsonl), so no record of this run is glued onto it.
+        if repair_torn_tail(self.metrics_path):
+            logger.warning("%s ended with a torn line (a killed run): removed it", self.metrics_path)
         self._file = open(self.metrics_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-        if ends_open:
-            self._file.write("\n")
         stream = stream or sys.stderr
         self._stream = stream
         if show_progress_bar(cfg.progress_bar, stream):
@@ -197,7 +188,10 @@ class Progress:
         else:
             logger.log(level, line)
         assert self._file is not None
-        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        try:
+            self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        except OSError as exc:
+            raise write_error(exc, self.metrics_path, "the metrics file") from exc
         for sink in self.sinks:
             sink.write(record)
 

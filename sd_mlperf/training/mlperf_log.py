@@ -11,11 +11,13 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from sd_mlperf.config.schema import Config
+from sd_mlperf.utils.files import write_error
 
 # Reference dataset sizes (REFERENCE.md, "Data" and "Evaluation").
 COCO_EVAL_SAMPLES = 30_000
@@ -31,6 +33,14 @@ CACHE_CLEARED_ENV = "SD_MLPERF_CACHE_CLEARED"
 cache_clear says true only then (MLPerf rules: the cache is flushed before each run)."""
 
 _instance_ids = itertools.count()
+
+
+class _LoudFileHandler(logging.FileHandler):
+    """A FileHandler whose failed write (a full disk) raises, naming the file, instead of printing a traceback
+    and going on without the line (logging's default)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 -- logging's name
+        raise write_error(sys.exc_info()[1] or OSError("write failed"), self.baseFilename, "the MLPerf log")
 
 
 def page_cache_cleared() -> bool:
@@ -60,14 +70,19 @@ class MLPerfLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not append and self.path.exists() and self.path.stat().st_size > 0:
             # A resumed run is a new MLPerf run: keep the earlier log beside it instead of appending a
-            # second run_start to it (the checker wants exactly one).
-            self.path.rename(self.path.with_name(f"{self.path.name}.{time.strftime('%Y%m%d-%H%M%S')}"))
+            # second run_start to it (the checker wants exactly one). Never over an earlier piece of the same second.
+            aside = self.path.with_name(f"{self.path.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+            for n in itertools.count(1):
+                if not aside.exists():
+                    break
+                aside = aside.with_name(f"{self.path.name}.{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+            self.path.rename(aside)
         # A private python logger per instance: mllog's module-level default would add a handler per
         # run to one global logger (tests build many runs in one process).
         pylog = logging.getLogger(f"sd_mlperf.mllog.{next(_instance_ids)}")
         pylog.propagate = False
         pylog.setLevel(logging.INFO)
-        self._handler = logging.FileHandler(self.path, mode="a" if append else "w", encoding="utf-8")
+        self._handler = _LoudFileHandler(self.path, mode="a" if append else "w", encoding="utf-8")
         pylog.addHandler(self._handler)
         self._mllog = MLLogger(logger=pylog, default_stack_offset=3)
 

@@ -10,9 +10,12 @@ fails, `last_two` reports the run as not converged; `all` settles any doubt. `wa
 they land (the trainer running on other GPUs or nodes) and writes RUN/STOP once one passes, so the trainer
 stops at its next block.
 
-Scores are kept in RUN/eval_offline/scores.jsonl (with the prompt count and noise seed they were computed
-with), so an interrupted or repeated evaluation never scores a checkpoint twice. Every rank runs the same
-calls: rank 0 reads the index and the score file and broadcasts what it read.
+Scores are kept in RUN/eval_offline/scores.jsonl, each with what decided it: the checkpoint's sha256 (recorded
+in the index when it was written) and the evaluation settings (`evaluation_settings`: prompts and their count,
+noise seed, DDIM steps, guidance, precision, FID statistics, Inception/CLIP weights, ...). An interrupted or
+repeated evaluation never scores a checkpoint twice; a changed setting or checkpoint is scored again. Every rank
+runs the same calls: rank 0 reads the index and the score file and broadcasts what it read. One evaluator at a
+time holds RUN/eval_offline/evaluate.lock.
 
 `sd-mlperf evaluate --checkpoint PATH` scores any checkpoint (sd_mlperf.training.checkpoints.read_checkpoint_weights)
 with a `CheckpointScorer`. Both forms load their config here (`load_run_config`, `load_checkpoint_config`), build
@@ -22,7 +25,6 @@ the scorer (`build_checkpoint_scorer`) and write grids and JSON under RUN/eval_o
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -37,11 +39,21 @@ from sd_mlperf.config.load import RUN_CONFIG_FILE, evaluation_seed, run_director
 from sd_mlperf.config.schema import Config
 from sd_mlperf.eval.distributed import broadcast_object, main_rank_result
 from sd_mlperf.training.checkpoints import CheckpointWeights, checkpoint_run_dir, checkpoint_weights_file
-from sd_mlperf.training.eval_checkpoints import EVAL_CHECKPOINT_DIR, read_index, request_stop
+from sd_mlperf.training.eval_checkpoints import (
+    EVAL_CHECKPOINT_DIR,
+    load_eval_checkpoint,
+    read_index,
+    request_stop,
+    trainer_gone,
+)
 from sd_mlperf.training.final_log import Score, append_eval_lines, compose_final_log, first_passing
 from sd_mlperf.training.mlperf_log import TRAINING_LOG_FILE
+from sd_mlperf.training.score_key import checkpoint_identity, evaluation_settings, settings_digest
 from sd_mlperf.utils.dist_info import DistInfo
+from sd_mlperf.utils.errors import UserError
 from sd_mlperf.utils.files import atomic_write_text
+from sd_mlperf.utils.jsonl import append_jsonl, read_jsonl
+from sd_mlperf.utils.lock import RunLock
 from sd_mlperf.utils.logging import logger
 
 if TYPE_CHECKING:
@@ -61,13 +73,9 @@ def read_score_records(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The complete records of a run's scores.jsonl, in order ([] without one).
 
     A last line without its newline is an evaluator killed while appending: left out (that score is computed
-    again); any other line that is not JSON is an error.
+    again, and the next append cuts it); any other line that is not JSON is an error naming the file and line.
     """
-    path = Path(run_dir) / SCORES_FILE
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    return [json.loads(line) for line in lines if line.endswith("\n") and line.strip()]
+    return read_jsonl(Path(run_dir) / SCORES_FILE)
 
 
 def check_num_prompts(num_prompts: int | None) -> None:
@@ -85,6 +93,19 @@ def run_config_seed(run_dir: str | os.PathLike | None) -> int | None:
         return None
     seed = OmegaConf.load(config).run.get("seed")
     return None if seed is None else int(seed)
+
+
+def wait_for_run_config(run_dir: str | os.PathLike, *, poll_s: float, timeout_s: float | None) -> None:
+    """--watch started before the trainer: wait until the run directory holds its config.yaml (or time out)."""
+    config = Path(run_dir) / RUN_CONFIG_FILE
+    start = time.monotonic()
+    if not config.is_file():
+        logger.info("waiting for %s (the trainer writes it when it starts)", config)
+    while not config.is_file():
+        if timeout_s is not None and time.monotonic() - start > timeout_s:
+            raise UserError(f"--watch: {config} did not appear within {timeout_s:.0f} s (--watch-timeout-s): is the "
+                            "trainer running with this run.output_dir/run.name?")
+        time.sleep(min(poll_s, 5.0))
 
 
 def load_run_config(run_dir: str | os.PathLike, config_files: Sequence[str | os.PathLike] = (),
@@ -246,15 +267,16 @@ class RunEvaluation:
 
     def __init__(self, run_dir: str | Path, *, evaluate: Callable[[dict[str, Any]], tuple[float, float]],
                  num_prompts: int, noise_seed: int, target_fid: float, target_clip: float, is_main: bool,
-                 final_num_prompts: int) -> None:
+                 final_num_prompts: int, settings: str = "") -> None:
         """`evaluate(payload)` scores a loaded eval checkpoint and returns (FID, CLIP) on every rank.
 
         Scores of `final_num_prompts` prompts (the run config's eval.num_prompts) are the only ones the final
-        log takes; a quick look with fewer prompts is kept apart.
+        log takes; a quick look with fewer prompts is kept apart. `settings` (settings_digest of
+        evaluation_settings) joins the score key with the prompt count, the noise seed and the checkpoint's sha256.
         """
         self.run_dir = Path(run_dir)
         self._evaluate = evaluate
-        self.key = {"num_prompts": num_prompts, "noise_seed": noise_seed}
+        self.key = {"num_prompts": num_prompts, "noise_seed": noise_seed, "settings": settings}
         self.target_fid, self.target_clip = target_fid, target_clip
         self.is_main = is_main
         self.final = num_prompts == final_num_prompts
@@ -266,9 +288,21 @@ class RunEvaluation:
         return main_rank_result(lambda: read_index(self.run_dir), is_main=self.is_main)
 
     def _read_scores(self) -> dict[int, Score]:
-        def read() -> dict[int, Score]:  # this evaluation's scores (same prompts and noise seed), by step
-            return {r["step"]: Score(r["step"], r["samples_count"], r["collected_ms"], r["fid"], r["clip"])
-                    for r in read_score_records(self.run_dir) if {k: r.get(k) for k in self.key} == self.key}
+        """This evaluation's cached scores (same settings, and the checkpoint the index names now), by step."""
+        def read() -> dict[int, Score]:
+            records, _ = read_index(self.run_dir)
+            identity = {int(r["step"]): r.get("sha256") for r in records}
+            found: dict[int, Score] = {}
+            for r in read_score_records(self.run_dir):
+                step = int(r["step"])
+                if {k: r.get(k, "") for k in self.key} != self.key:
+                    continue
+                if step not in identity:
+                    continue  # superseded by a resume from an earlier step, and not collected again (yet)
+                if identity[step] is not None and r.get("checkpoint_sha256") != identity[step]:
+                    continue  # another checkpoint of that step (collected again after a resume): score it again
+                found[step] = Score(step, r["samples_count"], r["collected_ms"], r["fid"], r["clip"])
+            return found
 
         return main_rank_result(read, is_main=self.is_main)
 
@@ -279,19 +313,15 @@ class RunEvaluation:
         if step in self.scores:
             return self.scores[step]
         path = self.run_dir / EVAL_CHECKPOINT_DIR / record["file"]
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_eval_checkpoint(self.run_dir, record)  # every rank: verified against its checksum and step
         fid, clip = self._evaluate(payload)
         score = Score(step, int(record["samples_count"]), int(record["collected_ms"]), float(fid), float(clip))
         self.scores[step] = score
         if self.is_main:
-            line = json.dumps({"step": step, "samples_count": score.samples_count, "collected_ms": score.collected_ms,
-                               "fid": score.fid, "clip": score.clip, "file": str(path), **self.key})
-            path_scores = self.run_dir / SCORES_FILE
-            path_scores.parent.mkdir(parents=True, exist_ok=True)
-            with open(path_scores, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            identity = record.get("sha256") or checkpoint_identity(self.run_dir, record)
+            append_jsonl(self.run_dir / SCORES_FILE, {
+                "step": step, "samples_count": score.samples_count, "collected_ms": score.collected_ms,
+                "fid": score.fid, "clip": score.clip, "file": str(path), "checkpoint_sha256": identity, **self.key})
         verdict = "passes" if self.passes(score) else "does not pass"
         logger.info("checkpoint step %d (%d samples): FID %.4f CLIP %.4f, %s the target", step, score.samples_count,
                     score.fid, score.clip, verdict)
@@ -324,6 +354,11 @@ class RunEvaluation:
         start = time.monotonic()
         while True:
             records, end = self.collected()
+            gone = broadcast_object(self._trainer_gone() if self.is_main and end is None else None)  # rank 0 looks
+            if gone:  # before scoring: a dead trainer is reported at once, not after hours of scoring
+                raise UserError(f"--watch: {gone} without recording the end of training in {self.run_dir} "
+                                f"({len(records)} checkpoint(s) collected): resume the training run, or score what "
+                                f"it collected with `sd-mlperf evaluate --run-dir {self.run_dir} --all`")
             for record in records:
                 if self.passes(self.score(record)):
                     if self.is_main:
@@ -334,9 +369,16 @@ class RunEvaluation:
                 return
             expired = timeout_s is not None and time.monotonic() - start > timeout_s
             if broadcast_object(expired if self.is_main else None):  # rank 0's clock decides for all
-                raise TimeoutError(f"--watch: no passing checkpoint and no end of training in {self.run_dir} within "
-                                   f"{timeout_s:.0f} s")
+                raise UserError(f"--watch: no passing checkpoint and no end of training in {self.run_dir} within "
+                                f"{timeout_s:.0f} s (--watch-timeout-s); {len(records)} checkpoint(s) scored so far")
             time.sleep(poll_s)
+
+    def _trainer_gone(self) -> str | None:
+        """Why the trainer is dead (its heartbeat, sd_mlperf.training.eval_checkpoints), if it died before its end."""
+        gone = trainer_gone(self.run_dir)
+        if gone is None or read_index(self.run_dir)[1] is not None:  # it may have ended just after our last look
+            return None
+        return gone
 
     def run(self, strategy: Strategy, *, poll_s: float = 30.0, timeout_s: float | None = None) -> None:
         """Score as `strategy` asks (see the module docstring); `all` and `last_two` need a collected checkpoint."""
@@ -396,4 +438,30 @@ def open_run_evaluation(run_dir: str | os.PathLike, cfg: Config, scorer: Checkpo
     return RunEvaluation(run_dir, evaluate=scorer.collected_scorer(run_dir),
                          num_prompts=num_prompts or cfg.eval.num_prompts, noise_seed=evaluation_seed(cfg),
                          target_fid=cfg.training.target_fid, target_clip=cfg.training.target_clip, is_main=is_main,
-                         final_num_prompts=cfg.eval.num_prompts)
+                         final_num_prompts=cfg.eval.num_prompts,
+                         settings=settings_digest(evaluation_settings(cfg, num_prompts or cfg.eval.num_prompts)))
+
+
+LOCK_FILE = f"{OFFLINE_EVAL_DIR}/evaluate.lock"
+
+
+def prepare_run_evaluation(run_dir: str | os.PathLike, log_file: str, *, is_main: bool) -> RunLock | None:
+    """Before any model is built: the run directory is writable (eval_offline/ and the final log's folder) and this
+    evaluator holds its lock (rank 0 checks and takes it; every rank raises its error). Release the lock at the end.
+    """
+    from sd_mlperf.utils.files import check_writable, remove_stale_temporaries
+
+    run_dir = Path(run_dir)
+    lock = RunLock(run_dir / LOCK_FILE, "`sd-mlperf evaluate --run-dir`")
+
+    def take() -> bool:
+        purpose = "`sd-mlperf evaluate --run-dir` (scores, grids and the final log)"
+        check_writable(offline_eval_dir(run_dir), purpose)
+        check_writable((run_dir / log_file).parent, purpose)
+        lock.acquire()
+        for path in remove_stale_temporaries(offline_eval_dir(run_dir)):  # left by a killed evaluator
+            logger.info("removed %s, left by an evaluation that was killed", path)
+        return True
+
+    main_rank_result(take, is_main=is_main)
+    return lock if is_main else None

@@ -9,6 +9,7 @@ device only at log intervals and at checkpoints (marked "host sync").
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -130,7 +131,7 @@ class Trainer:
             logger.info("nothing to train: step %d already reached the stop step %d", s.step, plan.max_steps)
             return s
         self.mlperf.run_start(s.samples_count)
-        end_reason = "error"
+        end_reason, stop = "error", ""  # "error" until the loop ends normally: an exception keeps it
         try:
             self.mlperf.block_start(s.samples_count)
             batches = self._batches()
@@ -145,12 +146,15 @@ class Trainer:
                 if s.step % plan.steps_per_block == 0 or s.step == plan.max_steps:
                     self.mlperf.block_stop(s.samples_count)
                     self.end_block()  # host sync (finite check, state to CPU)
-                    end_reason = self.stop_reason()
-                    if end_reason:
+                    stop = self.stop_reason()
+                    if stop:
                         break
                     if s.step < plan.max_steps:
                         self.mlperf.block_start(s.samples_count)
-            end_reason = end_reason or "max_steps"
+            end_reason = stop or "max_steps"
+        except KeyboardInterrupt:  # Ctrl-C: the end is recorded as interrupted, never as a normal end
+            end_reason = "interrupted"
+            raise
         finally:
             self.end_run(end_reason)
         logger.info("training finished at step %d (%d samples): %s; target %s", s.step, s.samples_count, end_reason,
@@ -161,6 +165,10 @@ class Trainer:
     def end_block(self) -> None:
         """At every block end: the resumable checkpoint, the weights for offline evaluation, inline evaluation."""
         if self.plan.save_resumable:
+            if self.collector is not None:
+                # The resumable checkpoint claims this step: the collections before it must be durable first (a
+                # resume collects this step's own again if a kill comes before it is; EvalCheckpointWriter.resume).
+                self.collector.wait()
             self.save_checkpoint()
         if self.collector is not None and self.state.step % self.plan.steps_per_block == 0:
             # Only on the 512,000-image cadence the rules score: not the off-cadence last step of max_samples.
@@ -184,14 +192,18 @@ class Trainer:
         """End of training: run_stop (inline evaluation), or the end record for the offline evaluator."""
         s = self.state
         if self.collector is None:
-            self.mlperf.run_stop(s.samples_count, success=s.reached_target)
-        elif reason != "error":
-            self.collector.finish(s.samples_count, reason)
-        else:  # training is failing already: record the end, but never hide that error behind a writer's
-            try:
-                self.collector.finish(s.samples_count, reason)
-            except Exception as exc:  # noqa: BLE001 -- logged; the training error propagates
-                logger.error("could not record the end of training in %s: %s", self.collector.dir, exc)
+            record = functools.partial(self.mlperf.run_stop, s.samples_count, success=s.reached_target)
+            where = self.mlperf.path
+        else:
+            record = functools.partial(self.collector.finish, s.samples_count, reason)
+            where = self.collector.dir
+        if reason not in ("error", "interrupted"):
+            record()
+            return
+        try:  # training is failing or interrupted already: record the end, never hide that behind a writer's error
+            record()
+        except Exception as exc:  # noqa: BLE001 -- logged; the training error propagates
+            logger.error("could not record the end of training in %s: %s", where, exc)
 
     def _batches(self) -> Iterator[dict]:
         while True:  # the reference samples shards with replacement: no epochs
@@ -285,6 +297,10 @@ class Trainer:
         s.reached_target = bool(rank.get("reached_target", False))  # the same on every rank
         s.last_checkpoint = Path(path)
         self.mlperf.resumed(str(path), s.samples_count)  # a resumed run is not a valid timed run
+        if self.collector is not None:  # marks the resume in the index; collects this step again if it is missing
+            self.collector.resume(s.step, s.samples_count, self.dp.unwrapped.state_dict(),
+                                  on_cadence=s.step % self.plan.steps_per_block == 0,
+                                  global_batch_size=self.plan.global_batch_size, seed=self.plan.seed)
         self.progress.log_resume(s.step, s.samples_count, str(path))
         logger.info("resumed from %s at step %d (%d samples)", path, s.step, s.samples_count)
 

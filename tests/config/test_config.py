@@ -97,6 +97,15 @@ def test_missing_file_and_bad_yaml(tmp_path):
         merge_config([bad])
 
 
+def test_a_yaml_list_and_a_directory_are_named_as_such(tmp_path):
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- training.max_steps=3\n")
+    with pytest.raises(ConfigError, match=f"config file '{listing}' holds a list, not a mapping of config sections"):
+        merge_config([listing])
+    with pytest.raises(ConfigError, match=f"--config '{tmp_path}' is a directory, not a YAML file"):
+        merge_config([tmp_path])
+
+
 def test_missing_required_keys_are_listed():
     with pytest.raises(ConfigError, match=r"data\.train_shards.*eval\.prompts_file"):
         load_config([])

@@ -98,3 +98,18 @@ def test_train_logs_the_summary(tmp_path, caplog, monkeypatch):
 def test_a_directory_without_config_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="run directory of `sd-mlperf train`"):
         read_run(tmp_path)
+
+
+def test_samples_trained_come_from_the_authoritative_record_not_the_progress_records(tmp_path):
+    run = make_run(tmp_path)
+    log = run / "mlperf.log"  # trained 96 (24 steps) though the last progress record says step 20
+    log.write_text(log.read_text().replace('"samples_count": 80, "status"', '"samples_count": 96, "status"'))
+    text = run_summary(read_run(run))
+    assert "96 trained in 24 steps of global batch 4" in text and "from mlperf.log run_stop" in text
+    # offline evaluation: the training_end record of the index decides (a Ctrl-C at step 6: 24 samples)
+    index = run / "eval_checkpoints" / "index.jsonl"
+    index.parent.mkdir()
+    index.write_text(json.dumps({"event": "training_end", "samples_count": 24, "time_ms": 0,
+                                 "reason": "interrupted"}) + "\n")
+    text = run_summary(read_run(run))
+    assert "24 trained in 6 steps" in text and "training_end (interrupted)" in text

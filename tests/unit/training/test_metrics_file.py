@@ -134,19 +134,26 @@ def test_read_metrics_fresh_relaunches_repeated_resumes_and_evals(tmp_path):
     assert evals == [4]  # logged by the attempt that resumed from 2, at a step the later resume (from 4) keeps
 
 
-def test_a_partial_line_is_ended_by_the_next_run_and_skipped_by_the_reader(tmp_path, caplog):
+def test_a_torn_last_line_is_cut_by_the_next_run_so_no_record_is_glued_to_it(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"kind": "start", "step": 0}\n{"kind": "train", "step": 1, "loss": 1.0}\n{"kind": "tra')
     progress = Progress(LoggingConfig(progress_bar="off"), tmp_path, enabled=True, total_steps=2, global_batch_size=2)
     progress.log_resume(1, 2, "step_1")
     _log(progress, 2)
     progress.close()
-    assert path.read_text().splitlines()[2] == '{"kind": "tra'  # the resume record starts a line of its own
+    lines = path.read_text().splitlines()
+    assert len(lines) == 4 and '"kind": "tra' not in lines[2] and json.loads(lines[2])["kind"] == "resume"
+    records = read_metrics(path)
+    assert [(r["kind"], r["step"]) for r in records] == [("start", 0), ("train", 1), ("resume", 1), ("train", 2)]
+
+
+def test_the_reader_skips_a_damaged_line_naming_it(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "start", "step": 0}\n{"kind": "tra\n{"kind": "train", "step": 1}\n')
     with caplog.at_level("WARNING"):
         records = read_metrics(path)
-    assert [(r["kind"], r["step"]) for r in records] == [("start", 0), ("train", 1), ("resume", 1), ("train", 2)]
-    assert f"{path}:3: skipped" in caplog.text
-
+    assert [(r["kind"], r["step"]) for r in records] == [("start", 0), ("train", 1)]
+    assert f"{path}:2: skipped" in caplog.text
 
 
 def test_progress_line_shows_per_rank_speed_and_na_on_the_cpu(tmp_path, caplog, monkeypatch):

@@ -86,11 +86,12 @@ def test_writer_publishes_complete_files_and_raises_a_failed_write(tmp_path):
 
     broken = EvalCheckpointWriter(tmp_path / "b", enabled=True, background=True)
     broken.collect(1, 4, {"w": torch.ones(2)}, global_batch_size=4, seed=7)
-    broken._wait()
+    broken.wait()
     broken._write = lambda payload: (_ for _ in ()).throw(OSError("disk full"))  # the next write fails
     broken.collect(2, 8, {"w": torch.ones(2)}, global_batch_size=4, seed=7)
     with pytest.raises(RuntimeError, match="disk full"):
         broken.finish(8, "max_steps")
+    assert read_index(tmp_path / "b")[1]["reason"] == "error"  # never recorded as a normal end
 
 
 def test_read_index_ignores_a_partial_last_line(tmp_path):

@@ -162,7 +162,7 @@ def test_watch_beside_a_training_run_stops_it_at_the_first_pass(tmp_path):
 
     def collect_then_wait_for_the_watcher(step, *args, **kwargs):  # a trainer slower than its evaluator
         collect(step, *args, **kwargs)
-        trainer.collector._wait()  # published
+        trainer.collector.wait()  # published
         deadline = time.monotonic() + 30
         while not (step in runner.scores and (not runner.passes(runner.scores[step]) or (run / STOP_FILE).exists())):
             assert time.monotonic() < deadline, f"the watcher never scored step {step}"
@@ -299,3 +299,97 @@ def test_checkpoint_scorer_loads_checks_and_writes_into_each_checkpoints_run(tmp
     assert [e["key"] for e in events] == ["eval_start", "eval_accuracy", "eval_accuracy", "eval_stop"]
     assert {e["metadata"]["samples_count"] for e in events} == {8}
     assert [e["value"] for e in events[1:3]] == [80.0, 0.2]
+
+
+# -- reliability (issue 22) ---------------------------------------------------------------------------
+def test_scores_are_cached_by_settings_and_by_the_checkpoint_they_scored(run_dir, tmp_path):
+    run = _copy(run_dir, tmp_path)
+    calls: list[int] = []
+    records = read_index(run)[0]
+    _runner(run, [FAIL] * 6, calls, settings="ddim2").score_all(records[:2])
+    _runner(run, [FAIL] * 6, calls, settings="ddim2").score_all(records[:2])
+    assert calls == [2, 4]  # cached
+    _runner(run, [FAIL] * 6, calls, settings="ddim10").score_all(records[:2])
+    assert calls == [2, 4, 2, 4]  # another setting (e.g. eval.ddim_steps) scores again
+    # Step 2 collected again (a resume) with other weights: its old scores are not its scores.
+    index = run / "eval_checkpoints" / "index.jsonl"
+    with open(index, "a") as f:
+        f.write(json.dumps({**records[0], "sha256": "0" * 64}) + "\n")
+    runner = _runner(run, [FAIL] * 6, calls, settings="ddim2")
+    assert set(runner.scores) == {4}
+
+
+def test_evaluation_settings_change_with_every_setting_that_decides_a_score(tmp_path):
+    from sd_mlperf.training.score_key import evaluation_settings, settings_digest
+    from tests.unit.training._helpers import make_cfg
+
+    prompts = tmp_path / "prompts.tsv"
+    prompts.write_text("id\tcaption\n1\ta\n")
+    base = make_cfg(tmp_path, f"eval.prompts_file={prompts}")
+    digest = settings_digest(evaluation_settings(base))
+    assert digest == settings_digest(evaluation_settings(make_cfg(tmp_path, f"eval.prompts_file={prompts}")))
+    for override in ("eval.ddim_steps=20", "eval.guidance_scale=2.0", "eval.precision=bf16", "eval.num_prompts=3",
+                     "eval.fid_method=sqrtm", "eval.clip_tiny=false"):
+        assert settings_digest(evaluation_settings(make_cfg(tmp_path, f"eval.prompts_file={prompts}", override))) \
+            != digest, override
+    assert settings_digest(evaluation_settings(base, num_prompts=2)) != digest
+    prompts.write_text("id\tcaption\n1\tb\n")  # the same path, other prompts
+    assert settings_digest(evaluation_settings(base)) != digest
+    same = make_cfg(tmp_path, f"eval.prompts_file={prompts}", "eval.num_grid_images=1", "eval.inline=false")
+    assert settings_digest(evaluation_settings(same)) == settings_digest(evaluation_settings(base))
+
+
+def test_a_resumed_offline_run_gets_its_stitched_final_log(tmp_path):
+    import dataclasses
+
+    from sd_mlperf.training.mlperf_log import RESUMED_KEY, TRAINING_LOG_FILE
+    from sd_mlperf.training.offline_eval import open_run_evaluation
+    from tests.unit.training._helpers import make_cfg, make_trainer
+
+    cfg = make_cfg(tmp_path, "eval.inline=false", "training.max_steps=6", "training.checkpoint_every_samples=4")
+    first, loader = make_trainer(cfg, make_batches(3))
+    loader.fail_at = 5  # a kill during the third block
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    first.close()
+    run = tmp_path / "run"
+    by_path = dataclasses.replace(cfg, training=dataclasses.replace(
+        cfg.training, resume=str(run / "checkpoints" / "step_0000002")))  # resumed by path from step 2, not 4
+    second, _ = make_trainer(by_path, make_batches(3))
+    second.fit()
+    second.close()
+    assert len(list(run.glob(f"{TRAINING_LOG_FILE}.*"))) == 1
+    runner = _runner(run, [FAIL, FAIL, PASS], [])
+    runner.score_all(runner.collected()[0])
+    events = _events(runner.write_final_log(run / "mlperf.log"))
+    keys = [e["key"] for e in events]
+    assert keys.count("run_start") == 1 and keys.count("init_start") == 1 and keys.count(RESUMED_KEY) == 1
+    assert keys.count("submission_benchmark") == 1 and keys[-1] == "run_stop"
+    assert keys.index(RESUMED_KEY) < keys.index("run_start")  # kept however early the final log ends
+    blocks = [(e["key"], e["metadata"]["samples_count"]) for e in events if e["key"] in ("block_start", "block_stop")]
+    assert blocks == [("block_start", 0), ("block_stop", 4), ("block_start", 4), ("block_stop", 8),
+                      ("block_start", 8), ("block_stop", 12)]
+    assert events[-1]["metadata"]["status"] == "success"
+    assert open_run_evaluation  # the command's entry point (used by test_evaluate_command)
+
+
+def test_watch_ends_with_one_line_when_the_trainer_died_or_time_runs_out(run_dir, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from sd_mlperf.utils.errors import UserError
+
+    run = _copy(run_dir, tmp_path)
+    index = run / "eval_checkpoints" / "index.jsonl"
+    index.write_text("".join(line + "\n" for line in index.read_text().splitlines() if "training_end" not in line))
+    runner = _runner(run, [FAIL] * 6, [])
+    with pytest.raises(UserError, match=r"--watch: no passing checkpoint .* within 0 s \(--watch-timeout-s\)"):
+        runner.watch(poll_s=0.01, timeout_s=0)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / "eval_checkpoints" / "heartbeat.json").write_text(json.dumps(
+        {"pid": dead.pid, "host": socket.gethostname(), "time": 0}))
+    with pytest.raises(UserError, match=rf"--watch: the trainer \(pid {dead.pid} on this host\) is gone without "
+                                        "recording the end of training"):
+        runner.watch(poll_s=0.01, timeout_s=60)

@@ -103,3 +103,21 @@ def test_cache_clear_says_what_the_launcher_did(tmp_path, monkeypatch, value, lo
     trainer.close()
     values = [e["value"] for e in _events(tmp_path / "run" / "mlperf.log") if e["key"] == "cache_clear"]
     assert values == [logged]
+
+
+def test_every_division_refuses_a_fresh_run_in_a_used_run_directory(tmp_path):
+    cfg = make_cfg(tmp_path, *RUN, "eval.inline=false")  # the open division (smoke)
+    _train(cfg)
+    never = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, resume="never"))
+    with pytest.raises(ValueError, match="already holds an earlier run.*training.resume=never would start a new one"):
+        make_trainer(never, make_batches(3))
+    # auto with a checkpoint resumes (open division); auto without one would start afresh: refused too.
+    resumed, _ = make_trainer(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=6)),
+                              make_batches(3))
+    assert resumed.state.step == 3
+    resumed.close()
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    with pytest.raises(ValueError, match="already holds an earlier run.*eval_checkpoints"):
+        make_trainer(cfg, make_batches(3))
