@@ -273,8 +273,12 @@ def config_unsuitable(cfg: Any) -> dict[str, dict[str, str]]:
 
 
 def fallbacks(resolutions: list[Resolution]) -> list[Resolution]:
-    """The roles `auto` resolved to a slower twin than the role's fastest backend (named choices are choices)."""
-    return [r for r in resolutions if r.requested == "auto" and r.name != backend_names(r.role)[0]]
+    """The roles `auto` resolved to a slower twin than the role's fastest backend (named choices are choices).
+
+    sdpa taken over te because the UNet is compiled is the fast path (TE_COMPILE_REASON), not a fallback.
+    """
+    return [r for r in resolutions if r.requested == "auto" and r.name != backend_names(r.role)[0]
+            and not (r.role == "attention" and r.name == "sdpa" and TE_COMPILE_REASON in r.why)]
 
 
 def _short_choice(r: Resolution) -> str:
