@@ -198,7 +198,8 @@ class GraphedTrainStep(_StepParts):
             self.runner = build_step_runner(self.step_fn, self.example_inputs, model=self.dp.unwrapped,
                                             optimizer=optimizer, cuda_graph=self.cuda_graph,
                                             warmup_steps=self.warmup_steps,
-                                            extra_tensors=tensor_attributes(self.dp.scaler),
+                                            extra_tensors=[*tensor_attributes(self.dp.scaler),
+                                                           *getattr(self.dp, "master_params", [])],
                                             generators=[self.loss_fn.generator])
 
     def __call__(self, micro_batches: Sequence[dict], step: int) -> dict[str, torch.Tensor]:
