@@ -6,8 +6,8 @@ value for each role and what the config rules out (fp32 compute for TE, channels
 apex, a CUDA graph for megatron-core), and reads versions from package metadata without importing
 TE, apex, DALI or megatron-core. `--fast --config FILE...` fails (exit 1, with the reason) when that
 config resolves any `auto` role to a slower twin than its fastest backend here, asks for a CUDA
-graph without CUDA, or leaves model.unet.compile off on CUDA (or on where inductor cannot compile); `--fast` alone requests the fastest backend of every role, so it fails unless
-every fast path can run.
+graph without CUDA, or leaves model.unet.compile off on CUDA (or on where inductor cannot compile);
+`--fast` alone requests the fastest backend of every role, so it fails unless every fast path can run.
 """
 
 from __future__ import annotations
@@ -127,8 +127,8 @@ def compile_row(compiled: bool, *, fast: bool) -> dict[str, str]:
     device = torch.device("cuda" if cuda_available() else "cpu")
     if compiled:
         ok, why = compile_available(device)
-        return {"role": "compile", "key": "model.unet.compile", "requested": "true", "chosen": "inductor" if ok else "-",
-                "status": "ok" if ok else "error", "why": "torch.compile, before run_start" if ok else why}
+        return {"role": "compile", "key": "model.unet.compile", "requested": "true",
+                "chosen": "inductor" if ok else "-", "status": "ok" if ok else "error", "why": "torch.compile, before run_start" if ok else why}
     slow = fast and device.type == "cuda"
     return {"role": "compile", "key": "model.unet.compile", "requested": "false", "chosen": "eager",
             "status": "error" if slow else "ok",

@@ -19,8 +19,8 @@ from torch import nn
 from sd_mlperf.backends import (
     APEX_NEEDS_NHWC,
     HALF_PRECISIONS,
-    BackendUnavailable,
     TE_COMPILE_REASON,
+    BackendUnavailable,
     Resolution,
     attention_unsuitable,
     resolve_backend,

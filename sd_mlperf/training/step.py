@@ -121,7 +121,7 @@ class EagerTrainStep(_StepParts):
             return
         generator = self.loss_fn.generator
         position = generator.get_state()
-        with _timed("compile warmup (%d forward/backward passes on synthetic tensors)" % COMPILE_WARMUP_PASSES):
+        with _timed(f"compile warmup ({COMPILE_WARMUP_PASSES} forward/backward passes on synthetic tensors)"):
             for _ in range(COMPILE_WARMUP_PASSES):
                 self.dp.zero_grad()
                 loss = self.loss_fn(self.compile_inputs["z0"], self.compile_inputs["context"])
