@@ -128,7 +128,8 @@ def compile_row(compiled: bool, *, fast: bool) -> dict[str, str]:
     if compiled:
         ok, why = compile_available(device)
         return {"role": "compile", "key": "model.unet.compile", "requested": "true",
-                "chosen": "inductor" if ok else "-", "status": "ok" if ok else "error", "why": "torch.compile, before run_start" if ok else why}
+                "chosen": "inductor" if ok else "-", "status": "ok" if ok else "error",
+                "why": "torch.compile, before run_start" if ok else why}
     slow = fast and device.type == "cuda"
     return {"role": "compile", "key": "model.unet.compile", "requested": "false", "chosen": "eager",
             "status": "error" if slow else "ok",
