@@ -36,10 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--profile", action="store_true",
                        help="profile --steps steps of each variant instead: kernel ms per step by class, the top 40 "
                             "kernels, the SDPA backend that ran (tables on stdout; --output writes the JSON)")
-    for mode, text in (("data", "time the training data loader"), ("eval", "time evaluation (sampling + metrics)"),
-                       ("attention", "time each SDPA backend (and TE) on every attention shape of the UNet"),
-                       ("groupnorm", "time torch, compiled torch and apex GroupNorm on every GroupNorm shape")):
+    for mode, text in (("data", "time the training data loader"), ("eval", "time evaluation (sampling + metrics)")):
         modes.add_parser(mode, help=text)
+    from sd_mlperf.bench.probes import ATTENTION_KERNELS, NORM_KERNELS
+
+    for mode, text, kernels in (
+            ("attention", "time each SDPA backend (and TE) on every attention shape of the UNet", ATTENTION_KERNELS),
+            ("groupnorm", "time torch, compiled torch and apex GroupNorm on every GroupNorm shape", NORM_KERNELS)):
+        probe = modes.add_parser(mode, help=text)
+        probe.add_argument("--kernels", default=",".join(kernels),
+                           help=f"comma-separated, among {', '.join(kernels)} (default: all)")
     for p in modes.choices.values():
         p.add_argument("--steps", type=int, default=20, help="timed steps (batches) per row")
         p.add_argument("--warmup", type=int, default=5, help="untimed warmup steps (batches) per row")
@@ -117,14 +123,19 @@ def run(args: argparse.Namespace) -> int:
     if args.mode == "train" and args.profile:
         return _profile(args)
     if args.mode in ("attention", "groupnorm"):
-        from sd_mlperf.bench.probes import probe_attention, probe_group_norm
+        from sd_mlperf.bench.probes import ATTENTION_KERNELS, NORM_KERNELS, probe_attention, probe_group_norm
         from sd_mlperf.parallel.distributed import configure_device, pick_device
 
         cfg = load_config(args.config, args.overrides)
         device = pick_device(cfg.run.device)
         configure_device(device)
-        probe = probe_attention if args.mode == "attention" else probe_group_norm
-        rows = probe(cfg, device, steps=args.steps, warmup=args.warmup)
+        probe, known = ((probe_attention, ATTENTION_KERNELS) if args.mode == "attention"
+                        else (probe_group_norm, NORM_KERNELS))
+        kernels = tuple(k.strip() for k in args.kernels.split(",") if k.strip())
+        unknown = sorted(set(kernels) - set(known))
+        if unknown or not kernels:
+            raise ValueError(f"--kernels {args.kernels!r}: choose from {', '.join(known)}")
+        rows = probe(cfg, device, kernels=kernels, steps=args.steps, warmup=args.warmup)
     elif args.mode == "train":
         rows, columns = _train_rows(args)
     elif args.mode == "data":
