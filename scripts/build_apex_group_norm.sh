@@ -100,7 +100,7 @@ INCLUDES=(-I"$APEX_SRC/csrc" -I"$GN" -I"$TORCH/torch/include" -I"$TORCH/torch/in
           -I"$CUDA_HOME/include" -I"$CUDA_LIBS_INCLUDE" -I"$PY_INCLUDE")
 NVCC_FLAGS=("${DEFINES[@]}" "${INCLUDES[@]}" -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
             -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr
-            --compiler-options "'-fPIC'" -std=c++17 -O3 --use_fast_math --ftz=false "$ARCH")
+            -Xcompiler -fPIC -std=c++17 -O3 --use_fast_math --ftz=false "$ARCH")
 CXX_FLAGS=("${DEFINES[@]}" "${INCLUDES[@]}" -fPIC -std=c++17 -O3)
 OBJ="$WORK/obj"
 mkdir -p "$OBJ"
