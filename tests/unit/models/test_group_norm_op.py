@@ -81,3 +81,32 @@ def test_apex_pass_choice_follows_apex():
     assert apex_passes(640, 32 * 32, sm=90) == 1
     assert apex_passes(4096, 512, sm=90) == 2
     assert apex_passes(640, 32 * 32, sm=75) == 2
+
+
+def test_an_apex_without_custom_ops_runs_through_ours(monkeypatch):
+    # An older apex calls its extension from an autograd.Function (a graph break): NormBuilder wraps the extension
+    # (`group_norm_cuda`, here a stand-in computing the reference kernel) in sd_mlperf::group_norm_nhwc instead.
+    import sys
+    import types
+
+    from sd_mlperf.models import group_norm_op
+    from sd_mlperf.models import norm as norm_mod
+
+    class OldApexGroupNorm(TorchGroupNorm):
+        SUPPORTED_CHANNELS, SUPPORTED_GROUPS = frozenset({16}), frozenset({4})
+
+    forward, backward = KERNELS["reference"]
+    extension = types.SimpleNamespace(forward=forward, backward=backward)
+    monkeypatch.setitem(sys.modules, "group_norm_cuda", extension)
+    monkeypatch.setitem(group_norm_op.KERNELS, "apex", None)  # restored after the test
+    monkeypatch.setattr(norm_mod, "_import_apex_group_norm", lambda: OldApexGroupNorm)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    builder = norm_mod.NormBuilder("apex")
+    layer = builder(num_groups=4, num_channels=16, eps=1e-5, act="silu")
+    assert builder.opaque and isinstance(layer, OpaqueGroupNorm) and layer.kernel == "apex"
+    assert "our custom op around apex's extension" in builder.summary()
+    reference = TorchGroupNorm(4, 16, act="silu")
+    reference.load_state_dict(layer.state_dict())
+    x, dy = _nhwc(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
+    for got, want in zip(_forward_backward(layer, x, dy), _forward_backward(reference, x, dy), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
