@@ -146,4 +146,8 @@ def __getattr__(name):
     raise RuntimeError("group_norm_v2_cuda was not built (sm_100 only); scripts/build_apex_group_norm.sh builds v1")
 EOF
 printf 'apex %s\ntorch %s cp312 sm_90\n' "${commit:-unknown}" "$TORCH_VERSION" > "$OUT/BUILD_INFO"
-du -sh "$OUT" >&2
+size_mb=$(du -sm "$OUT" | cut -f1)
+echo "packed $OUT: ${size_mb} MB (a device call carries 64 MiB in all, .whl's 5.5 MB and the checkout included)" >&2
+if (( size_mb > 50 )); then
+  echo "warning: ${size_mb} MB leaves little room in the 64 MiB a device call carries" >&2
+fi
