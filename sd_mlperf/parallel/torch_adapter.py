@@ -50,8 +50,9 @@ class TorchDataParallel(DataParallelModel):
         self.resolution = resolution
         self.params = [p for p in model.parameters() if p.requires_grad]
         if any(p.dtype != torch.float32 for p in self.params):
-            raise ValueError("the torch backend keeps fp32 parameters as the master weights; build the model in fp32 "
-                             "(training.precision selects the autocast dtype, parallel.half_weights the weights').")
+            raise ValueError("the torch backend keeps fp32 parameters as the master weights; build the model in "
+                             "fp32 (training.precision selects the autocast dtype; parallel.half_weights=true casts "
+                             "the weights itself).")
         self.master_params: list[torch.Tensor] = []
         """parallel.half_weights: the fp32 copies AdamW updates (empty: the fp32 model parameters are the masters)."""
         if cfg.parallel.half_weights:
@@ -132,7 +133,7 @@ class TorchDataParallel(DataParallelModel):
         scale = self.scaler.scale
         if grads:
             # One read of the (still scaled) gradients: their norm, which is non-finite iff one of them is.
-            # Scaling by a power of two is exact, so the norm / scale equals the unscaled gradients' norm.
+            # Dynamic scaling uses powers of two, which are exact: norm / scale is the unscaled gradients' norm.
             scaled_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
             found_inf = (~torch.isfinite(scaled_norm)).float().reshape(1)
             grad_norm = scaled_norm / scale.reshape(()) if self.scaler.enabled else scaled_norm
