@@ -114,11 +114,14 @@ else
 fi
 echo "compiling ${#CU_FILES[@]} .cu file(s) for sm_90 with $JOBS job(s), torch $TORCH_VERSION headers, Python $PY_INCLUDE" >&2
 t0=$(date +%s)
-run g++ "${CXX_FLAGS[@]}" -c "$GN/group_norm_nhwc_op.cpp" -o "$OBJ/group_norm_nhwc_op.o"
-export NVCC OBJ DRY
+# An object newer than its source (and this script) is kept: a rerun compiles only what is missing or stale.
+if [ ! "$OBJ/group_norm_nhwc_op.o" -nt "$GN/group_norm_nhwc_op.cpp" ] || [ "$0" -nt "$OBJ/group_norm_nhwc_op.o" ]; then
+  run g++ "${CXX_FLAGS[@]}" -c "$GN/group_norm_nhwc_op.cpp" -o "$OBJ/group_norm_nhwc_op.o"
+fi
+export NVCC OBJ DRY SCRIPT="$0"
 printf '%s\n' "${CU_FILES[@]}" | xargs -P "$JOBS" -I{} bash -c \
-  'f={}; o="$OBJ/$(basename "$f" .cu).o"; if (( DRY )); then echo "$NVCC ... -c $f -o $o"; else
-   "$NVCC" "$@" -c "$f" -o "$o"; fi' _ "${NVCC_FLAGS[@]}"
+  'f={}; o="$OBJ/$(basename "$f" .cu).o"; [ "$o" -nt "$f" ] && [ ! "$SCRIPT" -nt "$o" ] && exit 0
+   if (( DRY )); then echo "$NVCC ... -c $f -o $o"; else "$NVCC" "$@" -c "$f" -o "$o"; fi' _ "${NVCC_FLAGS[@]}"
 SO="$WORK/group_norm_cuda$EXT_SUFFIX"
 OBJS=("$OBJ/group_norm_nhwc_op.o")
 for f in "${CU_FILES[@]}"; do OBJS+=("$OBJ/$(basename "$f" .cu).o"); done
