@@ -158,14 +158,21 @@ HALF_PRECISIONS = ("fp16", "bf16")
 TE_FP32_REASON = "fp32 compute: TE's fused kernels need fp16/bf16"
 
 
-def attention_unsuitable(compute_precisions: Mapping[str, str] | None) -> dict[str, str]:
+TE_COMPILE_REASON = ("model.unet.compile=true: TE's DotProductAttention breaks the compiled graph, while sdpa "
+                     "compiles into it and runs cuDNN's fused attention (the kernel TE's fused attention calls) on "
+                     "sm90; `sd-mlperf bench train --profile` names the SDPA kernel that ran")
+
+
+def attention_unsuitable(compute_precisions: Mapping[str, str] | None, *, compiled: bool = False) -> dict[str, str]:
     """Attention backends that cannot serve a module computing in these precisions ({config key: value}), and why.
 
-    None means not stated (tools, tests): nothing is ruled out. Pass the result as resolve_backend's `unsuitable`.
+    None means not stated (tools, tests): nothing is ruled out. `compiled` (model.unet.compile) rules te out: one
+    graph matters more than TE's wrapper around the same cuDNN kernel. Pass the result as resolve_backend's
+    `unsuitable`.
     """
     if any(value not in HALF_PRECISIONS for value in (compute_precisions or {}).values()):
         return {"te": TE_FP32_REASON}
-    return {}
+    return {"te": TE_COMPILE_REASON} if compiled else {}
 
 
 # role -> (config key, ordered {name: probe}); the last name is the reference twin.
@@ -258,7 +265,7 @@ def training_precisions(cfg: Any) -> dict[str, str]:
 def config_unsuitable(cfg: Any) -> dict[str, dict[str, str]]:
     """Per role, the backends a training run of `cfg` rules out whatever the machine, and why."""
     return {
-        "attention": attention_unsuitable(training_precisions(cfg)),
+        "attention": attention_unsuitable(training_precisions(cfg), compiled=cfg.model.unet.compile),
         "norm": {} if cfg.model.unet.channels_last else {"apex": APEX_NEEDS_NHWC},
         "parallel": {"mcore": MCORE_NO_GRAPH} if cfg.training.cuda_graph else {},
         "decode": {},
@@ -266,8 +273,12 @@ def config_unsuitable(cfg: Any) -> dict[str, dict[str, str]]:
 
 
 def fallbacks(resolutions: list[Resolution]) -> list[Resolution]:
-    """The roles `auto` resolved to a slower twin than the role's fastest backend (named choices are choices)."""
-    return [r for r in resolutions if r.requested == "auto" and r.name != backend_names(r.role)[0]]
+    """The roles `auto` resolved to a slower twin than the role's fastest backend (named choices are choices).
+
+    sdpa taken over te because the UNet is compiled is the fast path (TE_COMPILE_REASON), not a fallback.
+    """
+    return [r for r in resolutions if r.requested == "auto" and r.name != backend_names(r.role)[0]
+            and not (r.role == "attention" and r.name == "sdpa" and TE_COMPILE_REASON in r.why)]
 
 
 def _short_choice(r: Resolution) -> str:

@@ -109,6 +109,9 @@ fi
 
 # Nothing may download during a timed run.
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# torch.compile's kernels (inductor + Triton) on node-local disk, one folder per job: runs 2..N of a --num-runs job
+# load them instead of compiling again (the trainer logs the folder). SD_MLPERF_COMPILE_CACHE picks another one.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-${SD_MLPERF_COMPILE_CACHE:-/tmp/sd_mlperf_inductor_${SLURM_JOB_ID:-$(id -u)}}}
 
 if [ "$DRY_RUN" = 1 ]; then
     shell_join "${TRAIN[@]}"

@@ -204,8 +204,8 @@ def build_runner(cfg: Config, device: torch.device, batch: dict[str, torch.Tenso
     if warmup_steps > 0:
         scaler = getattr(dp, "scaler", None)  # the torch backend's; megatron keeps its own
         optimizer = getattr(dp, "local_optimizer", dp.optimizer)
-        with TrainingStateSnapshot(unet, optimizer, tensor_attributes(scaler) if scaler is not None else (),
-                                   [generator]):
+        extra = [*(tensor_attributes(scaler) if scaler is not None else ()), *getattr(dp, "master_params", [])]
+        with TrainingStateSnapshot(unet, optimizer, extra, [generator]):
             for _ in range(warmup_steps):
                 runner(batch)
     return unet, dp, runner

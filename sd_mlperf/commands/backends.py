@@ -5,9 +5,9 @@ This is the check to run inside a new container or on a new cluster: it goes thr
 value for each role and what the config rules out (fp32 compute for TE, channels_last=false for
 apex, a CUDA graph for megatron-core), and reads versions from package metadata without importing
 TE, apex, DALI or megatron-core. `--fast --config FILE...` fails (exit 1, with the reason) when that
-config resolves any `auto` role to a slower twin than its fastest backend here, or asks for a CUDA
-graph without CUDA; `--fast` alone requests the fastest backend of every role, so it fails unless
-every fast path can run.
+config resolves any `auto` role to a slower twin than its fastest backend here, asks for a CUDA
+graph without CUDA, or leaves model.unet.compile off on CUDA (or on where inductor cannot compile);
+`--fast` alone requests the fastest backend of every role, so it fails unless every fast path can run.
 """
 
 from __future__ import annotations
@@ -109,13 +109,32 @@ def requested_backends(config_files: list[str], overrides: list[str], *,
     # Training decodes images only from raw shards; with cached latents the decode role is not used.
     used = [role for role in ROLES if role != "decode" or merged.data.train_format == "images"]
     requested = {role: str(OmegaConf.select(merged, ROLES[role][0])) for role in used}
-    extra = []
+    extra = [compile_row(bool(merged.model.unet.compile), fast=fast)]
     if merged.training.cuda_graph:
         ok = cuda_available()
         extra.append({"role": "step", "key": "training.cuda_graph", "requested": "true",
                       "chosen": "graph" if ok else "eager", "status": "ok" if ok or not fast else "error",
                       "why": "one CUDA graph per step" if ok else "no CUDA device: the step runs eagerly"})
     return requested, config_unsuitable(merged), extra
+
+
+def compile_row(compiled: bool, *, fast: bool) -> dict[str, str]:
+    """The model.unet.compile row: with --fast on CUDA, compile off is an error (eager is the slower path)."""
+    import torch
+
+    from sd_mlperf.backends import compile_available, cuda_available
+
+    device = torch.device("cuda" if cuda_available() else "cpu")
+    if compiled:
+        ok, why = compile_available(device)
+        return {"role": "compile", "key": "model.unet.compile", "requested": "true",
+                "chosen": "inductor" if ok else "-", "status": "ok" if ok else "error",
+                "why": "torch.compile, before run_start" if ok else why}
+    slow = fast and device.type == "cuda"
+    return {"role": "compile", "key": "model.unet.compile", "requested": "false", "chosen": "eager",
+            "status": "error" if slow else "ok",
+            "why": ("eager UNet: 157 vs 104 images/s on an H200 (docs/gpu_runs/2026-11-29_h200.md); set "
+                    "model.unet.compile=true") if slow else "eager UNet"}
 
 
 def format_table(rows: list[dict[str, str]], versions: dict[str, str | None], device: str) -> str:

@@ -210,6 +210,10 @@ class ParallelConfig:
     """Overlap the gradient reduce-scatter with backward."""
     bucket_size: int | None = None
     """Gradient bucket size in elements; null lets the backend choose."""
+    half_weights: bool = False
+    """parallel.backend=torch with training.precision fp16/bf16: keep the UNet's weights (and so its gradients and
+    their all-reduce) in that dtype, with fp32 master copies that AdamW updates (NVIDIA's O2). false (the
+    reference): fp32 weights under autocast."""
     timeout_s: int = 1800
 
 

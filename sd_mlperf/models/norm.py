@@ -9,6 +9,10 @@ those of the reference.
 Which kernel runs is decided at build time, per layer, from the shape: apex supports a fixed
 list of channel and group counts and needs channels-last input. Layers outside that list use
 torch; they are counted and logged once (NormBuilder.summary()).
+
+Under torch.compile apex must not break the graph: an apex that registers its kernels as torch.library
+custom ops (newer releases) is used as it is; an older one, whose autograd.Function calls the extension
+directly, gets its extension wrapped in our own opaque ops (`OpaqueGroupNorm`, models/group_norm_op.py).
 """
 
 from __future__ import annotations
@@ -53,6 +57,30 @@ class TorchGroupNorm(nn.GroupNorm):
         return super().extra_repr() + (f", act={self.act}" if self.act else "")
 
 
+class OpaqueGroupNorm(TorchGroupNorm):
+    """GroupNorm(+SiLU) through the `sd_mlperf::group_norm_nhwc` custom op: one graph node under torch.compile.
+
+    `kernel` names the implementation (models/group_norm_op.KERNELS): `apex` or `reference` (plain PyTorch).
+    Parameters are nn.GroupNorm's; the input must be channels-last (NHWC), as apex requires.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, act: Activation = "", *,
+                 kernel: str = "reference", sm: int = 90) -> None:
+        super().__init__(num_groups, num_channels, eps=eps, act=act)
+        self.kernel = kernel
+        self.sm = sm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The custom op on NHWC input (shape-derived passes, as apex chooses them)."""
+        from sd_mlperf.models.group_norm_op import apex_passes, group_norm_nhwc
+
+        hw = x.shape[2] * x.shape[3]
+        passes = apex_passes(self.num_channels, hw, self.sm)
+        y, _ = group_norm_nhwc(x.contiguous(memory_format=torch.channels_last), self.weight, self.bias,
+                               self.num_groups, self.eps, passes, self.act == "silu", self.kernel)
+        return y
+
+
 class NormBuilder:
     """Makes every GroupNorm of one model for the resolved backend; counts layers per kernel."""
 
@@ -63,8 +91,15 @@ class NormBuilder:
         self.num_torch = 0
         self.unsupported: set[tuple[int, int]] = set()
         self._apex_cls: type | None = None
+        self.opaque = False
+        """True when apex's extension runs through our custom op (its release registers none itself)."""
         if backend == "apex":
             self._apex_cls = _import_apex_group_norm()
+            self.opaque = not _registers_custom_ops(self._apex_cls)
+            if self.opaque:
+                from sd_mlperf.models.group_norm_op import register_apex_kernel
+
+                register_apex_kernel()
 
     def __call__(self, *, num_groups: int, num_channels: int, eps: float, act: Activation = "") -> nn.Module:
         """One layer: apex where its kernel covers (groups, channels), else torch."""
@@ -73,6 +108,10 @@ class NormBuilder:
             channels_ok = num_channels in getattr(self._apex_cls, "SUPPORTED_CHANNELS", APEX_CHANNELS)
             if groups_ok and channels_ok:
                 self.num_apex += 1
+                if self.opaque:
+                    major, minor = torch.cuda.get_device_capability()
+                    return OpaqueGroupNorm(num_groups, num_channels, eps=eps, act=act, kernel="apex",
+                                           sm=10 * major + minor)
                 return self._apex_cls(num_groups, num_channels, eps=eps, affine=True, act=act)
             self.unsupported.add((num_groups, num_channels))
         self.num_torch += 1
@@ -82,7 +121,8 @@ class NormBuilder:
         """One line: how many layers use each kernel and why."""
         if self.backend == "torch":
             return f"GroupNorm: {self.num_torch} layers on torch"
-        text = f"GroupNorm: {self.num_apex} layers on apex NHWC, {self.num_torch} on torch"
+        how = "our custom op around apex's extension" if self.opaque else "apex's custom ops"
+        text = f"GroupNorm: {self.num_apex} layers on apex NHWC ({how}), {self.num_torch} on torch"
         if self.unsupported:
             text += " (apex lacks (groups, channels) " + ", ".join(map(str, sorted(self.unsupported))) + ")"
         return text
@@ -92,6 +132,14 @@ class NormBuilder:
         if self.backend == "apex":
             text = self.summary()
             log_once("norm:" + text, text, level=logging.WARNING if self.unsupported else logging.INFO)
+
+
+def _registers_custom_ops(apex_cls: type) -> bool:
+    """Whether this apex release calls its kernel through a torch.library custom op (compiles without a break)."""
+    import sys
+
+    fprop = getattr(sys.modules.get(apex_cls.__module__), "group_norm_nhwc_fprop", None)
+    return fprop is not None and hasattr(fprop, "register_fake")
 
 
 def _import_apex_group_norm() -> type:

@@ -1,9 +1,10 @@
 """Compute precision of the models: the autocast context for `fp32`, `fp16` or `bf16`.
 
-The model parameters always stay fp32 and autocast runs the matmuls/convs in fp16 or bf16 (training,
-evaluation and benchmarks alike). fp16 on the CPU: torch's CPU autocast supports float16 (slowly), so
-`training.precision=fp16` runs on a CPU too; the tests use that to exercise the loss-scaled path. It is meant
-for tests, not for speed, and logs a warning once.
+The model parameters stay fp32 (unless parallel.half_weights casts them, keeping fp32 masters in the
+optimizer) and autocast runs the matmuls/convs in fp16 or bf16 (training, evaluation and benchmarks alike).
+fp16 on the CPU: torch's CPU autocast supports float16 (slowly), so `training.precision=fp16` runs on a CPU
+too; the tests use that to exercise the loss-scaled path. It is meant for tests, not for speed, and logs a
+warning once.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from torch import nn
 from sd_mlperf.backends import (
     APEX_NEEDS_NHWC,
     HALF_PRECISIONS,
+    TE_COMPILE_REASON,
     BackendUnavailable,
     Resolution,
     attention_unsuitable,
@@ -124,13 +125,23 @@ def apply_channels_last(unet: UNetModel) -> None:
 
 
 def apply_compile(unet: UNetModel) -> None:
-    """torch.compile the UNet in place (nn.Module.compile keeps state-dict names, unlike torch.compile(m))."""
+    """torch.compile the UNet in place (nn.Module.compile keeps state-dict names, unlike torch.compile(m)).
+
+    Inductor's cache (TORCHINDUCTOR_CACHE_DIR; slurm/run_and_time.sh puts it on node-local disk, one folder per
+    job) makes runs 2..N of one `--num-runs` job load their kernels instead of compiling them.
+    """
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
     unet.compile()
-    logger.info("UNet wrapped in torch.compile (compiles on the first forward)")
+    logger.info("UNet wrapped in torch.compile (compiled by the step's warm_up, before run_start; inductor cache %s)",
+                cache_dir())
 
 
 def _resolve_attention(cfg: UNetConfig, compute_precisions: Mapping[str, str] | None) -> Resolution:
-    unsuitable = attention_unsuitable(compute_precisions)
+    unsuitable = attention_unsuitable(compute_precisions, compiled=cfg.compile)
+    if cfg.attention_backend == "te" and unsuitable.get("te") == TE_COMPILE_REASON:
+        raise ValueError(f"model.unet.attention_backend=te cannot serve this build: {unsuitable['te']}. Set "
+                         "model.unet.attention_backend=auto (sdpa) or model.unet.compile=false.")
     if cfg.attention_backend == "te" and "te" in unsuitable:
         # An error, not a warning: TE's fused and flash kernels refuse fp32, and its unfused fallback
         # materialises B x H x L^2 fp32 scores: many times slower than sdpa's fp32 kernels and near OOM at

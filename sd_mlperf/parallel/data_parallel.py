@@ -144,6 +144,9 @@ def apply_data_parallel(model: nn.Module, cfg: Config, dist: DistInfo) -> DataPa
     if resolution.name == "mcore" and dist.device.type != "cuda":
         raise UserError(f"parallel.backend=mcore needs CUDA (megatron-core allocates CUDA buffers) but the "
                            f"device is {dist.device}; set parallel.backend=torch for CPU runs.")
+    if cfg.parallel.half_weights and resolution.name != "torch":
+        raise ValueError(f"parallel.half_weights=true is implemented by parallel.backend=torch, but parallel.backend "
+                         f"resolved to {resolution.name!r}; set parallel.backend=torch or parallel.half_weights=false.")
     if dist.world_size != world_size(cfg):
         raise ValueError(f"{dist.world_size} processes but parallel.num_nodes x parallel.gpus_per_node = "
                          f"{world_size(cfg)}; make them match.")

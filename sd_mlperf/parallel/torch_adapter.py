@@ -7,6 +7,16 @@ This is the CPU twin of the megatron-core backend (same sharded-optimizer idea, 
   the AdamW state of a subset of parameters and broadcasts updated parameters after the step.
 The step never waits for the device: inf/NaN detection, the grad norm, clipping, the conditional
 AdamW update (fused AdamW's `found_inf` input) and the loss-scale update are all tensor ops.
+
+Optimizer traffic (HBM bytes per step at 866 M parameters): the gradients are read once for their norm,
+which also is the inf/NaN check (a non-finite gradient makes the norm non-finite); unscaling and clipping
+are folded into fused AdamW's `grad_scale` (grads / (loss scale / clip coefficient), inside the kernel that
+reads them anyway). No separate unscale or clip pass writes the gradients.
+
+parallel.half_weights (NVIDIA's O2): the model's parameters are fp16/bf16 (training.precision), so its
+forward reads no fp32 weight and casts none, and its gradients (and DDP's all-reduce) are half too. AdamW
+updates fp32 master copies (`master_params`; their gradients are the half gradients cast once), and the
+updated masters are cast back into the model's weights. The masters are the state: state_dict saves them.
 """
 
 from __future__ import annotations
@@ -40,8 +50,13 @@ class TorchDataParallel(DataParallelModel):
         self.resolution = resolution
         self.params = [p for p in model.parameters() if p.requires_grad]
         if any(p.dtype != torch.float32 for p in self.params):
-            raise ValueError("the torch backend keeps fp32 parameters as the master weights; build the model in fp32 "
-                             "(training.precision selects the autocast dtype, not the parameter dtype).")
+            raise ValueError("the torch backend keeps fp32 parameters as the master weights; build the model in "
+                             "fp32 (training.precision selects the autocast dtype; parallel.half_weights=true casts "
+                             "the weights itself).")
+        self.master_params: list[torch.Tensor] = []
+        """parallel.half_weights: the fp32 copies AdamW updates (empty: the fp32 model parameters are the masters)."""
+        if cfg.parallel.half_weights:
+            self.master_params = _half_weights_with_masters(self.params, cfg.training.precision)
         if dist.world_size > 1:
             # Buffers: the UNet has none, so DDP's per-forward buffer broadcast is a no-op (default kept).
             ddp_kwargs: dict[str, Any] = {"gradient_as_bucket_view": True}
@@ -63,18 +78,22 @@ class TorchDataParallel(DataParallelModel):
         # Capturable (training.cuda_graph) is marked later, by GraphedTrainStep.warm_up (make_capturable).
         kwargs = {**adamw_kwargs(cfg.optim, learning_rate(cfg)), **adamw_kernel_options(dist.device)}
         self.sharded = cfg.parallel.distributed_optimizer and dist.world_size > 1
+        stepped = self.master_params or self.params
         if self.sharded:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
             self.optimizer: torch.optim.Optimizer = ZeroRedundancyOptimizer(
-                self.params, optimizer_class=torch.optim.AdamW, **kwargs)
+                stepped, optimizer_class=torch.optim.AdamW, **kwargs)
         else:
-            self.optimizer = torch.optim.AdamW(self.params, **kwargs)
+            self.optimizer = torch.optim.AdamW(stepped, **kwargs)
         self.scaler = DynamicLossScaler.from_training(cfg.training, dist.device)
 
     def zero_grad(self) -> None:
         """Drop the gradients (set_to_none; DDP's bucket views are re-created on the next backward)."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.master_params:  # the optimizer holds the masters; backward writes the model's half gradients
+            for p in self.params:
+                p.grad = None
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of loss x scale / grad_accumulation_steps; DDP all-reduces during it."""
@@ -99,7 +118,7 @@ class TorchDataParallel(DataParallelModel):
 
     @torch.no_grad()
     def step(self, lr: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unscale and check the gradients, clip if configured, AdamW at `lr` unless non-finite.
+        """Check the gradients (their norm), AdamW at `lr` with unscale and clipping folded in, unless non-finite.
 
         `lr` may be a 0-d tensor on the device (fused AdamW reads it there): a CUDA graph then
         replays with whatever value the caller `fill_`s into it, where a float would be frozen.
@@ -107,20 +126,33 @@ class TorchDataParallel(DataParallelModel):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         grads = [p.grad for p in self.params if p.grad is not None]
-        found_inf = self.scaler.unscale_(grads)
+        if self.master_params:  # O2: the masters' gradients are the half gradients, cast once
+            for master, p in zip(self.master_params, self.params, strict=True):
+                master.grad = None if p.grad is None else p.grad.float()
+            grads = [m.grad for m in self.master_params if m.grad is not None]
+        scale = self.scaler.scale
         if grads:
-            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            # One read of the (still scaled) gradients: their norm, which is non-finite iff one of them is.
+            # Dynamic scaling uses powers of two, which are exact: norm / scale is the unscaled gradients' norm.
+            scaled_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            found_inf = (~torch.isfinite(scaled_norm)).float().reshape(1)
+            grad_norm = scaled_norm / scale.reshape(()) if self.scaler.enabled else scaled_norm
         else:
+            found_inf = torch.zeros((1,), dtype=torch.float32, device=scale.device)
             grad_norm = torch.zeros((), device=self.dist.device)
+        # fused AdamW divides each gradient by grad_scale as it reads it: unscale, and clipping's coefficient.
+        grad_scale = scale.reshape(()) if self.scaler.enabled else None
         if self.grad_clip_norm is not None and grads:
             # Same rule as torch.nn.utils.clip_grad_norm_, without its host sync.
             coef = torch.clamp(self.grad_clip_norm / (grad_norm + 1e-6), max=1.0)
-            torch._foreach_mul_(grads, coef)
+            grad_scale = coef.reciprocal() if grad_scale is None else grad_scale / coef
         # Read by fused AdamW (0-d): skip the update, and undo the step count, if nonzero.
         local = self.local_optimizer
         local.found_inf = found_inf.reshape(())
-        local.grad_scale = None  # already unscaled above
+        local.grad_scale = grad_scale
         self.optimizer.step()
+        if self.master_params:  # the updated masters into the half weights (skipped steps copy the old values)
+            torch._foreach_copy_(self.params, self.master_params)
         self.scaler.update(found_inf)
         return (found_inf == 0).reshape(()), grad_norm
 
@@ -148,8 +180,11 @@ class TorchDataParallel(DataParallelModel):
                 if torch.is_tensor(group["lr"]):
                     group["lr"] = float(group["lr"])  # host sync: checkpoints sync anyway
                 group["capturable"] = False
-        return {"backend": BACKEND, "world_size": self.dist.world_size, "sharded": self.sharded,
-                "optimizer": optimizer_state, "loss_scaler": self.scaler.state_dict()}
+        state = {"backend": BACKEND, "world_size": self.dist.world_size, "sharded": self.sharded,
+                 "optimizer": optimizer_state, "loss_scaler": self.scaler.state_dict()}
+        if self.master_params:  # the model's weights are their half-precision rounding: the masters are the state
+            state["master_params"] = [m.detach().cpu().clone() for m in self.master_params]
+        return state
 
     def load_state_dict(self, state: dict[str, Any], *, reshard: bool = False) -> None:
         """Load rank 0's state_dict(); ZeRO keeps this rank's shard of it.
@@ -164,6 +199,26 @@ class TorchDataParallel(DataParallelModel):
         if bool(state.get("sharded")) != self.sharded and not reshard:
             raise ValueError("the optimizer state was saved with another parallel.distributed_optimizer setting; "
                              "resume with the same value.")
+        if bool(self.master_params) != ("master_params" in state):
+            raise ValueError("the optimizer state was saved with another parallel.half_weights setting; resume with "
+                             "the same value.")
         self.optimizer.load_state_dict(state["optimizer"])
         place_step_counters(self.local_optimizer)  # ZeRO's load leaves them on the CPU
         self.scaler.load_state_dict(state["loss_scaler"])
+        if self.master_params:
+            with torch.no_grad():
+                torch._foreach_copy_(self.master_params, [m.to(self.dist.device) for m in state["master_params"]])
+                torch._foreach_copy_(self.params, self.master_params)
+
+
+def _half_weights_with_masters(params: list[nn.Parameter], precision: str) -> list[torch.Tensor]:
+    """Cast `params` in place to fp16/bf16 (same memory format) and return their fp32 copies (the masters)."""
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in dtypes:
+        raise ValueError(f"parallel.half_weights=true keeps the weights in training.precision, which is {precision!r}; "
+                         "set training.precision=fp16 or bf16, or parallel.half_weights=false.")
+    masters = []
+    for p in params:
+        masters.append(p.detach().clone().requires_grad_(True))  # clone keeps the (channels-last) strides
+        p.data = p.data.to(dtypes[precision])
+    return masters

@@ -10,13 +10,19 @@
   tensors of the real shapes and changes no weight, optimizer/scaler state or RNG position. On a
   CPU the same object runs its eager twin (same warmup, same math), warned once.
 
+With `model.unet.compile` the compilation happens in `warm_up()` too, before `run_start` (the rules
+allow untimed initialisation): the graphed step's warmup steps compile; the eager step runs
+`COMPILE_WARMUP_PASSES` forward/backward passes on the synthetic tensors and drops their gradients
+(no optimizer step, so no weight moves; the generator's position is restored). Its seconds are logged.
+
 Both share `DiffusionLoss` and `step_metrics`, so the two paths cannot drift apart.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,6 +40,8 @@ GRAPH_WARMUP_STEPS = 3
 """Eager steps before capture: cuDNN autotuning and lazy allocations (Adam moments) happen there."""
 GRAPH_WARMUP_STEPS_DDP = 11
 """torch DDP needs at least 11 eager iterations before a full-backward capture (PyTorch CUDA graph notes)."""
+COMPILE_WARMUP_PASSES = 2
+"""Eager step with model.unet.compile: the first pass compiles forward and backward, the second shows no recompile."""
 
 
 class TrainStep(Protocol):
@@ -102,8 +110,27 @@ class EagerTrainStep(_StepParts):
 
     graphed = False
 
+    def __init__(self, *, compile_inputs: dict[str, torch.Tensor] | None = None, **parts: Any) -> None:
+        super().__init__(**parts)
+        self.compile_inputs = compile_inputs
+        """Synthetic z0/context for the compile warmup (model.unet.compile), or None: nothing to prepare."""
+
     def warm_up(self) -> None:
-        """Nothing to prepare: the first training step is the first step."""
+        """With a compiled UNet: compile on the synthetic inputs (forward + backward, no optimizer step)."""
+        if self.compile_inputs is None:
+            return
+        generator = self.loss_fn.generator
+        position = generator.get_state()
+        with _timed(f"compile warmup ({COMPILE_WARMUP_PASSES} forward/backward passes on synthetic tensors)"):
+            for _ in range(COMPILE_WARMUP_PASSES):
+                self.dp.zero_grad()
+                loss = self.loss_fn(self.compile_inputs["z0"], self.compile_inputs["context"])
+                self.dp.backward(loss)
+                self.dp.finish_grad_sync()  # collectives run as in a real step; the gradients are dropped
+            self.dp.zero_grad()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # host sync: before run_start, so compile time is not timed
+        generator.set_state(position)
 
     def forward_backward(self, batch: dict) -> torch.Tensor:
         """One micro-batch: conditioner (fresh latent draw), loss, backward; returns the detached loss."""
@@ -131,9 +158,10 @@ class GraphedTrainStep(_StepParts):
 
     def __init__(self, *, loss_fn: DiffusionLoss, conditioner: Callable[..., Any], lr_schedule: LRSchedule,
                  device: torch.device, loss_scaling: bool, example_inputs: dict[str, torch.Tensor],
-                 cuda_graph: bool, warmup_steps: int) -> None:
+                 cuda_graph: bool, warmup_steps: int, compiled: bool = False) -> None:
         super().__init__(loss_fn=loss_fn, conditioner=conditioner, lr_schedule=lr_schedule, device=device,
                          loss_scaling=loss_scaling)
+        self.compiled = compiled
         self.example_inputs = example_inputs
         self.cuda_graph = cuda_graph
         self.warmup_steps = warmup_steps
@@ -165,10 +193,14 @@ class GraphedTrainStep(_StepParts):
             make_capturable(self.dp.optimizer)  # with ZeRO: its param_groups and its local AdamW's
         optimizer = self.dp.local_optimizer  # the AdamW whose state this rank's step mutates
         self.lr.fill_(self.lr_schedule.lr_at(0))  # warmup steps run at a real lr; their updates are undone
-        self.runner = build_step_runner(self.step_fn, self.example_inputs, model=self.dp.unwrapped,
-                                        optimizer=optimizer, cuda_graph=self.cuda_graph,
-                                        warmup_steps=self.warmup_steps, extra_tensors=tensor_attributes(self.dp.scaler),
-                                        generators=[self.loss_fn.generator])
+        what = "compile + " if self.compiled else ""
+        with _timed(f"step warmup ({what}{self.warmup_steps} steps on synthetic tensors, then capture)"):
+            self.runner = build_step_runner(self.step_fn, self.example_inputs, model=self.dp.unwrapped,
+                                            optimizer=optimizer, cuda_graph=self.cuda_graph,
+                                            warmup_steps=self.warmup_steps,
+                                            extra_tensors=[*tensor_attributes(self.dp.scaler),
+                                                           *getattr(self.dp, "master_params", [])],
+                                            generators=[self.loss_fn.generator])
 
     def __call__(self, micro_batches: Sequence[dict], step: int) -> dict[str, torch.Tensor]:
         """Step `step`: lr into its tensor, conditioner, then one replay (or eager call) on static inputs."""
@@ -227,7 +259,19 @@ def build_train_step(cfg: Config, dp: DataParallelModel, *, conditioner: Callabl
                             autocast=lambda: autocast(precision, device))
     common = {"loss_fn": loss_fn, "conditioner": conditioner, "lr_schedule": lr_schedule, "device": device,
               "loss_scaling": uses_loss_scaling(precision)}
+    compiled = cfg.model.unet.compile
     if not cfg.training.cuda_graph:
-        return EagerTrainStep(**common)
+        return EagerTrainStep(**common, compile_inputs=synthetic_step_inputs(cfg, device) if compiled else None)
     return GraphedTrainStep(**common, example_inputs=synthetic_step_inputs(cfg, device), cuda_graph=True,
-                            warmup_steps=GRAPH_WARMUP_STEPS_DDP if world_size(cfg) > 1 else GRAPH_WARMUP_STEPS)
+                            warmup_steps=GRAPH_WARMUP_STEPS_DDP if world_size(cfg) > 1 else GRAPH_WARMUP_STEPS,
+                            compiled=compiled)
+
+
+@contextlib.contextmanager
+def _timed(what: str) -> Iterator[None]:
+    """Log the seconds `what` took (the untimed initialisation before run_start)."""
+    from sd_mlperf.utils.logging import logger
+
+    start = time.perf_counter()
+    yield
+    logger.info("%s took %.1f s (before run_start)", what, time.perf_counter() - start)

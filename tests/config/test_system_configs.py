@@ -25,7 +25,10 @@ EXPECTED = {
     "32x08x08": (2048, 2.56e-4, 250),
     "02x08x08": (128, 1.6e-5, 4000),  # the seed's example system
     "01x08x32": (256, 3.2e-5, 2000),  # NVIDIA-style H100 node
+    "01x08x64": (512, 512 * 2.3e-7, 1000),  # NVIDIA v5.0 H100/H200 node: the RCP's lr for GBS 512
 }
+RCP_LR_PER_SAMPLE = {512: 2.3e-7}
+"""Overlays that take the v5.0 RCP's per-sample lr for their global batch instead of the reference's 1.25e-7."""
 
 
 def test_every_expected_system_config_exists_and_nothing_else():
@@ -49,7 +52,8 @@ def test_file_name_is_nodes_x_gpus_x_batch(name):
     raw = yaml.safe_load((SYSTEM_DIR / f"{name}.yaml").read_text())
     assert (raw["parallel"]["num_nodes"], raw["parallel"]["gpus_per_node"]) == (nodes, gpus)
     assert raw["training"]["micro_batch_size"] == batch
-    assert raw["optim"]["base_lr_per_sample"] == 1.25e-7
+    gbs = EXPECTED[name][0]
+    assert raw["optim"]["base_lr_per_sample"] in (1.25e-7, RCP_LR_PER_SAMPLE.get(gbs))
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -58,7 +62,7 @@ def test_header_comment_states_the_resolved_numbers(name):
     gbs, lr, steps = EXPECTED[name]
     text = (SYSTEM_DIR / f"{name}.yaml").read_text()
     assert f"= {gbs}." in text and f"= {steps} steps" in text
-    stated_lr = float(re.search(r"Learning rate = 1\.25e-7 x \d+ = ([0-9.e-]+)\.", text).group(1))
+    stated_lr = float(re.search(r"Learning rate = [0-9.e-]+ x \d+ = ([0-9.e-]+)[.,]", text).group(1))
     assert math.isclose(stated_lr, lr, rel_tol=1e-12)
 
 

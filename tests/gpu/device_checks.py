@@ -10,7 +10,10 @@ Checks, most valuable first (each a row: check, status ok/FAIL/skipped, measured
   names), then its forward output and all parameter gradients of a small UNet with real channel counts
   (128/256, so apex's kernel list covers them) on the device are compared with the reference twin's
   (CPU, fp32, math attention, torch GroupNorm, NCHW).
-- step_no_host_sync: one eager training step under torch.cuda.set_sync_debug_mode("error").
+- step_no_host_sync: one eager training step under torch.cuda.set_sync_debug_mode("error"), with fp32 weights
+  and with parallel.half_weights (fp16 weights, fp32 masters; the folded AdamW step either way).
+- compile_one_graph: torch._dynamo.explain of the UNet with the auto backends (apex's GroupNorm through a custom
+  op where installed): no graph break.
 - cuda_graph_*: the trainer's step as the bench builds it (fp16, loss scaling, fused AdamW):
   GraphedTrainStep's warmup + capture change no weights, and 3 replayed steps match 3 EagerTrainStep steps.
 
@@ -139,10 +142,10 @@ def check_unet(base: UNetConfig, batch: dict, device: torch.device, variants: li
     return rows
 
 
-def check_no_host_sync(cfg, device: torch.device) -> dict:
+def check_no_host_sync(cfg, device: torch.device, name: str = "step_no_host_sync") -> dict:
     """One eager training step with CUDA's sync debug mode raising on any host sync."""
     if device.type != "cuda":
-        return _row("step_no_host_sync", "skipped", detail="needs CUDA")
+        return _row(name, "skipped", detail="needs CUDA")
     batch = synthetic_batch(cfg, device)
     _, _, runner = build_runner(cfg, device, batch, warmup_steps=1)
     torch.cuda.synchronize()
@@ -151,7 +154,26 @@ def check_no_host_sync(cfg, device: torch.device) -> dict:
         runner(batch)  # a host sync raises RuntimeError here: run_check makes it a FAIL with the traceback
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    return _row("step_no_host_sync", "ok", detail="eager step ran with set_sync_debug_mode('error')")
+    return _row(name, "ok", detail="eager step ran with set_sync_debug_mode('error')")
+
+
+def check_one_graph(cfg, device: torch.device) -> dict:
+    """dynamo traces the UNet (auto backends, channels-last) forward without a graph break."""
+    u = dataclasses.replace(cfg.model.unet, attention_backend="auto", norm_backend="auto", channels_last=True)
+    with torch.device(device):
+        unet = build_unet(u, compute_precisions={"training.precision": cfg.training.precision})
+    batch = synthetic_batch(cfg, device)
+    t = torch.zeros(batch["z0"].shape[0], dtype=torch.long, device=device)
+    torch._dynamo.reset()
+    with autocast(cfg.training.precision, device):
+        explanation = torch._dynamo.explain(unet)(batch["z0"], t, batch["context"])
+    torch._dynamo.reset()
+    chosen = ", ".join(f"{r.role}={r.name}" for r in unet.backend_resolutions)
+    breaks = explanation.graph_break_count
+    detail = f"{explanation.graph_count} graph(s), {breaks} break(s) ({chosen})"
+    if breaks:
+        detail += ": " + "; ".join(str(b.reason)[:80] for b in explanation.break_reasons[:3])
+    return _row("compile_one_graph", "ok" if breaks == 0 else "FAIL", breaks, 0, detail)
 
 
 def check_cuda_graph(cfg, device: torch.device) -> list[dict]:
@@ -216,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     checks = [  # most valuable first: the fast paths' numerics, then the training step, then its CUDA graph
         ("unet", lambda: check_unet(cfg.model.unet, batch, device, variants)),
         ("step_no_host_sync", lambda: check_no_host_sync(cfg, device)),
+        ("step_no_host_sync[half weights]", lambda: check_no_host_sync(
+            dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, half_weights=True)), device,
+            "step_no_host_sync[half weights]")),
+        ("compile_one_graph", lambda: check_one_graph(cfg, device)),
         ("cuda_graph", lambda: check_cuda_graph(cfg, device)),
     ]
     t0 = time.perf_counter()

@@ -57,14 +57,16 @@ def test_cpu_dry_run_passes_and_summarizes(tmp_path):
     assert not [name for name, c in checks.items() if c["status"] == "FAIL"]
     assert checks["unet[fp32 sdpa nchw]"]["status"] == "ok" and checks["cuda_graph_matches_eager"]["status"] == "ok"
     skipped = {name: c["detail"] for name, c in checks.items() if c["status"] == "skipped"}
-    assert set(skipped) == {"unet[bf16 te nhwc]", "unet[bf16 apex nhwc]", "step_no_host_sync"}
+    assert set(skipped) == {"unet[bf16 te nhwc]", "unet[bf16 apex nhwc]", "step_no_host_sync",
+                            "step_no_host_sync[half weights]"}
+    assert checks["compile_one_graph"]["status"] == "ok"
     assert "cannot run here" in skipped["unet[bf16 te nhwc]"] and "cannot run here" in skipped["unet[bf16 apex nhwc]"]
     rows = {r["variant"]: r for r in json.loads((out / "bench_train.json").read_text())}
     assert rows["eager nchw"]["status"] == "ok" and rows["eager nchw"]["images_per_s"] > 0
     assert rows["graph nhwc"]["status"].startswith("skipped: training.cuda_graph=true needs a CUDA device")
 
     summary = proc.stdout[proc.stdout.index("==== sd_mlperf device check summary ===="):]
-    assert "fast-path checks: 5 ok, 0 FAIL, 3 skipped" in summary and "| eager nchw |" in summary
+    assert "fast-path checks: 6 ok, 0 FAIL, 4 skipped" in summary and "| eager nchw |" in summary
     assert summary.splitlines()[-1] == "device checks: 5 passed, 0 failed, 1 skipped, 0 timed out"
     with tarfile.open(archive) as tar:
         names = {Path(n).name for n in tar.getnames()}

@@ -41,8 +41,11 @@ def test_benchmark_config_resolves_to_every_fast_path(ngc_machine, capsys, syste
     configs = ["--config", str(BASE)] + (["--config", str(system)] if system else [])
     rc, rows = _report(capsys, "--fast", *configs)
     assert rc == 0, rows
-    assert {role: r["chosen"] for role, r in rows.items()} == {"attention": "te", "norm": "apex",
-                                                               "parallel": "torch", "step": "graph"}
+    # Compiled: sdpa (cuDNN attention, traced into the graph) rather than te, which would break the graph.
+    assert {role: r["chosen"] for role, r in rows.items()} == {"attention": "sdpa", "norm": "apex",
+                                                               "parallel": "torch", "step": "graph",
+                                                               "compile": "inductor"}
+    assert "compile" in rows["attention"]["why"]
     assert "decode" not in rows  # cached latents: no image is decoded in training
 
 
@@ -54,6 +57,14 @@ def test_fast_fails_when_the_config_rules_a_fast_path_out(ngc_machine, capsys, o
     rc, rows = _report(capsys, "--fast", "--config", str(BASE), override)
     assert rc == 1 and rows[role]["status"] == "error"
     assert "fell back to a slower twin" in rows[role]["why"] and reason in rows[role]["why"]
+
+
+def test_fast_fails_on_cuda_when_compile_is_off(ngc_machine, capsys):
+    rc, rows = _report(capsys, "--fast", "--config", str(BASE), "model.unet.compile=false")
+    assert rc == 1 and rows["compile"]["status"] == "error" and "model.unet.compile=true" in rows["compile"]["why"]
+    assert rows["attention"]["chosen"] == "te"  # eager: TE's fused attention is the fast path again
+    rc, rows = _report(capsys, "--config", str(BASE), "model.unet.compile=false")  # without --fast: reported only
+    assert rc == 0 and rows["compile"]["status"] == "ok"
 
 
 def test_fast_fails_without_cuda_for_the_graph_and_the_libraries(capsys):
