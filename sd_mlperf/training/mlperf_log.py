@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sd_mlperf.config.load import peak_learning_rate
 from sd_mlperf.config.schema import Config
 
 # Reference dataset sizes (REFERENCE.md, "Data" and "Evaluation").
@@ -121,9 +122,9 @@ class MLPerfLogger:
         self.event("opt_adamw_beta_2", o.beta2)
         self.event("opt_adamw_epsilon", o.eps)
         self.event("opt_adamw_weight_decay", o.weight_decay)
-        # The per-sample base (lr = base x global batch), as the reference's base_learning_rate and the RCP files
-        # (rcps_stable_diffusion.json: 1.25e-7 at GBS 1024 and 2048) record it; not the peak lr.
-        self.event("opt_base_learning_rate", o.base_lr_per_sample)
+        # The lr after warmup (base per sample x global batch, e.g. 7.168e-05 = 2.8e-7 x 256), as the reference logs
+        # it and every v5.0 submission does; the RCP files record the per-sample base (sd_mlperf.config.rcp).
+        self.event("opt_base_learning_rate", peak_learning_rate(o, global_batch_size))
         self.event("opt_learning_rate_warmup_steps", o.warmup_steps)
 
     def run_start(self, samples_count: int = 0) -> None:
