@@ -44,6 +44,11 @@ def training_log_path(cfg: Config, run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / (cfg.logging.mlperf_log_file if cfg.eval.inline else TRAINING_LOG_FILE)
 
 
+def _counts(samples_count: int, step: int | None) -> dict[str, int]:
+    """samples_count, and step_num when the step is known (as the v5.0 results log their run_stop)."""
+    return {"samples_count": samples_count, **({"step_num": step} if step is not None else {})}
+
+
 class MLPerfLogger:
     """Writes MLPerf events with `mlperf_logging.mllog` to one file; a disabled logger (ranks > 0) writes nothing."""
 
@@ -140,28 +145,30 @@ class MLPerfLogger:
         """End of a training block."""
         self.end("block_stop", metadata={"samples_count": samples_count})
 
-    def eval_start(self, samples_count: int, time_ms: int | None = None) -> None:
-        """Start of an evaluation."""
-        self.start("eval_start", metadata={"samples_count": samples_count}, time_ms=time_ms)
+    def eval_start(self, samples_count: int, time_ms: int | None = None, *, step: int | None = None) -> None:
+        """Start of an evaluation (`step`: the evaluated checkpoint's step, logged as step_num)."""
+        self.start("eval_start", metadata=_counts(samples_count, step), time_ms=time_ms)
 
-    def eval_result(self, samples_count: int, fid: float, clip: float, time_ms: int | None = None) -> None:
+    def eval_result(self, samples_count: int, fid: float, clip: float, time_ms: int | None = None, *,
+                    step: int | None = None) -> None:
         """One eval_accuracy line per metric (the checker aggregates them by samples_count)."""
-        self.event("eval_accuracy", float(fid), metadata={"samples_count": samples_count, "metric": "FID"},
+        self.event("eval_accuracy", float(fid), metadata={**_counts(samples_count, step), "metric": "FID"},
                    time_ms=time_ms)
-        self.event("eval_accuracy", float(clip), metadata={"samples_count": samples_count, "metric": "CLIP"},
+        self.event("eval_accuracy", float(clip), metadata={**_counts(samples_count, step), "metric": "CLIP"},
                    time_ms=time_ms)
 
-    def eval_stop(self, samples_count: int, time_ms: int | None = None) -> None:
+    def eval_stop(self, samples_count: int, time_ms: int | None = None, *, step: int | None = None) -> None:
         """End of an evaluation."""
-        self.end("eval_stop", metadata={"samples_count": samples_count}, time_ms=time_ms)
+        self.end("eval_stop", metadata=_counts(samples_count, step), time_ms=time_ms)
 
-    def run_stop(self, samples_count: int, *, success: bool, time_ms: int | None = None) -> None:
+    def run_stop(self, samples_count: int, *, success: bool, time_ms: int | None = None,
+                 step: int | None = None) -> None:
         """End of the run, once: status success (target reached) or aborted."""
         if self._run_stopped:
             return
         self._run_stopped = True
-        self.end("run_stop", metadata={"samples_count": samples_count, "status": "success" if success else "aborted"},
-                 time_ms=time_ms)
+        self.end("run_stop", metadata={"status": "success" if success else "aborted",
+                                       **_counts(samples_count, step)}, time_ms=time_ms)
 
     def close(self) -> None:
         """Flush and close the file."""

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 OFFLINE_EVAL_DIR = "eval_offline"
 SCORES_FILE = f"{OFFLINE_EVAL_DIR}/scores.jsonl"
 Strategy = Literal["all", "last_two", "watch"]
+EvalScores = tuple[float, float] | tuple[float, float, dict[str, float]]
+"""What an evaluation of a checkpoint gives: FID, CLIP and, for synthetic runs, the toy metrics."""
 
 
 def offline_eval_dir(run_dir: str | os.PathLike) -> Path:
@@ -68,6 +70,13 @@ def read_score_records(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
         return []
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     return [json.loads(line) for line in lines if line.endswith("\n") and line.strip()]
+
+
+def score_of_record(record: dict[str, Any]) -> Score:
+    """The Score a scores.jsonl record holds (records of older versions lack the toy metrics and eval times)."""
+    return Score(int(record["step"]), int(record["samples_count"]), int(record["collected_ms"]), float(record["fid"]),
+                 float(record["clip"]), dict(record.get("extra") or {}), record.get("eval_start_ms"),
+                 record.get("eval_stop_ms"))
 
 
 def check_num_prompts(num_prompts: int | None) -> None:
@@ -153,12 +162,12 @@ class CheckpointScorer:
         return self.score(checkpoint.state, source=str(checkpoint.path), samples_count=checkpoint.samples_count or 0,
                           step=checkpoint.step, out_dir=out_dir)
 
-    def collected_scorer(self, run_dir: str | os.PathLike) -> Callable[[dict[str, Any]], tuple[float, float]]:
-        """`RunEvaluation`'s `evaluate`: (FID, CLIP) of a collected checkpoint's payload."""
-        def evaluate(payload: dict[str, Any]) -> tuple[float, float]:
+    def collected_scorer(self, run_dir: str | os.PathLike) -> Callable[[dict[str, Any]], EvalScores]:
+        """`RunEvaluation`'s `evaluate`: (FID, CLIP, toy metrics) of a collected checkpoint's payload."""
+        def evaluate(payload: dict[str, Any]) -> EvalScores:
             result = self.score(payload["unet"], source=f"{run_dir} step {payload['step']}",
                                 samples_count=int(payload["samples_count"]), step=int(payload["step"]))
-            return result.fid, result.clip
+            return result.fid, result.clip, dict(result.extra)
 
         return evaluate
 
@@ -244,10 +253,11 @@ class RunOutcome:
 class RunEvaluation:
     """Scores one run's collected checkpoints with an evaluator (the same on every rank)."""
 
-    def __init__(self, run_dir: str | Path, *, evaluate: Callable[[dict[str, Any]], tuple[float, float]],
+    def __init__(self, run_dir: str | Path, *, evaluate: Callable[[dict[str, Any]], EvalScores],
                  num_prompts: int, noise_seed: int, target_fid: float, target_clip: float, is_main: bool,
-                 final_num_prompts: int) -> None:
-        """`evaluate(payload)` scores a loaded eval checkpoint and returns (FID, CLIP) on every rank.
+                 final_num_prompts: int, target_toy: dict[str, float] | None = None) -> None:
+        """`evaluate(payload)` scores a loaded eval checkpoint and returns (FID, CLIP[, toy metrics]) on every rank;
+        `target_toy` is training.target_toy (the toy metrics the target also needs).
 
         Scores of `final_num_prompts` prompts (the run config's eval.num_prompts) are the only ones the final
         log takes; a quick look with fewer prompts is kept apart.
@@ -256,6 +266,7 @@ class RunEvaluation:
         self._evaluate = evaluate
         self.key = {"num_prompts": num_prompts, "noise_seed": noise_seed}
         self.target_fid, self.target_clip = target_fid, target_clip
+        self.target_toy = dict(target_toy or {})
         self.is_main = is_main
         self.final = num_prompts == final_num_prompts
         self.scores: dict[int, Score] = self._read_scores()
@@ -267,8 +278,8 @@ class RunEvaluation:
 
     def _read_scores(self) -> dict[int, Score]:
         def read() -> dict[int, Score]:  # this evaluation's scores (same prompts and noise seed), by step
-            return {r["step"]: Score(r["step"], r["samples_count"], r["collected_ms"], r["fid"], r["clip"])
-                    for r in read_score_records(self.run_dir) if {k: r.get(k) for k in self.key} == self.key}
+            return {r["step"]: score_of_record(r) for r in read_score_records(self.run_dir)
+                    if {k: r.get(k) for k in self.key} == self.key}
 
         return main_rank_result(read, is_main=self.is_main)
 
@@ -280,12 +291,17 @@ class RunEvaluation:
             return self.scores[step]
         path = self.run_dir / EVAL_CHECKPOINT_DIR / record["file"]
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        fid, clip = self._evaluate(payload)
-        score = Score(step, int(record["samples_count"]), int(record["collected_ms"]), float(fid), float(clip))
+        start_ms = int(time.time() * 1e3)  # the final log stamps the evaluation with its real times
+        fid, clip, *extra = self._evaluate(payload)
+        score = Score(step, int(record["samples_count"]), int(record["collected_ms"]), float(fid), float(clip),
+                      {k: float(v) for k, v in (extra[0] if extra else {}).items()}, start_ms,
+                      int(time.time() * 1e3))
         self.scores[step] = score
         if self.is_main:
             line = json.dumps({"step": step, "samples_count": score.samples_count, "collected_ms": score.collected_ms,
-                               "fid": score.fid, "clip": score.clip, "file": str(path), **self.key})
+                               "fid": score.fid, "clip": score.clip, "extra": score.extra,
+                               "eval_start_ms": score.eval_start_ms, "eval_stop_ms": score.eval_stop_ms,
+                               "file": str(path), **self.key})
             path_scores = self.run_dir / SCORES_FILE
             path_scores.parent.mkdir(parents=True, exist_ok=True)
             with open(path_scores, "a", encoding="utf-8") as f:
@@ -299,7 +315,7 @@ class RunEvaluation:
 
     def passes(self, score: Score) -> bool:
         """Whether a score reaches the run's quality target."""
-        return score.passes(self.target_fid, self.target_clip)
+        return score.passes(self.target_fid, self.target_clip, self.target_toy)
 
     def score_all(self, records: list[dict[str, Any]]) -> None:
         """Every checkpoint in order up to the first passing one."""
@@ -352,7 +368,7 @@ class RunEvaluation:
     # -- the result --------------------------------------------------------------------------------
     def first_passing(self) -> Score | None:
         """The first passing checkpoint among those scored."""
-        return first_passing(list(self.scores.values()), self.target_fid, self.target_clip)
+        return first_passing(list(self.scores.values()), self.target_fid, self.target_clip, self.target_toy)
 
     def write_final_log(self, path: str | Path) -> Path:
         """Write the run's final MLPerf log (rank 0 writes, atomically). Raises ValueError while it cannot be written.
@@ -371,7 +387,8 @@ class RunEvaluation:
                              "collected: it belongs to another run")
         training_end = (int(end["samples_count"]), int(end["time_ms"])) if end else None
         lines = compose_final_log(self.run_dir / TRAINING_LOG_FILE, list(self.scores.values()),
-                                  target_fid=self.target_fid, target_clip=self.target_clip, training_end=training_end)
+                                  target_fid=self.target_fid, target_clip=self.target_clip, training_end=training_end,
+                                  target_toy=self.target_toy)
         path = Path(path)
         if self.is_main:
             atomic_write_text(path, "\n".join(lines) + "\n")
@@ -396,4 +413,4 @@ def open_run_evaluation(run_dir: str | os.PathLike, cfg: Config, scorer: Checkpo
     return RunEvaluation(run_dir, evaluate=scorer.collected_scorer(run_dir),
                          num_prompts=num_prompts or cfg.eval.num_prompts, noise_seed=evaluation_seed(cfg),
                          target_fid=cfg.training.target_fid, target_clip=cfg.training.target_clip, is_main=is_main,
-                         final_num_prompts=cfg.eval.num_prompts)
+                         final_num_prompts=cfg.eval.num_prompts, target_toy=dict(cfg.training.target_toy))
