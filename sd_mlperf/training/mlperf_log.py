@@ -112,7 +112,7 @@ class MLPerfLogger:
         self.event("submission_division", cfg.run.division)
         self.event("submission_org", cfg.run.submission_org)
         self.event("submission_platform", cfg.run.submission_platform)
-        self.event("submission_status", "onprem")
+        self.event("submission_status", cfg.run.submission_status)
 
     def hyperparameters(self, cfg: Config, *, global_batch_size: int) -> None:
         """Dataset sizes, seed, batch and optimizer keys (exactly once each)."""

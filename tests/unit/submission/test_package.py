@@ -109,7 +109,7 @@ def test_system_description_fields_match_the_official_checker(tmp_path):
 
 def test_example_system_config_lists_every_field_as_a_placeholder(tmp_path):
     fields = yaml.safe_load(EXAMPLE_SYSTEM.read_text())
-    assert set(fields) == set(REQUIRED_FIELDS) - set(FROM_RUNS)
+    assert set(fields) == set(REQUIRED_FIELDS) - set(FROM_RUNS) - {"system_name"}  # default: submission_platform
     _, problems = system_description(fields, EXAMPLE_SYSTEM, org=ORG, system=SYSTEM, division="open",
                                      num_nodes=None, gpus_per_node=None)
     assert len(problems) == 1 and "placeholders" in problems[0] and "status" in problems[0]
@@ -158,16 +158,11 @@ def test_ten_open_runs_pass_every_checker_and_score_as_the_olympic_mean(runs, sy
     assert f"Score: {expected:.4f} min" in printed and "PASSED" in printed
 
 
-@pytest.mark.slow
-def test_a_seed_repeated_on_the_same_line_fails_the_seed_checker(runs, system_yaml, tmp_path, capsys, monkeypatch):
-    _without_subprocess_checkers(monkeypatch, package_checker=True, summarizer=True)  # open: neither checks seeds
+def test_a_repeated_seed_is_refused_naming_both_runs(runs, system_yaml, tmp_path):
     shutil.rmtree(runs[4])
-    write_run(runs[4], 1000, 12.0)  # run 0's seed, logged by the same source line
-    assert main(["package", *map(str, runs), "--out", str(tmp_path / "out"), "--system-config",
-                 str(system_yaml)]) == 1
-    printed = capsys.readouterr().out
-    assert re.search(r"seed checker\s+FAIL", printed)
-    assert "already logs the same seed on the same line" in printed
+    write_run(runs[4], 1000, 12.0)  # run 0's seed
+    message = _refused(runs, system_yaml, tmp_path / "out")
+    assert f"seed 1000 is logged by {runs[0]} and {runs[4]}" in message
 
 
 @pytest.mark.slow
@@ -178,6 +173,9 @@ def test_closed_division_path_needs_rcp_bypass_for_a_toy_batch(runs, system_yaml
     # follows the logs.
     for run in runs:
         _relabel_closed(run)
+    from sd_mlperf.submission import runs as runs_module
+
+    monkeypatch.setattr(runs_module, "closed_label_vs_config", lambda cfg: [])  # (refused otherwise, see below)
     out = tmp_path / "out"
     base = ["package", *map(str, runs), "--out", str(out), "--system-config", str(system_yaml)]
     assert main(base) == 1
@@ -206,7 +204,8 @@ def test_every_bad_run_is_named_with_its_fix_in_one_error(runs, system_yaml, tmp
     (runs[0] / "mlperf.log").unlink()
     _drop_keys(runs[1] / "mlperf.log", "run_stop")
     for i, kwargs in ((2, {"resumed_marker": True}), (3, {"start_samples": 40}),
-                      (4, {"success": False, "evals": [(250.0, 0.08), (120.0, 0.1)]})):
+                      (4, {"success": False, "evals": [(250.0, 0.08), (120.0, 0.1)]}),
+                      (6, {"success": False, "evals": [(250.0, 0.08), (120.0, 0.1)]})):
         shutil.rmtree(runs[i])
         write_run(runs[i], 2000 + i, 12.0, **kwargs)
     shutil.rmtree(runs[5])
@@ -218,7 +217,7 @@ def test_every_bad_run_is_named_with_its_fix_in_one_error(runs, system_yaml, tmp
     assert f"sd-mlperf evaluate --run-dir {runs[1]}" in message
     assert f"{runs[2]}: a resumed run (it logs sd_mlperf_resumed" in message
     assert f"{runs[3]}: a resumed run (its run_start is at samples_count 40)" in message
-    assert f"{runs[4]}: did not converge (run_stop status 'aborted')" in message
+    assert f"2 runs did not converge ({runs[4]}, {runs[6]}): olympic scoring drops one" in message
     assert re.search(rf"disagree on submission_platform .*: 'cpu_box' in .*; 'other_box' in {re.escape(str(runs[5]))}$",
                      message, flags=re.M)
 
@@ -265,11 +264,13 @@ def test_the_run_count_is_the_rules_unless_allowed(runs, system_yaml, tmp_path):
 
 def test_system_config_problems(runs, tmp_path):
     bad = write_system_config(tmp_path / "bad.json", cooling=None, framework=None, accelerators_per_node=8,
-                              system_name="another_box")
+                              submitter="another_org")
     message = _refused(runs, bad, tmp_path / "out")
     assert "lacks required field(s) cooling, framework" in message
     assert "accelerators_per_node is 8 but the runs trained with parallel.gpus_per_node=1" in message
-    assert "system_name is 'another_box' but the runs log 'cpu_box'" in message
+    assert "submitter is 'another_org' but the runs log 'testorg'" in message
+    cloud = write_system_config(tmp_path / "cloud.json", status="Available cloud")
+    assert "train with run.submission_status=cloud" in _refused(runs, cloud, tmp_path / "out")
     assert "placeholders" in _refused(runs, EXAMPLE_SYSTEM, tmp_path / "out")
 
 
