@@ -141,7 +141,8 @@ def package_runs(run_dirs: list[Path], out_dir: Path, system_config: Path, *, rc
     minutes = [r.minutes for r in plan.runs]
     fastest, slowest = olympic_dropped(minutes)  # the runs the score leaves out, marked in the report
     score = olympic_mean(minutes)
-    summary, status = run_result_summarizer(out_dir, plan.org, plan.system, out_dir / "result_summarizer.log")
+    summary, status = run_result_summarizer(out_dir, plan.org, str(plan.desc.get("system_name", plan.system)),
+                                            out_dir / "result_summarizer.log")
     verdicts.append(_summarizer_verdict(summary, status, score, out_dir / "result_summarizer.log"))
     report = PackageReport(
         package_dir=str(package_dir), division=plan.division, org=plan.org, system=plan.system,
