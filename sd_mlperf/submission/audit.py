@@ -77,29 +77,36 @@ def closed_label_vs_config(cfg: DictConfig) -> list[str]:
     return [f"config.yaml breaks the closed division: {line}" for line in closed_division_violations(cfg)]
 
 
-def final_scores(run_dir: Path, cfg: DictConfig) -> dict[int, Score] | None:
-    """samples_count -> the run's scores of the final prompt count (None: no scores.jsonl, evaluated inline)."""
+def recorded_scores(run_dir: Path) -> dict[int, list[Score]] | None:
+    """samples_count -> every score the evaluator recorded for that checkpoint (any prompt count); None without a
+    scores.jsonl (a run evaluated inline)."""
     if not (run_dir / SCORES_FILE).is_file():
         return None
-    num_prompts = int(cfg.eval.num_prompts)
-    return {s.samples_count: s for s in map(score_of_record, (r for r in read_score_records(run_dir)
-                                                               if r.get("num_prompts") == num_prompts))}
+    out: dict[int, list[Score]] = defaultdict(list)
+    for score in map(score_of_record, read_score_records(run_dir)):
+        out[score.samples_count].append(score)
+    return dict(out)
 
 
-def evals_vs_scores(evals: dict[int, dict[str, float]], scores: dict[int, Score]) -> list[str]:
-    """Each eval_accuracy of the log against the score the evaluator recorded for that checkpoint."""
+def logged_score(metrics: dict[str, float], recorded: list[Score]) -> Score | None:
+    """The recorded score whose FID and CLIP the log's evaluation shows, or None."""
+    return next((s for s in recorded if _same(metrics.get("FID"), s.fid) and _same(metrics.get("CLIP"), s.clip)),
+                None)
+
+
+def evals_vs_scores(evals: dict[int, dict[str, float]], scores: dict[int, list[Score]]) -> list[str]:
+    """Each eval_accuracy of the log against the scores the evaluator recorded for that checkpoint."""
     problems = []
     for count, metrics in sorted(evals.items()):
-        score = scores.get(count)
-        if score is None:
+        recorded = scores.get(count)
+        if not recorded:
             problems.append(f"mlperf.log has an evaluation at samples_count {count} that {SCORES_FILE} never "
                             "recorded: an edited log")
-            continue
-        for metric, value in sorted(metrics.items()):
-            recorded = {"FID": score.fid, "CLIP": score.clip}.get(metric)
-            if recorded is not None and not _same(value, recorded):
-                problems.append(f"mlperf.log's {metric} at samples_count {count} is {value!r} but {SCORES_FILE} "
-                                f"recorded {recorded!r}: an edited log")
+        elif logged_score(metrics, recorded) is None:
+            shown = ", ".join(f"FID {s.fid!r} CLIP {s.clip!r}" for s in recorded)
+            logged = ", ".join(f"{m} {v!r}" for m, v in sorted(metrics.items()))
+            problems.append(f"mlperf.log's evaluation at samples_count {count} ({logged}) is none that "
+                            f"{SCORES_FILE} recorded ({shown}): an edited log")
     return problems
 
 

@@ -21,7 +21,8 @@ from sd_mlperf.submission.audit import (
     closed_label_vs_config,
     cross_run_problems,
     evals_vs_scores,
-    final_scores,
+    logged_score,
+    recorded_scores,
     log_vs_config,
     run_stop_vs_collection,
 )
@@ -160,12 +161,13 @@ def _read_log(lines: list, record: RunRecord) -> list[str]:
     # The run's own target (the closed division fixes it to the rules' FID <= 90, CLIP >= 0.15); the toy metrics
     # of synthetic runs are in the evaluator's records only.
     target_toy = dict(tr.get("target_toy") or {})
-    scores = final_scores(record.run_dir, cfg)
+    scores = recorded_scores(record.run_dir)
     target = f"FID <= {tr.target_fid} and CLIP >= {tr.target_clip}" + "".join(
         f" and {k} >= {v}" for k, v in target_toy.items())
 
     def passes(count: int, m: dict[str, float]) -> bool:
-        toy = scores[count].extra if scores is not None and count in scores else {}
+        score = logged_score(m, scores.get(count, [])) if scores is not None else None
+        toy = score.extra if score is not None else {}
         return (m.get("FID", math.inf) <= tr.target_fid and m.get("CLIP", -math.inf) >= tr.target_clip
                 and all(toy.get(k, -math.inf) >= v for k, v in target_toy.items()))
 
