@@ -21,9 +21,9 @@ from sd_mlperf.submission.audit import (
     closed_label_vs_config,
     cross_run_problems,
     evals_vs_scores,
+    log_vs_config,
     logged_score,
     recorded_scores,
-    log_vs_config,
     run_stop_vs_collection,
 )
 from sd_mlperf.submission.checkers import BENCHMARK, RULESET, compliance_problems
