@@ -315,3 +315,15 @@ def test_a_failed_write_leaves_the_old_package_and_no_partial_one(runs, system_y
     with pytest.raises(OSError, match="disk full"):
         package_runs(runs, out, system_yaml, force=True)
     assert sorted(p.name for p in out.iterdir()) == [ORG] and (out / ORG / "old.txt").exists()
+
+
+def test_the_cpu_rehearsal_system_config_is_accepted_by_us_and_the_official_checker(tmp_path):
+    from mlperf_logging.system_desc_checker.system_desc_checker import check_system_desc
+
+    path = EXAMPLE_SYSTEM.with_name("cpu_rehearsal.yaml")
+    fields = yaml.safe_load(path.read_text())
+    desc, problems = system_description(fields, path, org="cpu_rehearsal", system="cpu_box", division="open",
+                                        num_nodes=1, gpus_per_node=1, submission_status="research")
+    assert problems == [] and isinstance(desc["other_software_stack"], dict)
+    (tmp_path / "cpu_box.json").write_text(json.dumps(desc))
+    assert check_system_desc(str(tmp_path / "cpu_box.json"), "training", "5.0.0")[0]
