@@ -155,7 +155,9 @@ def test_ten_open_runs_pass_every_checker_and_score_as_the_olympic_mean(runs, sy
     assert [r["dropped"] for r in summary["runs"]].count("fastest") == 1
     assert [r["seed"] for r in summary["runs"]] == list(range(1000, 1010))
     assert all(r["samples_to_target"] == 80 for r in summary["runs"])  # the second evaluation reaches the target
-    assert f"Score: {expected:.4f} min" in printed and "PASSED" in printed
+    # The official summarizer's score is the headline; the raw olympic mean and the scaling factor beside it.
+    assert f"Score: {expected:.4f} min (the official result summarizer: raw olympic mean {expected:.4f} min" in printed
+    assert "x RCP scaling factor 1.0000" in printed and "PASSED" in printed
 
 
 def test_a_repeated_seed_is_refused_naming_both_runs(runs, system_yaml, tmp_path):
@@ -327,3 +329,24 @@ def test_the_cpu_rehearsal_system_config_is_accepted_by_us_and_the_official_chec
     assert problems == [] and isinstance(desc["other_software_stack"], dict)
     (tmp_path / "cpu_box.json").write_text(json.dumps(desc))
     assert check_system_desc(str(tmp_path / "cpu_box.json"), "training", "5.0.0")[0]
+
+
+def test_one_non_converged_run_is_packaged_with_a_warning(runs, system_yaml, tmp_path, capsys, monkeypatch):
+    _without_subprocess_checkers(monkeypatch, package_checker=True, summarizer=True)
+    shutil.rmtree(runs[4])
+    write_run(runs[4], 2004, 30.0, success=False, evals=[(250.0, 0.08), (120.0, 0.1)])
+    assert main(["package", *map(str, runs), "--out", str(tmp_path / "out"), "--system-config",
+                 str(system_yaml)]) == 0
+    printed = capsys.readouterr().out
+    assert f"Warning: {runs[4]} did not converge (run_stop status 'aborted')" in printed
+    summary = json.loads((tmp_path / "out" / "package_summary.json").read_text())
+    assert summary["warnings"] and summary["runs"][4]["dropped"] == "slowest"
+
+
+def test_a_run_the_summarizer_drops_counts_as_the_slowest():
+    from sd_mlperf.submission.runs import RunRecord, olympic_mean
+
+    failed = RunRecord(Path("r"), run_start_ms=0, run_stop_ms=60_000, compliant=False)  # a non-converged closed run
+    assert failed.minutes == float("inf")
+    minutes = [failed.minutes, 2.0, 3.0, 4.0]
+    assert olympic_dropped(minutes) == (1, 0) and olympic_mean(minutes) == 3.5
