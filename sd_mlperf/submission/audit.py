@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from sd_mlperf.config.closed_division import UNET_EXECUTION_KEYS, closed_division_violations
 from sd_mlperf.training.eval_checkpoints import read_index
-from sd_mlperf.training.final_log import Score
-from sd_mlperf.training.offline_eval import SCORES_FILE, read_score_records, score_of_record
+from sd_mlperf.training.final_log import Score, score_of_record
+from sd_mlperf.training.offline_eval import SCORES_FILE, read_score_records
 
 # The config that makes two runs the same training (paths, run names and execution choices may differ).
 COMPARED_SECTIONS = ("optim", "diffusion", "model.unet", "model.vae", "model.text_encoder", "data.synthetic")

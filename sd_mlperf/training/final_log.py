@@ -58,6 +58,13 @@ class Score:
         return start, self.eval_stop_ms if self.eval_stop_ms is not None else start
 
 
+def score_of_record(record: dict[str, Any]) -> Score:
+    """The Score a scores.jsonl record holds (records of older versions lack the toy metrics and eval times)."""
+    return Score(int(record["step"]), int(record["samples_count"]), int(record["collected_ms"]), float(record["fid"]),
+                 float(record["clip"]), dict(record.get("extra") or {}), record.get("eval_start_ms"),
+                 record.get("eval_stop_ms"))
+
+
 def parse_mllog_line(line: str) -> dict[str, Any] | None:
     """The JSON record of a `:::MLLOG {...}` line, or None for any other line."""
     if MLLOG_TOKEN not in line:

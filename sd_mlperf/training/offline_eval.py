@@ -38,7 +38,7 @@ from sd_mlperf.config.schema import Config
 from sd_mlperf.eval.distributed import broadcast_object, main_rank_result
 from sd_mlperf.training.checkpoints import CheckpointWeights, checkpoint_run_dir, checkpoint_weights_file
 from sd_mlperf.training.eval_checkpoints import EVAL_CHECKPOINT_DIR, read_index, request_stop
-from sd_mlperf.training.final_log import Score, append_eval_lines, compose_final_log, first_passing
+from sd_mlperf.training.final_log import Score, append_eval_lines, compose_final_log, first_passing, score_of_record
 from sd_mlperf.training.mlperf_log import TRAINING_LOG_FILE
 from sd_mlperf.utils.dist_info import DistInfo
 from sd_mlperf.utils.files import atomic_write_text
@@ -70,13 +70,6 @@ def read_score_records(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
         return []
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     return [json.loads(line) for line in lines if line.endswith("\n") and line.strip()]
-
-
-def score_of_record(record: dict[str, Any]) -> Score:
-    """The Score a scores.jsonl record holds (records of older versions lack the toy metrics and eval times)."""
-    return Score(int(record["step"]), int(record["samples_count"]), int(record["collected_ms"]), float(record["fid"]),
-                 float(record["clip"]), dict(record.get("extra") or {}), record.get("eval_start_ms"),
-                 record.get("eval_stop_ms"))
 
 
 def check_num_prompts(num_prompts: int | None) -> None:
