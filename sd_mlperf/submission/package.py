@@ -16,6 +16,7 @@ run times, scaled by the RCP checker's factor); the raw olympic mean is shown be
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import tempfile
@@ -90,6 +91,8 @@ class PackageReport:
         data = asdict(self)
         data["verdicts"] = [{**asdict(v), "log": str(v.log) if v.log else None, "failed": v.failed}
                             for v in self.verdicts]
+        for run in data["runs"]:  # strict JSON has no inf: a run the summarizer drops has no time it scores
+            run["minutes"] = run["minutes"] if math.isfinite(run["minutes"]) else None
         return {**data, "passed": self.passed, "usage": USAGE, "ruleset": RULESET, "benchmark": BENCHMARK}
 
 

@@ -348,5 +348,9 @@ def test_a_run_the_summarizer_drops_counts_as_the_slowest():
 
     failed = RunRecord(Path("r"), run_start_ms=0, run_stop_ms=60_000, compliant=False)  # a non-converged closed run
     assert failed.minutes == float("inf")
+    from sd_mlperf.submission.package import PackageReport, RunResult
+
+    report = PackageReport("p", "closed", "o", "s", 256, [RunResult(0, "r", "f", 1, None, failed.minutes)], 3.5, 3.5)
+    assert json.loads(json.dumps(report.to_json(), allow_nan=False))["runs"][0]["minutes"] is None
     minutes = [failed.minutes, 2.0, 3.0, 4.0]
     assert olympic_dropped(minutes) == (1, 0) and olympic_mean(minutes) == 3.5
