@@ -25,8 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the checkers' logs and package_summary.json beside it")
     parser.add_argument("--system-config", required=True, metavar="FILE",
                         help="system description (YAML or JSON) with the fields the official system_desc_checker "
-                             "requires; see conf/submission/dgx_h100_example.yaml. submitter, system_name and "
-                             "division come from the runs' logs")
+                             "requires (a real systems JSON of a results tree works as is); see "
+                             "conf/submission/dgx_h100_example.yaml. submitter and division come from the runs' logs, "
+                             "system_name defaults to their submission_platform")
+    parser.add_argument("--system-id", metavar="ID", default=None,
+                        help="the results folder and system json name, e.g. nyx_n1_ngc25.04_nemo (letters, digits, "
+                             ". _ + -); default: the runs' submission_platform. It may differ from system_name and "
+                             "from submission_platform, as in real results")
     parser.add_argument("--rcp-bypass", action="store_true",
                         help="let a failed RCP check pass where the RCP checker allows a bypass: no reference "
                              "convergence point for this global batch (RCPs exist for 256, 384, 512, 1024 and 2048 "
@@ -46,6 +51,6 @@ def run(args: argparse.Namespace) -> int:
 
     report = package_runs([Path(d) for d in [*args.runs, *args.run_dir]], Path(args.out), Path(args.system_config),
                           rcp_bypass=args.rcp_bypass, allow_run_count_mismatch=args.allow_run_count_mismatch,
-                          force=args.force)
+                          force=args.force, system_id=args.system_id)
     sys.stdout.write(format_report(report))
     return 0 if report.passed else 1

@@ -20,9 +20,12 @@ from dataclasses import fields, is_dataclass
 from typing import Any, NamedTuple
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from sd_mlperf.config.errors import ConfigError
+from sd_mlperf.config.rcp import rcp_mismatch
 from sd_mlperf.config.schema import Config
+from sd_mlperf.utils.logging import log_once
 
 FROZEN_CHECKPOINT_SHA256 = "d635794c1fedfdfa261e065370bea59c651fc9bfa65dc6d67ad29e11869a1824"
 """sha256 of 512-base-ema.ckpt, as the MLCommons reference pins it (REFERENCE.md, "Frozen parts")."""
@@ -205,8 +208,25 @@ def closed_division_violations(cfg: Config | DictConfig) -> list[str]:
 
 
 def check_closed_division(cfg: Config | DictConfig) -> None:
-    """Raise ConfigError listing every value that differs from what the closed division fixes."""
+    """Raise ConfigError listing every value that differs from what the closed division fixes; warn (once) when
+    the free hyperparameters match no RCP (`closed_division_rcp_mismatch`)."""
     lines = closed_division_violations(cfg)
     if lines:
         raise ConfigError(f"run.division=closed refuses {len(lines)} value(s) that the MLPerf rules fix:\n"
                           + "\n".join(f"  {line}." for line in lines))
+    mismatch = closed_division_rcp_mismatch(cfg)
+    if mismatch is not None:
+        log_once(f"rcp-mismatch:{mismatch}", mismatch)
+
+
+def closed_division_rcp_mismatch(cfg: Config | DictConfig) -> str | None:
+    """In the closed division, why (global batch, optim.base_lr_per_sample, optim.warmup_steps) matches no RCP
+    (sd_mlperf.config.rcp), naming the nearest; None when one matches, in the open division, or while unset."""
+    if cfg.run.division != "closed":
+        return None
+    try:
+        p, tr, o = cfg.parallel, cfg.training, cfg.optim
+        gbs = tr.micro_batch_size * p.num_nodes * p.gpus_per_node * tr.grad_accumulation_steps
+        return rcp_mismatch(int(gbs), float(o.base_lr_per_sample), int(o.warmup_steps))
+    except MissingMandatoryValue:
+        return None  # load_config reports unset keys

@@ -36,6 +36,10 @@ class RunConfig:
     """Organisation name written to the MLPerf log."""
     submission_platform: str = "unknown"
     """System name written to the MLPerf log (the system configs set it)."""
+    submission_status: Literal["onprem", "cloud", "research", "preview"] = "onprem"
+    """The system's availability as the MLPerf log states it (submission_status); `sd-mlperf package` checks it
+    against the system description's status (Available on-premise -> onprem, Available cloud -> cloud,
+    Research, Development, or Internal (RDI) -> research, Preview -> preview)."""
     num_threads: int | None = None
     """CPU intra-op threads per process (torch.set_num_threads); null keeps torch's default (one per
     core). Tiny models on a shared CPU run several times faster with 1."""

@@ -19,15 +19,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from sd_mlperf.config.rcp import matching_rcp, nearest_rcp, rcp_path
 from sd_mlperf.submission.checkers import BENCHMARK, RULESET, USAGE
 from sd_mlperf.submission.runs import olympic_mean
-
-
-def rcp_path() -> Path:
-    """The RCP file of our ruleset inside the installed mlperf-logging."""
-    from mlperf_logging.rcp_checker import rcp_checker
-
-    return Path(rcp_checker.__file__).parent / f"{USAGE}_{RULESET}" / f"rcps_{BENCHMARK}.json"
 
 
 def load_rcps(path: str | os.PathLike | None = None) -> dict[int, list[int]]:
@@ -82,6 +76,8 @@ class Projection:
     img_per_s_per_gpu: float
     num_gpus: int
     throughput_source: str
+    hyperparameters_note: str = ""
+    """Whether the run's (global batch, base lr, warmup) are the RCP's it is projected with."""
 
     @property
     def img_per_s(self) -> float:
@@ -101,14 +97,31 @@ class Projection:
                 f"throughput {self.img_per_s_per_gpu:.1f} img/s per GPU ({self.throughput_source}) x "
                 f"{self.num_gpus} = {self.img_per_s:.1f} img/s",
                 f"=> {self.minutes:.1f} min of training (run_start..run_stop; initialization and offline "
-                "evaluation not counted, checkpoint collection not modelled)"]
+                "evaluation not counted, checkpoint collection not modelled)",
+                *([self.hyperparameters_note] if self.hyperparameters_note else [])]
 
 
 def project_time_to_train(global_batch_size: int, img_per_s_per_gpu: float, num_gpus: int, *,
-                          throughput_source: str, rcps: dict[int, list[int]] | None = None) -> Projection:
-    """The projection for a benchmark run of this global batch, speed and GPU count."""
+                          throughput_source: str, rcps: dict[int, list[int]] | None = None,
+                          base_lr_per_sample: float | None = None, warmup_steps: int | None = None) -> Projection:
+    """The projection for a benchmark run of this global batch, speed and GPU count.
+
+    With the run's `base_lr_per_sample` and `warmup_steps`, the projection says whether they are the
+    hyperparameters of the RCP it uses (sd_mlperf.config.rcp): RCP samples only predict a run that trains as
+    the RCP's runs did.
+    """
     if img_per_s_per_gpu <= 0 or num_gpus < 1:
         raise ValueError(f"a projection needs img/s per GPU > 0 and GPUs >= 1, got {img_per_s_per_gpu} and "
                          f"{num_gpus}")
+    note = ""
+    if base_lr_per_sample is not None and warmup_steps is not None:
+        match = matching_rcp(global_batch_size, base_lr_per_sample, warmup_steps)
+        if match is not None:
+            note = f"hyperparameters: the run's are those of {match.describe()}"
+        else:
+            near = nearest_rcp(global_batch_size)
+            note = (f"hyperparameters: the run's (optim.base_lr_per_sample={base_lr_per_sample:g}, "
+                    f"optim.warmup_steps={warmup_steps}) match no RCP; the nearest is {near.describe()}, "
+                    "so the samples above assume a run that trains as the RCP's did")
     return Projection(rcp_samples_to_converge(global_batch_size, rcps), img_per_s_per_gpu, num_gpus,
-                      throughput_source)
+                      throughput_source, note)

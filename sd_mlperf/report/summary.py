@@ -144,7 +144,9 @@ def _projection(data: RunData, num_gpus: int | None, img_per_s_per_gpu: float | 
         if not is_benchmark_model(data):
             note = ("this run's UNet or image size is not the benchmark's, so its img/s does not project a "
                     "benchmark run: `sd-mlperf report RUN --img-per-s-per-gpu X --gpus N` takes given numbers")
-    p = project_time_to_train(gbs, img_per_s_per_gpu, gpus, throughput_source=source)
+    p = project_time_to_train(gbs, img_per_s_per_gpu, gpus, throughput_source=source,
+                              base_lr_per_sample=data.cfg.optim.base_lr_per_sample,
+                              warmup_steps=data.cfg.optim.warmup_steps)
     lines = [_row("time to train", p.lines()[0]), *(_more(x) for x in p.lines()[1:])]
     stop = data.mlperf.get("run_stop")
     if stop and stop.get("metadata", {}).get("status") == "success" and "run_start" in data.mlperf:

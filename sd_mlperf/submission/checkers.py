@@ -28,9 +28,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-USAGE = "training"
-RULESET = "5.0.0"
-BENCHMARK = "stable_diffusion"
+from sd_mlperf.config.rcp import MLPERF_BENCHMARK, MLPERF_RULESET, MLPERF_USAGE
+
+USAGE, RULESET, BENCHMARK = MLPERF_USAGE, MLPERF_RULESET, MLPERF_BENCHMARK
 SUBPROCESS_TIMEOUT_S = 1800
 _LEVEL_PREFIXES = ("DEBUG - ", "INFO - ", "WARNING - ", "ERROR - ", "CRITICAL - ")
 
@@ -182,8 +182,10 @@ class Summary:
     output: list[str] = field(default_factory=list)
 
 
-def run_result_summarizer(out_dir: Path, org: str, system: str, log: Path) -> tuple[Summary, int]:
-    """`python -m mlperf_logging.result_summarizer ORG training 5.0.0` in out_dir: its score and exit status."""
+def run_result_summarizer(out_dir: Path, org: str, system_name: str, log: Path) -> tuple[Summary, int]:
+    """`python -m mlperf_logging.result_summarizer ORG training 5.0.0` in out_dir: its score and exit status.
+
+    Its rows name a system by the description's system_name (not the results-folder id)."""
     cmd = [sys.executable, "-m", "mlperf_logging.result_summarizer", org, USAGE, RULESET, "--csv",
            "result_summary.csv"]
     try:
@@ -196,9 +198,9 @@ def run_result_summarizer(out_dir: Path, org: str, system: str, log: Path) -> tu
     summary = Summary(None, output=lines[-15:])
     if proc.returncode != 0:
         return summary, proc.returncode
-    row = _summary_row(out_dir / "result_summary.json", org, system)
+    row = _summary_row(out_dir / "result_summary.json", org, system_name)
     summary.score_minutes = row.get(BENCHMARK)
-    detailed = _summary_row(out_dir / "result_summary_detailed.json", org, system)
+    detailed = _summary_row(out_dir / "result_summary_detailed.json", org, system_name)
     summary.scaling_factor = float(detailed.get(f"{BENCHMARK}:rcp_scaling_factor") or 1.0)
     summary.rcp = detailed.get(f"{BENCHMARK}:RCP") or ""
     return summary, proc.returncode

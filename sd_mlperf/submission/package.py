@@ -5,19 +5,24 @@
     OUT/<org>/benchmarks/stable_diffusion/implementations/sd_mlperf/ this implementation's source
     OUT/*.log, OUT/result_summary*.json, OUT/package_summary.json  checker output, beside the package
 
-<org>, <system> and the division come from the runs' logs (submission_org, submission_platform,
-submission_division). Nothing is written unless every run qualifies; the package is built in a temporary
-directory and renamed into place.
+<org> and the division come from the runs' logs (submission_org, submission_division); <system> is the
+results-folder id (--system-id, by default the runs' submission_platform), which only has to be a safe file
+name: the system description's system_name and the logs' submission_platform may differ from it and from each
+other, as in real results. Nothing is written unless every run qualifies; the package is built in a temporary
+directory and renamed into place. The score is the official result summarizer's (the olympic mean of the
+run times, scaled by the RCP checker's factor); the raw olympic mean is shown beside it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sd_mlperf.submission.checkers import (
     BENCHMARK,
@@ -69,7 +74,11 @@ class PackageReport:
     global_batch_size: int
     runs: list[RunResult]
     score_minutes: float
+    """The raw olympic mean of the run times (non-converged runs the summarizer drops count as the slowest)."""
     summarizer_score_minutes: float | None
+    """The official score: the result summarizer's olympic mean x its RCP scaling factor (the headline)."""
+    scaling_factor: float = 1.0
+    warnings: list[str] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
 
     @property
@@ -82,6 +91,8 @@ class PackageReport:
         data = asdict(self)
         data["verdicts"] = [{**asdict(v), "log": str(v.log) if v.log else None, "failed": v.failed}
                             for v in self.verdicts]
+        for run in data["runs"]:  # strict JSON has no inf: a run the summarizer drops has no time it scores
+            run["minutes"] = run["minutes"] if math.isfinite(run["minutes"]) else None
         return {**data, "passed": self.passed, "usage": USAGE, "ruleset": RULESET, "benchmark": BENCHMARK}
 
 
@@ -109,15 +120,19 @@ class _Plan:
     org: str
     system: str
     division: str
-    desc: dict[str, str]
+    desc: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
 
 
 def package_runs(run_dirs: list[Path], out_dir: Path, system_config: Path, *, rcp_bypass: bool = False,
-                 allow_run_count_mismatch: bool = False, force: bool = False) -> PackageReport:
-    """Validate the runs, write the package under out_dir, run the official checkers; raise PackagingError first."""
+                 allow_run_count_mismatch: bool = False, force: bool = False,
+                 system_id: str | None = None) -> PackageReport:
+    """Validate the runs, write the package under out_dir, run the official checkers; raise PackagingError first.
+
+    `system_id` names the results folder and the system json (default: the runs' submission_platform)."""
     out_dir = Path(out_dir)
     plan = _validate([Path(d) for d in run_dirs], out_dir, Path(system_config),
-                     allow_run_count_mismatch=allow_run_count_mismatch, force=force)
+                     allow_run_count_mismatch=allow_run_count_mismatch, force=force, system_id=system_id)
     result_files = _write_package(plan, out_dir)
     package_dir = out_dir / plan.org
     verdicts = [
@@ -129,7 +144,8 @@ def package_runs(run_dirs: list[Path], out_dir: Path, system_config: Path, *, rc
     minutes = [r.minutes for r in plan.runs]
     fastest, slowest = olympic_dropped(minutes)  # the runs the score leaves out, marked in the report
     score = olympic_mean(minutes)
-    summary, status = run_result_summarizer(out_dir, plan.org, plan.system, out_dir / "result_summarizer.log")
+    summary, status = run_result_summarizer(out_dir, plan.org, str(plan.desc.get("system_name", plan.system)),
+                                            out_dir / "result_summarizer.log")
     verdicts.append(_summarizer_verdict(summary, status, score, out_dir / "result_summarizer.log"))
     report = PackageReport(
         package_dir=str(package_dir), division=plan.division, org=plan.org, system=plan.system,
@@ -137,13 +153,14 @@ def package_runs(run_dirs: list[Path], out_dir: Path, system_config: Path, *, rc
         runs=[RunResult(i, str(r.run_dir), str(f), r.seed, r.samples_to_target, r.minutes,
                         "fastest" if i == fastest else "slowest" if i == slowest else "")
               for i, (r, f) in enumerate(zip(plan.runs, result_files))],
-        score_minutes=score, summarizer_score_minutes=summary.score_minutes, verdicts=verdicts)
+        score_minutes=score, summarizer_score_minutes=summary.score_minutes, scaling_factor=summary.scaling_factor,
+        warnings=plan.warnings, verdicts=verdicts)
     (out_dir / SUMMARY_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
     return report
 
 
 def _validate(run_dirs: list[Path], out_dir: Path, system_config: Path, *, allow_run_count_mismatch: bool,
-              force: bool) -> _Plan:
+              force: bool, system_id: str | None = None) -> _Plan:
     """Every reason not to package, gathered into one PackagingError; else the plan."""
     if not run_dirs:
         raise PackagingError("no run directories given (--run-dir RUN, repeated, or positional RUN ...)")
@@ -152,20 +169,28 @@ def _validate(run_dirs: list[Path], out_dir: Path, system_config: Path, *, allow
     problems += system_problems
     # The first run that logs them (cross-run disagreements are problems already).
     org = next((r.org for r in runs if r.org), "")
-    system = next((r.platform for r in runs if r.platform), "")
+    platform = next((r.platform for r in runs if r.platform), "")
+    system = system_id or platform
     division = next((r.division for r in runs if r.division), "")
-    for value, key in ((org, "submission_org"), (system, "submission_platform"), (division, "submission_division")):
+    for value, key in ((org, "submission_org"), (platform, "submission_platform"), (division, "submission_division")):
         if not value and not problems:
             problems.append(f"no run logs {key}")
-        elif value and key != "submission_division" and not _NAME.match(value):
-            problems.append(f"the runs' {key} {value!r} names a folder of the package: use letters, digits and "
-                            f". _ + - (set run.{key} before training)")
+    if org and not _NAME.match(org):
+        problems.append(f"the runs' submission_org {org!r} names a folder of the package: use letters, digits and "
+                        ". _ + - (set run.submission_org before training)")
+    if system and not _NAME.match(system):
+        where = "--system-id" if system_id else "the runs' submission_platform (the default --system-id)"
+        problems.append(f"{where} {system!r} names the results folder and the system json: use letters, digits and "
+                        ". _ + - (pass --system-id ID; system_name and submission_platform may stay as they are)")
+    warnings = [f"{r.run_dir} did not converge (run_stop status {r.status!r}): olympic scoring drops it as the "
+                "slowest run, as the rules allow for one run" for r in runs if r.status == "aborted"]
     desc: dict[str, str] = {}
     if fields:
         layouts = {(r.num_nodes, r.gpus_per_node) for r in runs}
         nodes, gpus = layouts.pop() if len(layouts) == 1 else (None, None)
-        desc, more = system_description(fields, system_config, org=org, system=system, division=division,
-                                        num_nodes=nodes, gpus_per_node=gpus)
+        desc, more = system_description(fields, system_config, org=org, system=platform, division=division,
+                                        num_nodes=nodes, gpus_per_node=gpus,
+                                        submission_status=next((r.submission_status for r in runs), None))
         problems += more
     package_dir = out_dir / org
     if out_dir.exists() and not out_dir.is_dir():
@@ -178,7 +203,7 @@ def _validate(run_dirs: list[Path], out_dir: Path, system_config: Path, *, allow
     if problems:
         raise PackagingError(f"cannot package {len(run_dirs)} run(s); {len(problems)} problem(s):\n"
                              + "\n".join(f"  - {p}" for p in problems))
-    return _Plan(runs, org, system, division, desc)
+    return _Plan(runs, org, system, division, desc, warnings)
 
 
 def _write_package(plan: _Plan, out_dir: Path) -> list[Path]:
@@ -251,10 +276,14 @@ def format_report(report: PackageReport) -> str:
         lines.append(f"  {r.index:>2}  {r.run_dir:<{width}}  {seed:>12}  {samples:>17}  {r.minutes:>9.3f}  "
                      + (f"dropped ({r.dropped})" if r.dropped else "kept"))
     dropped = {r.dropped: r.index for r in report.runs if r.dropped}
-    lines += ["", f"Score: {report.score_minutes:.4f} min (mean of {len(report.runs) - 2} runs; olympic scoring drops "
-              f"the fastest, run {dropped.get('fastest')}, and the slowest, run {dropped.get('slowest')})"]
+    olympic = (f"raw olympic mean {report.score_minutes:.4f} min (mean of {len(report.runs) - 2} runs; the fastest, "
+               f"run {dropped.get('fastest')}, and the slowest, run {dropped.get('slowest')}, dropped)")
     if report.summarizer_score_minutes is not None:
-        lines.append(f"Official result summarizer: {report.summarizer_score_minutes:.4f} min")
+        lines += ["", f"Score: {report.summarizer_score_minutes:.4f} min (the official result summarizer: {olympic} x "
+                  f"RCP scaling factor {report.scaling_factor:.4f})"]
+    else:
+        lines += ["", f"Score: none from the official result summarizer (see its verdict); {olympic}"]
+    lines += [f"Warning: {w}" for w in report.warnings]
     lines += ["", "Checkers:"]
     for v in report.verdicts:
         state = "PASS" if v.passed else "FAIL" if v.enforced else "FAIL (not enforced)"

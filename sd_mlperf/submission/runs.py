@@ -1,25 +1,35 @@
 """Run directories as submission material: read each run's final MLPerf log and config, find what disqualifies it.
 
 A run directory holds `config.yaml` (the resolved config) and `mlperf.log` (the final MLPerf log). A run
-counts only if its log is finished (run_stop), converged (status success), from a fresh start (no
-`sd_mlperf_resumed` line, run_start at samples_count 0) and passes the official compliance checker.
+counts only if its log is finished (run_stop), from a fresh start (no `sd_mlperf_resumed` line, run_start at
+samples_count 0), passes the official compliance checker and the reviewer's checks (sd_mlperf.submission.audit:
+the log is its config's and its evaluations' own). One run of a submission may fail to converge (olympic scoring
+drops it, as real submissions did; a warning says so); two may not.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from sd_mlperf.config.load import RUN_CONFIG_FILE
-from sd_mlperf.config.schema import TrainingConfig
+from sd_mlperf.submission.audit import (
+    closed_label_vs_config,
+    cross_run_problems,
+    evals_vs_scores,
+    log_vs_config,
+    logged_score,
+    recorded_scores,
+    run_stop_vs_collection,
+)
 from sd_mlperf.submission.checkers import BENCHMARK, RULESET, compliance_problems
 from sd_mlperf.training.mlperf_log import RESUMED_KEY, TRAINING_LOG_FILE
 
 LOG_FILE = "mlperf.log"
-# The quality target of the rules (FID <= 90, CLIP >= 0.15): the training config's defaults are the reference's.
-TARGET_FID = TrainingConfig.target_fid
-TARGET_CLIP = TrainingConfig.target_clip
 
 
 @dataclass
@@ -39,6 +49,18 @@ class RunRecord:
     gpus_per_node: int | None = None
     scored_every_checkpoint: bool = False
     """Every block_stop up to run_stop has its evaluation (the rules ask this of at least 1 of the 10 runs)."""
+    status: str | None = None
+    """run_stop's status: success, or aborted (not converged)."""
+    submission_status: str | None = None
+    cfg: DictConfig | None = field(default=None, repr=False)
+    compliant: bool = True
+    """The official compliance checker passes the log (a non-converged closed run fails it: the summarizer drops
+    such a run, and counts the time of one that passes)."""
+
+    @property
+    def converged(self) -> bool:
+        """run_stop says success."""
+        return self.status == "success"
 
     @property
     def log_path(self) -> Path:
@@ -47,9 +69,10 @@ class RunRecord:
 
     @property
     def minutes(self) -> float:
-        """run_start..run_stop in minutes: the time the result summarizer scores."""
+        """run_start..run_stop in minutes, as the result summarizer scores it; inf for a run it drops (one that
+        fails the compliance checker, as a non-converged closed-division run does)."""
         assert self.run_start_ms is not None and self.run_stop_ms is not None
-        return (self.run_stop_ms - self.run_start_ms) / 60_000
+        return (self.run_stop_ms - self.run_start_ms) / 60_000 if self.compliant else math.inf
 
 
 def read_run(run_dir: Path) -> tuple[RunRecord, list[str]]:
@@ -71,11 +94,17 @@ def read_run(run_dir: Path) -> tuple[RunRecord, list[str]]:
     lines, errors = parse_file(str(log), ruleset=RULESET)
     if errors:
         return record, problems + [f"{LOG_FILE} has {len(errors)} line(s) that do not parse, e.g. {errors[0][0]!r}"]
+    if record.cfg is None:
+        return record, problems
     problems += _read_log(lines, record)
     if not problems:
-        # Only for otherwise sound logs: an unfinished, resumed or unconverged log fails the checker too, and the
-        # fix named above comes first.
-        problems += [f"compliance checker: {p}" for p in compliance_problems(log)]
+        # Only for otherwise sound logs: an unfinished or resumed log fails the checker too, and the fix named
+        # above comes first. A non-converged closed run fails it for its quality target only: the summarizer
+        # drops that run (check_runs allows one).
+        failed = compliance_problems(log)
+        record.compliant = not failed
+        if record.converged:
+            problems += [f"compliance checker: {p}" for p in failed]
     return record, problems
 
 
@@ -88,7 +117,7 @@ def _read_config(path: Path, record: RunRecord) -> list[str]:
     if not path.is_file():
         return [f"no {RUN_CONFIG_FILE} (the trainer saves the resolved config there)"]
     try:
-        cfg = OmegaConf.load(path)
+        cfg = record.cfg = OmegaConf.load(path)
         record.num_nodes, record.gpus_per_node = int(cfg.parallel.num_nodes), int(cfg.parallel.gpus_per_node)
         record.global_batch_size = int(global_batch_size(cfg))  # type: ignore[arg-type]  # reads 4 keys only
     except Exception as exc:  # noqa: BLE001 -- any unreadable config is the same problem for the user
@@ -102,7 +131,7 @@ def _read_log(lines: list, record: RunRecord) -> list[str]:
     first: dict[str, object] = {}
     evals: dict[int, dict[str, float]] = defaultdict(dict)
     blocks: list[int] = []
-    resumed = run_start_samples = None
+    resumed = run_start_samples = stop_samples = None
     status = cache_clear = None
     for line in lines:
         value, metadata = line.value["value"], line.value["metadata"] or {}
@@ -113,7 +142,8 @@ def _read_log(lines: list, record: RunRecord) -> list[str]:
             record.run_start_ms, run_start_samples = line.timestamp, metadata.get("samples_count", 0)
         elif line.key == "run_stop":
             record.run_stop_ms, status = line.timestamp, metadata.get("status")
-        elif line.key == "block_stop" and record.run_stop_ms is None:
+            stop_samples = metadata.get("samples_count")
+        elif line.key == "block_stop":
             blocks.append(int(metadata.get("samples_count", -1)))
         elif line.key == "eval_accuracy" and "metric" in metadata:
             evals[int(metadata["samples_count"])][metadata["metric"]] = float(value)
@@ -122,12 +152,37 @@ def _read_log(lines: list, record: RunRecord) -> list[str]:
     record.division, record.org = first.get("submission_division"), first.get("submission_org")
     record.platform = first.get("submission_platform")
     record.seed = first.get("seed")  # type: ignore[assignment]
+    record.status = status
+    record.submission_status = first.get("submission_status")  # type: ignore[assignment]
     logged_gbs = first.get("global_batch_size")
-    passing = [n for n, m in evals.items() if m.get("FID", 1e9) <= TARGET_FID and m.get("CLIP", -1.0) >= TARGET_CLIP]
-    record.samples_to_target = min(passing) if passing else None
-    record.scored_every_checkpoint = bool(blocks) and all(set(evals.get(n, {})) >= {"FID", "CLIP"} for n in blocks)
+    cfg = record.cfg
+    assert cfg is not None
+    tr = cfg.training
+    # The run's own target (the closed division fixes it to the rules' FID <= 90, CLIP >= 0.15); the toy metrics
+    # of synthetic runs are in the evaluator's records only.
+    target_toy = dict(tr.get("target_toy") or {})
+    scores = recorded_scores(record.run_dir)
+    target = f"FID <= {tr.target_fid} and CLIP >= {tr.target_clip}" + "".join(
+        f" and {k} >= {v}" for k, v in target_toy.items())
 
-    problems = []
+    def passes(count: int, m: dict[str, float]) -> bool:
+        score = logged_score(m, scores.get(count, [])) if scores is not None else None
+        toy = score.extra if score is not None else {}
+        return (m.get("FID", math.inf) <= tr.target_fid and m.get("CLIP", -math.inf) >= tr.target_clip
+                and all(toy.get(k, -math.inf) >= v for k, v in target_toy.items()))
+
+    passing = [n for n, m in evals.items() if passes(n, m)]
+    record.samples_to_target = min(passing) if passing else None
+    upto = [n for n in blocks if record.samples_to_target is None or n <= record.samples_to_target]
+    record.scored_every_checkpoint = bool(upto) and all(set(evals.get(n, {})) >= {"FID", "CLIP"} for n in upto)
+
+    problems = log_vs_config(first, cfg, record.global_batch_size)
+    if record.division == "closed":
+        problems += closed_label_vs_config(cfg)
+    if scores is not None:
+        problems += evals_vs_scores(evals, scores)
+    if status == "success":
+        problems += run_stop_vs_collection(record.run_dir, record.run_stop_ms, stop_samples, record.samples_to_target)
     if first.get("submission_benchmark") != BENCHMARK:
         problems.append(f"submission_benchmark is {first.get('submission_benchmark')!r}, not {BENCHMARK!r}")
     if resumed is not None or (run_start_samples or 0) > 0:
@@ -141,12 +196,10 @@ def _read_log(lines: list, record: RunRecord) -> list[str]:
         problems.append(f"no run_stop: the log is unfinished. If training ended and evaluation is offline, run "
                         f"`sd-mlperf evaluate --run-dir {record.run_dir}` (it writes the final log); otherwise the "
                         "run was killed: train it again")
-    elif status != "success":
-        problems.append(f"did not converge (run_stop status {status!r}): no evaluation reached FID <= {TARGET_FID} "
-                        f"and CLIP >= {TARGET_CLIP}; replace it with a converged run")
-    elif record.samples_to_target is None:
-        problems.append(f"run_stop says success but no evaluation reaches FID <= {TARGET_FID} and CLIP >= "
-                        f"{TARGET_CLIP}")
+    elif status not in ("success", "aborted"):
+        problems.append(f"run_stop has status {status!r}, neither success nor aborted")
+    elif status == "success" and record.samples_to_target is None:
+        problems.append(f"run_stop says success but no evaluation reaches the run's target ({target})")
     if logged_gbs is not None and record.global_batch_size is not None and logged_gbs != record.global_batch_size:
         problems.append(f"the log's global_batch_size {logged_gbs} differs from {RUN_CONFIG_FILE}'s "
                         f"{record.global_batch_size}: this config.yaml is not the log's run")
@@ -179,12 +232,18 @@ def check_runs(run_dirs: list[Path], *, required: int, allow_count_mismatch: boo
         record, own = read_run(run_dir)
         problems += [f"{run_dir}: {p}" for p in own]
         records.append(record)
+    problems += cross_run_problems([(r.run_dir, r.cfg, r.global_batch_size, r.seed) for r in records])
+    unconverged = [str(r.run_dir) for r in records if r.status == "aborted"]
+    if len(unconverged) > 1:
+        problems.append(f"{len(unconverged)} runs did not converge ({', '.join(unconverged)}): olympic scoring drops "
+                        "one; replace the others with converged runs")
     if records and not any(r.scored_every_checkpoint for r in records):
         problems.append("no run scores every collected checkpoint up to its first passing one: the rules ask this of "
                         "1 of the 10 runs (the others may score just the first passing checkpoint and the one before "
                         "it); evaluate one run with `sd-mlperf evaluate --run-dir RUN --all`")
     for attr, key in (("division", "submission_division"), ("org", "submission_org"),
-                      ("platform", "submission_platform"), ("global_batch_size", "global_batch_size")):
+                      ("platform", "submission_platform"), ("submission_status", "submission_status"),
+                      ("global_batch_size", "global_batch_size")):
         by_value: dict[object, list[str]] = defaultdict(list)
         for r in records:
             if getattr(r, attr) is not None:

@@ -1,24 +1,28 @@
-"""The final MLPerf log of a run evaluated offline: its training log, the scored checkpoints, and run_stop.
+"""The final MLPerf log of a run evaluated offline, laid out as the real v5.0 offline-evaluated results are.
 
 MLPerf's Stable Diffusion rules collect a checkpoint every 512,000 images and score them after training;
 the evaluation time is not counted. The result summarizer times run_start..run_stop, and the RCP checker
-takes the samples_count of the first passing eval_accuracy before a run_stop with status success. So the
-final log holds:
-- the training log (mlperf_train.log) up to the block_stop of the block that produced the first passing
-  checkpoint (later blocks are not part of the timed run);
-- after each scored checkpoint's block_stop, its eval_start / eval_accuracy (FID, CLIP) / eval_stop, stamped
-  with the time the checkpoint was collected (the evaluation itself took no timed time);
-- run_stop (success) at the time the first passing checkpoint was collected.
-Without a passing checkpoint, once training has ended, it keeps the whole training log and every score and
-ends with run_stop (aborted) at the end of training.
+takes the samples_count of the first passing eval_accuracy before a run_stop with status success. As in the
+v5.0 results (e.g. NVIDIA's nyx_n1_ngc25.04_nemo, tests/fixtures/mlperf_v5.0/), the final log holds, in the
+order things happened:
+- the whole training log (mlperf_train.log), through the end of training: the blocks after the first passing
+  checkpoint stay (they ran; they are not timed, since run_stop is back-dated);
+- each scored checkpoint up to the first passing one, in the order it was evaluated: eval_start, eval_accuracy
+  (FID, CLIP), eval_stop, stamped with the times the evaluation really ran (the scores' records) and with the
+  checkpoint's samples_count and step_num;
+- run_stop last, back-dated to the first passing checkpoint's collection time (the end of its block), with
+  status success, samples_count and step_num.
+Without a passing checkpoint, once training has ended, every score is kept and run_stop (aborted) is stamped
+with the end of training.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +33,36 @@ MLLOG_TOKEN = ":::MLLOG "
 
 @dataclass(frozen=True)
 class Score:
-    """FID and CLIP of one collected checkpoint."""
+    """FID and CLIP (and toy metrics) of one collected checkpoint, and when it was collected and scored."""
 
     step: int
     samples_count: int
     collected_ms: int
     fid: float
     clip: float
+    extra: dict[str, float] = field(default_factory=dict)
+    """Toy metrics of synthetic runs (sd_mlperf.eval.toy_metrics), checked against training.target_toy."""
+    eval_start_ms: int | None = None
+    """When its evaluation started and ended (wall clock); None in records written before these were kept."""
+    eval_stop_ms: int | None = None
 
-    def passes(self, target_fid: float, target_clip: float) -> bool:
-        """The MLPerf quality target: FID <= target_fid and CLIP >= target_clip."""
-        return self.fid <= target_fid and self.clip >= target_clip
+    def passes(self, target_fid: float, target_clip: float, target_toy: dict[str, float] | None = None) -> bool:
+        """The quality target: FID <= target_fid, CLIP >= target_clip and each toy metric >= its target."""
+        return (self.fid <= target_fid and self.clip >= target_clip
+                and all(self.extra.get(k, -math.inf) >= v for k, v in (target_toy or {}).items()))
+
+    @property
+    def eval_times_ms(self) -> tuple[int, int]:
+        """(start, stop) of the evaluation; the collection time for records that do not say."""
+        start = self.eval_start_ms if self.eval_start_ms is not None else self.collected_ms
+        return start, self.eval_stop_ms if self.eval_stop_ms is not None else start
+
+
+def score_of_record(record: dict[str, Any]) -> Score:
+    """The Score a scores.jsonl record holds (records of older versions lack the toy metrics and eval times)."""
+    return Score(int(record["step"]), int(record["samples_count"]), int(record["collected_ms"]), float(record["fid"]),
+                 float(record["clip"]), dict(record.get("extra") or {}), record.get("eval_start_ms"),
+                 record.get("eval_stop_ms"))
 
 
 def parse_mllog_line(line: str) -> dict[str, Any] | None:
@@ -49,9 +72,10 @@ def parse_mllog_line(line: str) -> dict[str, Any] | None:
     return json.loads(line.split(MLLOG_TOKEN, 1)[1])
 
 
-def first_passing(scores: list[Score], target_fid: float, target_clip: float) -> Score | None:
+def first_passing(scores: list[Score], target_fid: float, target_clip: float,
+                  target_toy: dict[str, float] | None = None) -> Score | None:
     """The passing score of the fewest samples, or None."""
-    passing = [s for s in scores if s.passes(target_fid, target_clip)]
+    passing = [s for s in scores if s.passes(target_fid, target_clip, target_toy)]
     return min(passing, key=lambda s: s.samples_count) if passing else None
 
 
@@ -71,10 +95,13 @@ def _event_lines(write: Any) -> list[str]:
 
 
 def _eval_lines(score: Score) -> list[str]:
+    start_ms, stop_ms = score.eval_times_ms
+    count, step = score.samples_count, score.step
+
     def write(mlperf: MLPerfLogger) -> None:
-        mlperf.eval_start(score.samples_count, time_ms=score.collected_ms)
-        mlperf.eval_result(score.samples_count, score.fid, score.clip, time_ms=score.collected_ms)
-        mlperf.eval_stop(score.samples_count, time_ms=score.collected_ms)
+        mlperf.eval_start(count, time_ms=start_ms, step=step)
+        mlperf.eval_result(count, score.fid, score.clip, time_ms=stop_ms, step=step)
+        mlperf.eval_stop(count, time_ms=stop_ms, step=step)
 
     return _event_lines(write)
 
@@ -142,7 +169,8 @@ def _stitched(lines: list[str], older: list[Path]) -> list[str]:
 
 
 def compose_final_log(training_log: str | os.PathLike, scores: list[Score], *, target_fid: float,
-                      target_clip: float, training_end: tuple[int, int] | None) -> list[str]:
+                      target_clip: float, training_end: tuple[int, int] | None,
+                      target_toy: dict[str, float] | None = None) -> list[str]:
     """The lines of the final log (see the module docstring). Raises ValueError when it cannot be written yet.
 
     `training_end` is (samples_count, time_ms) of the end of training, or None while it still runs.
@@ -151,36 +179,32 @@ def compose_final_log(training_log: str | os.PathLike, scores: list[Score], *, t
     if not training_log.is_file():
         raise FileNotFoundError(f"{training_log} does not exist: the run directory holds no training log of an "
                                 "offline-evaluated run (eval.inline=false)")
-    first = first_passing(scores, target_fid, target_clip)
+    first = first_passing(scores, target_fid, target_clip, target_toy)
     if first is None and training_end is None:
         raise ValueError("no collected checkpoint reaches the target yet and training has not ended: the final log "
                          "cannot be written yet (wait for more checkpoints, or use --watch)")
-    kept = {s.samples_count: s for s in scores if first is None or s.samples_count <= first.samples_count}
+    kept = [s for s in scores if first is None or s.samples_count <= first.samples_count]
     out: list[str] = []
-    placed: set[int] = set()
+    block_stops: set[int] = set()
     for line in training_log_lines(training_log):
         record = parse_mllog_line(line)
         key = record.get("key") if record else None
-        count = (record.get("metadata") or {}).get("samples_count") if record else None
         if key == "run_stop":
             raise ValueError(f"{training_log} already holds a run_stop: it is not the training part of an "
                              "offline-evaluated run")
-        if first is not None and key == "block_start" and count is not None and count >= first.samples_count:
-            break
+        if key == "block_stop":
+            block_stops.add((record.get("metadata") or {}).get("samples_count"))
         out.append(line)
-        if key == "block_stop" and count in kept:
-            out += _eval_lines(kept[count])
-            placed.add(count)
-        if first is not None and key == "block_stop" and count == first.samples_count:
-            break
-    missing = sorted(set(kept) - placed)
+    missing = sorted(s.samples_count for s in kept if s.samples_count not in block_stops)
     if missing:
         raise ValueError(f"scored checkpoints at samples_count {missing} have no block_stop in {training_log}: "
                          "the checkpoints and the log are of different runs")
+    for score in sorted(kept, key=lambda s: (s.eval_times_ms, s.samples_count)):  # the order they ran in
+        out += _eval_lines(score)
     if first is not None:
-        stop_ms, stop_count, success = first.collected_ms, first.samples_count, True
+        stop_ms, stop_count, stop_step, success = first.collected_ms, first.samples_count, first.step, True
     else:
         assert training_end is not None
-        (stop_count, stop_ms), success = training_end, False
-    out += _event_lines(lambda m: m.run_stop(stop_count, success=success, time_ms=stop_ms))
+        (stop_count, stop_ms), stop_step, success = training_end, None, False
+    out += _event_lines(lambda m: m.run_stop(stop_count, success=success, time_ms=stop_ms, step=stop_step))
     return out

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sd_mlperf.config.load import peak_learning_rate
 from sd_mlperf.config.schema import Config
 from sd_mlperf.utils.files import write_error
 
@@ -51,6 +52,11 @@ def page_cache_cleared() -> bool:
 def training_log_path(cfg: Config, run_dir: str | os.PathLike) -> Path:
     """The log the trainer writes: the final one with inline evaluation, else the training part of it."""
     return Path(run_dir) / (cfg.logging.mlperf_log_file if cfg.eval.inline else TRAINING_LOG_FILE)
+
+
+def _counts(samples_count: int, step: int | None) -> dict[str, int]:
+    """samples_count, and step_num when the step is known (as the v5.0 results log their run_stop)."""
+    return {"samples_count": samples_count, **({"step_num": step} if step is not None else {})}
 
 
 class MLPerfLogger:
@@ -121,7 +127,7 @@ class MLPerfLogger:
         self.event("submission_division", cfg.run.division)
         self.event("submission_org", cfg.run.submission_org)
         self.event("submission_platform", cfg.run.submission_platform)
-        self.event("submission_status", "onprem")
+        self.event("submission_status", cfg.run.submission_status)
 
     def hyperparameters(self, cfg: Config, *, global_batch_size: int) -> None:
         """Dataset sizes, seed, batch and optimizer keys (exactly once each)."""
@@ -136,9 +142,9 @@ class MLPerfLogger:
         self.event("opt_adamw_beta_2", o.beta2)
         self.event("opt_adamw_epsilon", o.eps)
         self.event("opt_adamw_weight_decay", o.weight_decay)
-        # The per-sample base (lr = base x global batch), as the reference's base_learning_rate and the RCP files
-        # (rcps_stable_diffusion.json: 1.25e-7 at GBS 1024 and 2048) record it; not the peak lr.
-        self.event("opt_base_learning_rate", o.base_lr_per_sample)
+        # The lr after warmup (base per sample x global batch, e.g. 7.168e-05 = 2.8e-7 x 256), as the reference logs
+        # it and every v5.0 submission does; the RCP files record the per-sample base (sd_mlperf.config.rcp).
+        self.event("opt_base_learning_rate", peak_learning_rate(o, global_batch_size))
         self.event("opt_learning_rate_warmup_steps", o.warmup_steps)
 
     def run_start(self, samples_count: int = 0) -> None:
@@ -154,28 +160,30 @@ class MLPerfLogger:
         """End of a training block."""
         self.end("block_stop", metadata={"samples_count": samples_count})
 
-    def eval_start(self, samples_count: int, time_ms: int | None = None) -> None:
-        """Start of an evaluation."""
-        self.start("eval_start", metadata={"samples_count": samples_count}, time_ms=time_ms)
+    def eval_start(self, samples_count: int, time_ms: int | None = None, *, step: int | None = None) -> None:
+        """Start of an evaluation (`step`: the evaluated checkpoint's step, logged as step_num)."""
+        self.start("eval_start", metadata=_counts(samples_count, step), time_ms=time_ms)
 
-    def eval_result(self, samples_count: int, fid: float, clip: float, time_ms: int | None = None) -> None:
+    def eval_result(self, samples_count: int, fid: float, clip: float, time_ms: int | None = None, *,
+                    step: int | None = None) -> None:
         """One eval_accuracy line per metric (the checker aggregates them by samples_count)."""
-        self.event("eval_accuracy", float(fid), metadata={"samples_count": samples_count, "metric": "FID"},
+        self.event("eval_accuracy", float(fid), metadata={**_counts(samples_count, step), "metric": "FID"},
                    time_ms=time_ms)
-        self.event("eval_accuracy", float(clip), metadata={"samples_count": samples_count, "metric": "CLIP"},
+        self.event("eval_accuracy", float(clip), metadata={**_counts(samples_count, step), "metric": "CLIP"},
                    time_ms=time_ms)
 
-    def eval_stop(self, samples_count: int, time_ms: int | None = None) -> None:
+    def eval_stop(self, samples_count: int, time_ms: int | None = None, *, step: int | None = None) -> None:
         """End of an evaluation."""
-        self.end("eval_stop", metadata={"samples_count": samples_count}, time_ms=time_ms)
+        self.end("eval_stop", metadata=_counts(samples_count, step), time_ms=time_ms)
 
-    def run_stop(self, samples_count: int, *, success: bool, time_ms: int | None = None) -> None:
+    def run_stop(self, samples_count: int, *, success: bool, time_ms: int | None = None,
+                 step: int | None = None) -> None:
         """End of the run, once: status success (target reached) or aborted."""
         if self._run_stopped:
             return
         self._run_stopped = True
-        self.end("run_stop", metadata={"samples_count": samples_count, "status": "success" if success else "aborted"},
-                 time_ms=time_ms)
+        self.end("run_stop", metadata={"status": "success" if success else "aborted",
+                                       **_counts(samples_count, step)}, time_ms=time_ms)
 
     def close(self) -> None:
         """Flush and close the file."""

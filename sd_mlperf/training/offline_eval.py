@@ -46,7 +46,7 @@ from sd_mlperf.training.eval_checkpoints import (
     request_stop,
     trainer_gone,
 )
-from sd_mlperf.training.final_log import Score, append_eval_lines, compose_final_log, first_passing
+from sd_mlperf.training.final_log import Score, append_eval_lines, compose_final_log, first_passing, score_of_record
 from sd_mlperf.training.mlperf_log import TRAINING_LOG_FILE
 from sd_mlperf.training.score_key import checkpoint_identity, evaluation_settings, settings_digest
 from sd_mlperf.utils.dist_info import DistInfo
@@ -62,6 +62,8 @@ if TYPE_CHECKING:
 OFFLINE_EVAL_DIR = "eval_offline"
 SCORES_FILE = f"{OFFLINE_EVAL_DIR}/scores.jsonl"
 Strategy = Literal["all", "last_two", "watch"]
+EvalScores = tuple[float, float] | tuple[float, float, dict[str, float]]
+"""What an evaluation of a checkpoint gives: FID, CLIP and, for synthetic runs, the toy metrics."""
 
 
 def offline_eval_dir(run_dir: str | os.PathLike) -> Path:
@@ -174,12 +176,12 @@ class CheckpointScorer:
         return self.score(checkpoint.state, source=str(checkpoint.path), samples_count=checkpoint.samples_count or 0,
                           step=checkpoint.step, out_dir=out_dir)
 
-    def collected_scorer(self, run_dir: str | os.PathLike) -> Callable[[dict[str, Any]], tuple[float, float]]:
-        """`RunEvaluation`'s `evaluate`: (FID, CLIP) of a collected checkpoint's payload."""
-        def evaluate(payload: dict[str, Any]) -> tuple[float, float]:
+    def collected_scorer(self, run_dir: str | os.PathLike) -> Callable[[dict[str, Any]], EvalScores]:
+        """`RunEvaluation`'s `evaluate`: (FID, CLIP, toy metrics) of a collected checkpoint's payload."""
+        def evaluate(payload: dict[str, Any]) -> EvalScores:
             result = self.score(payload["unet"], source=f"{run_dir} step {payload['step']}",
                                 samples_count=int(payload["samples_count"]), step=int(payload["step"]))
-            return result.fid, result.clip
+            return result.fid, result.clip, dict(result.extra)
 
         return evaluate
 
@@ -265,10 +267,12 @@ class RunOutcome:
 class RunEvaluation:
     """Scores one run's collected checkpoints with an evaluator (the same on every rank)."""
 
-    def __init__(self, run_dir: str | Path, *, evaluate: Callable[[dict[str, Any]], tuple[float, float]],
+    def __init__(self, run_dir: str | Path, *, evaluate: Callable[[dict[str, Any]], EvalScores],
                  num_prompts: int, noise_seed: int, target_fid: float, target_clip: float, is_main: bool,
-                 final_num_prompts: int, settings: str = "") -> None:
-        """`evaluate(payload)` scores a loaded eval checkpoint and returns (FID, CLIP) on every rank.
+                 final_num_prompts: int, settings: str = "",
+                 target_toy: dict[str, float] | None = None) -> None:
+        """`evaluate(payload)` scores a loaded eval checkpoint and returns (FID, CLIP[, toy metrics]) on every rank;
+        `target_toy` is training.target_toy (the toy metrics the target also needs).
 
         Scores of `final_num_prompts` prompts (the run config's eval.num_prompts) are the only ones the final
         log takes; a quick look with fewer prompts is kept apart. `settings` (settings_digest of
@@ -278,6 +282,7 @@ class RunEvaluation:
         self._evaluate = evaluate
         self.key = {"num_prompts": num_prompts, "noise_seed": noise_seed, "settings": settings}
         self.target_fid, self.target_clip = target_fid, target_clip
+        self.target_toy = dict(target_toy or {})
         self.is_main = is_main
         self.final = num_prompts == final_num_prompts
         self.scores: dict[int, Score] = self._read_scores()
@@ -301,7 +306,7 @@ class RunEvaluation:
                     continue  # superseded by a resume from an earlier step, and not collected again (yet)
                 if identity[step] is not None and r.get("checkpoint_sha256") != identity[step]:
                     continue  # another checkpoint of that step (collected again after a resume): score it again
-                found[step] = Score(step, r["samples_count"], r["collected_ms"], r["fid"], r["clip"])
+                found[step] = score_of_record(r)
             return found
 
         return main_rank_result(read, is_main=self.is_main)
@@ -314,14 +319,19 @@ class RunEvaluation:
             return self.scores[step]
         path = self.run_dir / EVAL_CHECKPOINT_DIR / record["file"]
         payload = load_eval_checkpoint(self.run_dir, record)  # every rank: verified against its checksum and step
-        fid, clip = self._evaluate(payload)
-        score = Score(step, int(record["samples_count"]), int(record["collected_ms"]), float(fid), float(clip))
+        start_ms = int(time.time() * 1e3)  # the final log stamps the evaluation with its real times
+        fid, clip, *extra = self._evaluate(payload)
+        score = Score(step, int(record["samples_count"]), int(record["collected_ms"]), float(fid), float(clip),
+                      {k: float(v) for k, v in (extra[0] if extra else {}).items()}, start_ms,
+                      int(time.time() * 1e3))
         self.scores[step] = score
         if self.is_main:
             identity = record.get("sha256") or checkpoint_identity(self.run_dir, record)
             append_jsonl(self.run_dir / SCORES_FILE, {
                 "step": step, "samples_count": score.samples_count, "collected_ms": score.collected_ms,
-                "fid": score.fid, "clip": score.clip, "file": str(path), "checkpoint_sha256": identity, **self.key})
+                "fid": score.fid, "clip": score.clip, "extra": score.extra,
+                "eval_start_ms": score.eval_start_ms, "eval_stop_ms": score.eval_stop_ms,
+                "file": str(path), "checkpoint_sha256": identity, **self.key})
         verdict = "passes" if self.passes(score) else "does not pass"
         logger.info("checkpoint step %d (%d samples): FID %.4f CLIP %.4f, %s the target", step, score.samples_count,
                     score.fid, score.clip, verdict)
@@ -329,7 +339,7 @@ class RunEvaluation:
 
     def passes(self, score: Score) -> bool:
         """Whether a score reaches the run's quality target."""
-        return score.passes(self.target_fid, self.target_clip)
+        return score.passes(self.target_fid, self.target_clip, self.target_toy)
 
     def score_all(self, records: list[dict[str, Any]]) -> None:
         """Every checkpoint in order up to the first passing one."""
@@ -394,7 +404,7 @@ class RunEvaluation:
     # -- the result --------------------------------------------------------------------------------
     def first_passing(self) -> Score | None:
         """The first passing checkpoint among those scored."""
-        return first_passing(list(self.scores.values()), self.target_fid, self.target_clip)
+        return first_passing(list(self.scores.values()), self.target_fid, self.target_clip, self.target_toy)
 
     def write_final_log(self, path: str | Path) -> Path:
         """Write the run's final MLPerf log (rank 0 writes, atomically). Raises ValueError while it cannot be written.
@@ -413,7 +423,8 @@ class RunEvaluation:
                              "collected: it belongs to another run")
         training_end = (int(end["samples_count"]), int(end["time_ms"])) if end else None
         lines = compose_final_log(self.run_dir / TRAINING_LOG_FILE, list(self.scores.values()),
-                                  target_fid=self.target_fid, target_clip=self.target_clip, training_end=training_end)
+                                  target_fid=self.target_fid, target_clip=self.target_clip, training_end=training_end,
+                                  target_toy=self.target_toy)
         path = Path(path)
         if self.is_main:
             atomic_write_text(path, "\n".join(lines) + "\n")
@@ -438,7 +449,7 @@ def open_run_evaluation(run_dir: str | os.PathLike, cfg: Config, scorer: Checkpo
     return RunEvaluation(run_dir, evaluate=scorer.collected_scorer(run_dir),
                          num_prompts=num_prompts or cfg.eval.num_prompts, noise_seed=evaluation_seed(cfg),
                          target_fid=cfg.training.target_fid, target_clip=cfg.training.target_clip, is_main=is_main,
-                         final_num_prompts=cfg.eval.num_prompts,
+                         final_num_prompts=cfg.eval.num_prompts, target_toy=dict(cfg.training.target_toy),
                          settings=settings_digest(evaluation_settings(cfg, num_prompts or cfg.eval.num_prompts)))
 
 

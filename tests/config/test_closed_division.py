@@ -196,7 +196,8 @@ def test_the_free_hyperparameters_are_logged_under_their_mlperf_keys(tmp_path):
               if ":::MLLOG" in line]
     logged = {e["key"]: e["value"] for e in events}
     assert logged["global_batch_size"] == 16 * 8 * 2 and logged["gradient_accumulation_steps"] == 2
-    assert logged["opt_base_learning_rate"] == pytest.approx(2e-7, rel=1e-12)  # per sample, as the RCPs record it
+    # The lr after warmup (per-sample base x global batch), as the reference and every v5.0 submission log it.
+    assert logged["opt_base_learning_rate"] == pytest.approx(2e-7 * 16 * 8 * 2, rel=1e-12)
     assert logged["opt_learning_rate_warmup_steps"] == 250
 
 
@@ -259,3 +260,30 @@ def test_fixed_values_are_the_schema_defaults_where_the_default_is_the_reference
         assert node == fixed.value, key
     assert FIXED["model.unet.model_channels"].value == 320 and FIXED["optim.weight_decay"].value == 0.01
     assert FIXED["training.checkpoint_every_samples"].value == 512000 and FIXED["eval.num_prompts"].value == 30000
+
+
+def test_a_closed_config_that_matches_no_rcp_is_warned_naming_the_nearest(caplog):
+    from sd_mlperf.config.closed_division import closed_division_rcp_mismatch
+    from sd_mlperf.utils.logging import reset_log_once
+
+    system = REPO / "conf" / "system"
+    assert closed_division_rcp_mismatch(load_config([BASE, system / "01x08x32.yaml"])) is None
+    off = load_config([BASE, system / "01x08x32.yaml"], ["optim.base_lr_per_sample=1.25e-7"])
+    message = closed_division_rcp_mismatch(off)
+    assert "sd_ref_256" in message and "optim.base_lr_per_sample=2.8e-07" in message
+    warm = closed_division_rcp_mismatch(load_config([BASE, system / "01x08x32.yaml"], ["optim.warmup_steps=500"]))
+    assert "sd_ref_256" in warm and "optim.warmup_steps=1000" in warm
+    assert "sd_ref_1024" in closed_division_rcp_mismatch(load_config([BASE], ["training.micro_batch_size=1000"]))
+    assert closed_division_rcp_mismatch(load_config([BASE, system / "01x08x32.yaml"], [
+        "run.division=open", "optim.base_lr_per_sample=1e-6"])) is None
+    reset_log_once()
+    import logging
+
+    from sd_mlperf.utils.logging import logger
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="sd_mlperf"):
+            load_config([BASE, system / "01x08x32.yaml"], ["optim.base_lr_per_sample=1.25e-7"])
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert any("matches no RCP" in r.getMessage() and "sd_ref_256" in r.getMessage() for r in caplog.records)

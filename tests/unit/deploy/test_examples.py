@@ -143,3 +143,22 @@ def test_precompute_example_runs_on_synthetic_data(tmp_path):
                       "data.synthetic.num_val_prompts=2", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "latents").glob("*.tar")) == ["00000.tar", "00001.tar"]
+
+
+def test_submission_rehearsal_dry_run_trains_evaluates_and_packages():
+    proc = run_script("examples/07_submission_rehearsal_cpu.sh", "--dry-run", "--runs", "3", "--out", "/tmp/r", "--",
+                      "training.max_samples=8000")
+    assert proc.returncode == 0, proc.stderr
+    commands = _commands(proc.stdout)
+    _assert_cli_calls_exist(commands)
+    assert [c[3] for c in commands] == ["train", "evaluate"] * 3 + ["package"]
+    train = commands[0]
+    assert train[4:6] == ["--config", "conf/learn.yaml"] and "eval.inline=false" in train and "run.seed=null" in train
+    assert train[-1] == "training.max_samples=8000" and "data.synthetic_dir=/tmp/r/data" in train
+    assert [c[-1] for c in commands[1:6:2]] == ["--all", "--last-two", "--last-two"]
+    assert commands[-1][4:] == ["/tmp/r/run_0", "/tmp/r/run_1", "/tmp/r/run_2", "--out", "/tmp/r/submission",
+                                "--system-config", "conf/submission/cpu_rehearsal.yaml", "--force",
+                                "--allow-run-count-mismatch"]
+    ten = _commands(run_script("examples/07_submission_rehearsal_cpu.sh", "--dry-run", "--runs", "10").stdout)
+    assert "--allow-run-count-mismatch" not in ten[-1]
+    assert run_script("examples/07_submission_rehearsal_cpu.sh", "--dry-run", "--runs", "2").returncode != 0

@@ -17,7 +17,7 @@ ENTRY_POINTS = [s for s in SCRIPTS if not s.endswith(("lib.sh", "_common.sh"))]
 def test_the_scripts_the_issue_asks_for_exist():
     for name in ("slurm/sbatch.sh", "slurm/srun.sh", "slurm/run_and_time.sh", "docker/build.sh", "docker/launch.sh"):
         assert name in SCRIPTS
-    assert len([s for s in SCRIPTS if s.startswith("examples/0")]) == 6
+    assert len([s for s in SCRIPTS if s.startswith("examples/0")]) == 7
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

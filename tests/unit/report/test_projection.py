@@ -62,3 +62,13 @@ def test_projection_is_samples_over_images_per_second():
 def test_projection_needs_a_speed():
     with pytest.raises(ValueError, match="img/s per GPU > 0"):
         project_time_to_train(512, 0.0, 8, throughput_source="given")
+
+
+def test_projection_says_whether_the_run_trains_with_the_rcps_hyperparameters():
+    same = project_time_to_train(256, 100.0, 8, throughput_source="given", base_lr_per_sample=2.8e-7,
+                                 warmup_steps=1000)
+    assert "those of sd_ref_256" in same.lines()[-1]
+    other = project_time_to_train(256, 100.0, 8, throughput_source="given", base_lr_per_sample=1.25e-7,
+                                  warmup_steps=1000)
+    assert "match no RCP" in other.lines()[-1] and "sd_ref_256" in other.lines()[-1]
+    assert other.minutes == same.minutes  # the samples are the RCP's at this batch either way

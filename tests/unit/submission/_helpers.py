@@ -108,7 +108,7 @@ def write_system_config(path: Path, **changes) -> Path:
         if isinstance(value, str) and "<EDIT" in value:
             fields[key] = f"test value for {key}"
     fields.update(number_of_nodes=1, accelerators_per_node=1, host_processors_per_node=2,
-                  status="Research, Development, or Internal (RDI)")
+                  status="Available on-premise")  # the runs log submission_status onprem (the default)
     for key, value in changes.items():
         if value is None:
             fields.pop(key, None)

@@ -109,7 +109,7 @@ def test_system_description_fields_match_the_official_checker(tmp_path):
 
 def test_example_system_config_lists_every_field_as_a_placeholder(tmp_path):
     fields = yaml.safe_load(EXAMPLE_SYSTEM.read_text())
-    assert set(fields) == set(REQUIRED_FIELDS) - set(FROM_RUNS)
+    assert set(fields) == set(REQUIRED_FIELDS) - set(FROM_RUNS) - {"system_name"}  # default: submission_platform
     _, problems = system_description(fields, EXAMPLE_SYSTEM, org=ORG, system=SYSTEM, division="open",
                                      num_nodes=None, gpus_per_node=None)
     assert len(problems) == 1 and "placeholders" in problems[0] and "status" in problems[0]
@@ -155,19 +155,16 @@ def test_ten_open_runs_pass_every_checker_and_score_as_the_olympic_mean(runs, sy
     assert [r["dropped"] for r in summary["runs"]].count("fastest") == 1
     assert [r["seed"] for r in summary["runs"]] == list(range(1000, 1010))
     assert all(r["samples_to_target"] == 80 for r in summary["runs"])  # the second evaluation reaches the target
-    assert f"Score: {expected:.4f} min" in printed and "PASSED" in printed
+    # The official summarizer's score is the headline; the raw olympic mean and the scaling factor beside it.
+    assert f"Score: {expected:.4f} min (the official result summarizer: raw olympic mean {expected:.4f} min" in printed
+    assert "x RCP scaling factor 1.0000" in printed and "PASSED" in printed
 
 
-@pytest.mark.slow
-def test_a_seed_repeated_on_the_same_line_fails_the_seed_checker(runs, system_yaml, tmp_path, capsys, monkeypatch):
-    _without_subprocess_checkers(monkeypatch, package_checker=True, summarizer=True)  # open: neither checks seeds
+def test_a_repeated_seed_is_refused_naming_both_runs(runs, system_yaml, tmp_path):
     shutil.rmtree(runs[4])
-    write_run(runs[4], 1000, 12.0)  # run 0's seed, logged by the same source line
-    assert main(["package", *map(str, runs), "--out", str(tmp_path / "out"), "--system-config",
-                 str(system_yaml)]) == 1
-    printed = capsys.readouterr().out
-    assert re.search(r"seed checker\s+FAIL", printed)
-    assert "already logs the same seed on the same line" in printed
+    write_run(runs[4], 1000, 12.0)  # run 0's seed
+    message = _refused(runs, system_yaml, tmp_path / "out")
+    assert f"seed 1000 is logged by {runs[0]} and {runs[4]}" in message
 
 
 @pytest.mark.slow
@@ -178,6 +175,9 @@ def test_closed_division_path_needs_rcp_bypass_for_a_toy_batch(runs, system_yaml
     # follows the logs.
     for run in runs:
         _relabel_closed(run)
+    from sd_mlperf.submission import runs as runs_module
+
+    monkeypatch.setattr(runs_module, "closed_label_vs_config", lambda cfg: [])  # (refused otherwise, see below)
     out = tmp_path / "out"
     base = ["package", *map(str, runs), "--out", str(out), "--system-config", str(system_yaml)]
     assert main(base) == 1
@@ -206,7 +206,8 @@ def test_every_bad_run_is_named_with_its_fix_in_one_error(runs, system_yaml, tmp
     (runs[0] / "mlperf.log").unlink()
     _drop_keys(runs[1] / "mlperf.log", "run_stop")
     for i, kwargs in ((2, {"resumed_marker": True}), (3, {"start_samples": 40}),
-                      (4, {"success": False, "evals": [(250.0, 0.08), (120.0, 0.1)]})):
+                      (4, {"success": False, "evals": [(250.0, 0.08), (120.0, 0.1)]}),
+                      (6, {"success": False, "evals": [(250.0, 0.08), (120.0, 0.1)]})):
         shutil.rmtree(runs[i])
         write_run(runs[i], 2000 + i, 12.0, **kwargs)
     shutil.rmtree(runs[5])
@@ -218,7 +219,7 @@ def test_every_bad_run_is_named_with_its_fix_in_one_error(runs, system_yaml, tmp
     assert f"sd-mlperf evaluate --run-dir {runs[1]}" in message
     assert f"{runs[2]}: a resumed run (it logs sd_mlperf_resumed" in message
     assert f"{runs[3]}: a resumed run (its run_start is at samples_count 40)" in message
-    assert f"{runs[4]}: did not converge (run_stop status 'aborted')" in message
+    assert f"2 runs did not converge ({runs[4]}, {runs[6]}): olympic scoring drops one" in message
     assert re.search(rf"disagree on submission_platform .*: 'cpu_box' in .*; 'other_box' in {re.escape(str(runs[5]))}$",
                      message, flags=re.M)
 
@@ -265,11 +266,13 @@ def test_the_run_count_is_the_rules_unless_allowed(runs, system_yaml, tmp_path):
 
 def test_system_config_problems(runs, tmp_path):
     bad = write_system_config(tmp_path / "bad.json", cooling=None, framework=None, accelerators_per_node=8,
-                              system_name="another_box")
+                              submitter="another_org")
     message = _refused(runs, bad, tmp_path / "out")
     assert "lacks required field(s) cooling, framework" in message
     assert "accelerators_per_node is 8 but the runs trained with parallel.gpus_per_node=1" in message
-    assert "system_name is 'another_box' but the runs log 'cpu_box'" in message
+    assert "submitter is 'another_org' but the runs log 'testorg'" in message
+    cloud = write_system_config(tmp_path / "cloud.json", status="Available cloud")
+    assert "train with run.submission_status=cloud" in _refused(runs, cloud, tmp_path / "out")
     assert "placeholders" in _refused(runs, EXAMPLE_SYSTEM, tmp_path / "out")
 
 
@@ -314,3 +317,40 @@ def test_a_failed_write_leaves_the_old_package_and_no_partial_one(runs, system_y
     with pytest.raises(OSError, match="disk full"):
         package_runs(runs, out, system_yaml, force=True)
     assert sorted(p.name for p in out.iterdir()) == [ORG] and (out / ORG / "old.txt").exists()
+
+
+def test_the_cpu_rehearsal_system_config_is_accepted_by_us_and_the_official_checker(tmp_path):
+    from mlperf_logging.system_desc_checker.system_desc_checker import check_system_desc
+
+    path = EXAMPLE_SYSTEM.with_name("cpu_rehearsal.yaml")
+    fields = yaml.safe_load(path.read_text())
+    desc, problems = system_description(fields, path, org="cpu_rehearsal", system="cpu_box", division="open",
+                                        num_nodes=1, gpus_per_node=1, submission_status="research")
+    assert problems == [] and isinstance(desc["other_software_stack"], dict)
+    (tmp_path / "cpu_box.json").write_text(json.dumps(desc))
+    assert check_system_desc(str(tmp_path / "cpu_box.json"), "training", "5.0.0")[0]
+
+
+def test_one_non_converged_run_is_packaged_with_a_warning(runs, system_yaml, tmp_path, capsys, monkeypatch):
+    _without_subprocess_checkers(monkeypatch, package_checker=True, summarizer=True)
+    shutil.rmtree(runs[4])
+    write_run(runs[4], 2004, 30.0, success=False, evals=[(250.0, 0.08), (120.0, 0.1)])
+    assert main(["package", *map(str, runs), "--out", str(tmp_path / "out"), "--system-config",
+                 str(system_yaml)]) == 0
+    printed = capsys.readouterr().out
+    assert f"Warning: {runs[4]} did not converge (run_stop status 'aborted')" in printed
+    summary = json.loads((tmp_path / "out" / "package_summary.json").read_text())
+    assert summary["warnings"] and summary["runs"][4]["dropped"] == "slowest"
+
+
+def test_a_run_the_summarizer_drops_counts_as_the_slowest():
+    from sd_mlperf.submission.runs import RunRecord, olympic_mean
+
+    failed = RunRecord(Path("r"), run_start_ms=0, run_stop_ms=60_000, compliant=False)  # a non-converged closed run
+    assert failed.minutes == float("inf")
+    from sd_mlperf.submission.package import PackageReport, RunResult
+
+    report = PackageReport("p", "closed", "o", "s", 256, [RunResult(0, "r", "f", 1, None, failed.minutes)], 3.5, 3.5)
+    assert json.loads(json.dumps(report.to_json(), allow_nan=False))["runs"][0]["minutes"] is None
+    minutes = [failed.minutes, 2.0, 3.0, 4.0]
+    assert olympic_dropped(minutes) == (1, 0) and olympic_mean(minutes) == 3.5

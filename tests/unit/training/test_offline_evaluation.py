@@ -13,7 +13,7 @@ import torch
 
 from sd_mlperf.training.eval_checkpoints import STOP_FILE, read_index
 from sd_mlperf.training.final_log import parse_mllog_line
-from sd_mlperf.training.offline_eval import RunEvaluation
+from sd_mlperf.training.offline_eval import RunEvaluation, read_score_records
 from tests.unit.training._helpers import make_batches, make_cfg, make_trainer
 
 PASS, FAIL = (80.0, 0.2), (120.0, 0.1)
@@ -75,13 +75,21 @@ def test_all_scores_in_order_up_to_the_first_pass_and_times_run_stop_at_its_coll
     stop = events[-1]
     assert stop["metadata"] == {**stop["metadata"], "status": "success", "samples_count": 16}
     assert stop["time_ms"] == records[3]["collected_ms"]
-    # No block after the passing checkpoint's; each evaluation right after its block, at its collection time.
-    assert max(e["metadata"]["samples_count"] for e in events if e["key"] == "block_start") == 12
-    for record in records[:4]:
-        i = next(i for i, e in enumerate(events) if e["key"] == "block_stop"
-                 and e["metadata"]["samples_count"] == record["samples_count"])
-        assert [e["key"] for e in events[i + 1: i + 5]] == ["eval_start", "eval_accuracy", "eval_accuracy", "eval_stop"]
-        assert {e["time_ms"] for e in events[i + 1: i + 5]} == {record["collected_ms"]}
+    assert stop["metadata"]["step_num"] == 8
+    # As the v5.0 results: every training line (the blocks after the passing checkpoint too), then the
+    # evaluations in the order they ran, stamped with their real times, then run_stop (back-dated).
+    training = (run / "mlperf_train.log").read_text().splitlines()
+    assert log.read_text().splitlines()[: len(training)] == training
+    assert max(e["metadata"]["samples_count"] for e in events if e["key"] == "block_stop") == 24
+    evals = events[len(training):-1]
+    assert [e["key"] for e in evals] == ["eval_start", "eval_accuracy", "eval_accuracy", "eval_stop"] * 4
+    scores = {r["samples_count"]: r for r in read_score_records(run)}
+    assert [e["metadata"]["samples_count"] for e in evals[::4]] == [r["samples_count"] for r in records[:4]]
+    for start, fid, clip, end in zip(*[iter(evals)] * 4):
+        score = scores[start["metadata"]["samples_count"]]
+        assert start["time_ms"] == score["eval_start_ms"] and end["time_ms"] == score["eval_stop_ms"]
+        assert score["collected_ms"] <= score["eval_start_ms"] <= fid["time_ms"] <= end["time_ms"]
+        assert {e["metadata"]["step_num"] for e in (start, fid, clip, end)} == {score["step"]}
     result = _check(log, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     # A second call scores nothing again: the scores are kept in RUN/eval_offline/scores.jsonl.
@@ -276,7 +284,7 @@ def test_checkpoint_scorer_loads_checks_and_writes_into_each_checkpoints_run(tmp
 
         def evaluate(self, unet, *, samples_count, step, out_dir=None):
             self.calls.append((float(unet.weight.detach().sum()), samples_count, step, out_dir))
-            return SimpleNamespace(fid=80.0, clip=0.2, num_images=2, seconds=1.0, json_path=Path("x.json"))
+            return SimpleNamespace(fid=80.0, clip=0.2, num_images=2, seconds=1.0, json_path=Path("x.json"), extra={})
 
     unet, evaluator = torch.nn.Linear(2, 2, bias=False), Evaluator()
     scorer = CheckpointScorer(unet, evaluator)
@@ -287,7 +295,7 @@ def test_checkpoint_scorer_loads_checks_and_writes_into_each_checkpoints_run(tmp
     result = scorer.score_checkpoint(run)
     scorer.score_checkpoint(loose)
     assert evaluator.calls == [(4.0, 0, 4, tmp_path / "r" / "eval_offline"), (4.0, 8, 0, None)]
-    assert scorer.collected_scorer(tmp_path)({"unet": ones, "step": 6, "samples_count": 12}) == (80.0, 0.2)
+    assert scorer.collected_scorer(tmp_path)({"unet": ones, "step": 6, "samples_count": 12}) == (80.0, 0.2, {})
     with pytest.raises(ValueError, match="step 6: does not match Linear"):
         scorer.collected_scorer(tmp_path)({"unet": {"w": torch.ones(1)}, "step": 6, "samples_count": 12})
     assert describe_checkpoint_score(run, result) == (f"{run.path}: step 4 samples None FID 80.0000 CLIP 0.2000 "
@@ -393,3 +401,18 @@ def test_watch_ends_with_one_line_when_the_trainer_died_or_time_runs_out(run_dir
     with pytest.raises(UserError, match=rf"--watch: the trainer \(pid {dead.pid} on this host\) is gone without "
                                         "recording the end of training"):
         runner.watch(poll_s=0.01, timeout_s=60)
+
+
+def test_offline_evaluation_honours_the_toy_target_and_keeps_the_toy_metrics(run_dir, tmp_path):
+    run = _copy(run_dir, tmp_path)
+    toy = [(*PASS, {"toy_background_acc": acc}) for acc in (0.2, 0.5, 0.95, 0.3, 0.99, 0.99)]
+    calls: list[int] = []
+    runner = _runner(run, toy, calls, target_toy={"toy_background_acc": 0.9})
+    runner.score_all(runner.collected()[0])
+    assert calls == [2, 4, 6]  # FID and CLIP pass from the first; the toy metric only at the third
+    assert runner.first_passing().step == 6
+    events = _events(runner.write_final_log(run / "mlperf.log"))
+    assert events[-1]["metadata"]["samples_count"] == 12 and events[-1]["metadata"]["status"] == "success"
+    assert [r["extra"] for r in read_score_records(run)] == [t[2] for t in toy[:3]]
+    # Read back from scores.jsonl, the toy metrics still decide.
+    assert _runner(run, [PASS] * 6, calls, target_toy={"toy_background_acc": 0.9}).first_passing().step == 6
