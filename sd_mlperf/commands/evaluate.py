@@ -95,12 +95,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _score_run(args: argparse.Namespace, cfg: Config, dist: DistInfo) -> int:
-    from sd_mlperf.training.offline_eval import (
-        build_checkpoint_scorer,
-        offline_eval_dir,
-        open_run_evaluation,
-        prepare_run_evaluation,
-    )
+    from sd_mlperf.training.checkpoint_scorer import build_checkpoint_scorer
+    from sd_mlperf.training.offline_eval import offline_eval_dir, open_run_evaluation, prepare_run_evaluation
 
     run_dir = Path(args.run_dir)
     # Before any model is built or prompt scored: writable, and no other evaluator on this run directory.
@@ -119,12 +115,12 @@ def _score_run(args: argparse.Namespace, cfg: Config, dist: DistInfo) -> int:
 
 
 def _score_checkpoints(args: argparse.Namespace, cfg: Config, dist: DistInfo, checkpoints: list[Path]) -> int:
-    from sd_mlperf.training.checkpoints import read_checkpoint_weights
-    from sd_mlperf.training.offline_eval import (
+    from sd_mlperf.training.checkpoint_scorer import (
         append_checkpoint_score,
         build_checkpoint_scorer,
         describe_checkpoint_score,
     )
+    from sd_mlperf.training.checkpoints import read_checkpoint_weights
 
     scorer = build_checkpoint_scorer(cfg, dist)
     for path in checkpoints:
