@@ -121,3 +121,42 @@ def test_eta_noise_is_per_prompt_and_required():
     batch = ddim_sample(_toy_unet, x_T, cond, uncond, sched, guidance_scale=2.0, noise=PromptNoise(5, [0, 1, 2]))
     alone = ddim_sample(_toy_unet, x_T[1:2], cond[1:2], uncond, sched, guidance_scale=2.0, noise=PromptNoise(5, [1]))
     torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=1e-6)
+
+
+def test_eta_trajectory_matches_hand_computation():
+    """eta = 1 over 2 steps, by hand in float64: the noise term and the 1 - a_prev - sigma^2 direction both count."""
+    sched = make_ddim_schedule(ACP, 2, eta=1.0)
+    hand = python_alphas_cumprod()
+    x_T = initial_noise(3, [0, 1], (1, 2, 2))
+    cond, uncond = torch.ones(2, 3, 4), torch.zeros(1, 3, 4)
+    out = ddim_sample(_toy_unet, x_T, cond, uncond, sched, guidance_scale=2.0, noise=PromptNoise(9, [0, 1]))
+    draws = PromptNoise(9, [0, 1])  # the same generators, drawn in the sampler's order
+    x = x_T.double()
+    for t, t_prev in ((501, 1), (1, None)):
+        a, ap = hand[t], (hand[t_prev] if t_prev is not None else hand[0])
+        sigma = math.sqrt((1 - ap) / (1 - a) * (1 - a / ap))
+        v = t / 1000.0 + 2.0 * x  # v_u = t/1000 (ctx 0), v_c = x + t/1000 (ctx 1), guidance 2
+        x0 = math.sqrt(a) * x - math.sqrt(1 - a) * v
+        eps = math.sqrt(a) * v + math.sqrt(1 - a) * x
+        x = math.sqrt(ap) * x0 + math.sqrt(1 - ap - sigma**2) * eps + sigma * draws.draw((1, 2, 2)).double()
+    assert sched.sigmas[0].item() > 0.01  # a noise term that matters at the first step
+    torch.testing.assert_close(out.double(), x, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_unet_runs_under_the_evaluation_precision(precision, dtype):
+    """eval.precision reaches the UNet: autocast on (with its dtype) for bf16/fp16, off for fp32; latents stay fp32."""
+    seen = []
+
+    def unet(x, t, ctx):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), x.dtype))
+        return _toy_unet(x, t, ctx)
+
+    sched = make_ddim_schedule(ACP, 2)
+    out = ddim_sample(unet, torch.ones(1, 1, 2, 2), torch.ones(1, 3, 4), torch.zeros(1, 3, 4), sched,
+                      precision=precision)
+    assert out.dtype == torch.float32 and len(seen) == 2
+    for enabled, autocast_dtype, x_dtype in seen:
+        assert enabled == (dtype is not None) and x_dtype == torch.float32
+        if dtype is not None:
+            assert autocast_dtype == dtype
