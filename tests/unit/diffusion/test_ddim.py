@@ -15,16 +15,21 @@ from sd_mlperf.diffusion.ddim import (
     guided_v,
     initial_noise,
     make_ddim_schedule,
+    prompt_seed,
 )
 from sd_mlperf.diffusion.schedule import make_alphas_cumprod
 from tests.unit.diffusion._helpers import python_alphas_cumprod
 
 ACP = make_alphas_cumprod(DiffusionConfig())
+# prompt_seed(0, 0..2) and prompt_seed(2024, 29999), as released: odd and even values.
+PINNED_SEEDS = [6375474604893067239, 8514611595815388268, 6745496412263418813]
+PINNED_LAST = 2979538746774483229
 
 
 def test_timesteps_are_the_reference_ones():
     steps = ddim_timesteps(1000, 50)
-    assert steps.tolist() == [1 + 20 * i for i in range(50)]
+    assert steps.tolist() == [1 + 20 * i for i in range(50)] and steps.dtype == torch.int64
+    assert ddim_timesteps(1000, 1).tolist() == [1] and ddim_timesteps(1000, 500).tolist()[-1] == 999
     sched = make_ddim_schedule(ACP, 50)
     assert sched.timesteps[0].item() == 981 and sched.timesteps[-1].item() == 1
     assert sched.timesteps.tolist() == list(range(981, 0, -20))
@@ -45,7 +50,8 @@ def test_eta_sigmas_match_the_formula():
 
 
 def test_bad_steps_and_eta_raise():
-    for bad in (0, 3, 7, 1001):  # the reference's spacing range(0, T, T // S) + 1 only works when S divides T
+    # The reference's spacing range(0, T, T // S) + 1 only works when S divides T, and S = T would index acp[T].
+    for bad in (0, 3, 7, 1000, 1001):
         with pytest.raises(ValueError, match="eval.ddim_steps"):
             ddim_timesteps(1000, bad)
     with pytest.raises(ValueError, match="eval.eta"):
@@ -160,3 +166,16 @@ def test_unet_runs_under_the_evaluation_precision(precision, dtype):
         assert enabled == (dtype is not None) and x_dtype == torch.float32
         if dtype is not None:
             assert autocast_dtype == dtype
+
+
+def test_prompt_seeds_are_pinned():
+    """The evaluation images depend on these seeds: a change would silently make scores incomparable across versions."""
+    assert [prompt_seed(0, i) for i in range(3)] == PINNED_SEEDS
+    assert prompt_seed(2024, 29999) == PINNED_LAST
+
+
+def test_noise_and_steps_land_on_the_requested_device():
+    """Device plumbing, checked on the CPU with the meta device (no data, only placement)."""
+    assert initial_noise(0, [0, 1], (4, 2, 2), "meta").device.type == "meta"
+    assert PromptNoise(0, [3]).draw((4, 2, 2), torch.device("meta")).device.type == "meta"
+    assert initial_noise(0, [0], (1, 2, 2)).dtype == torch.float32
