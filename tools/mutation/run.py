@@ -66,7 +66,7 @@ KILLED = {"killed", "timeout"}
 def read_equivalents() -> dict[str, str]:
     """mutant name -> the mutated line it must still show (equivalent.txt: `name | line | why`)."""
     out = {}
-    for raw in EQUIVALENT_FILE.read_text().splitlines():
+    for raw in EQUIVALENT_FILE.read_text(encoding="utf-8").splitlines():
         if raw.strip() and not raw.startswith("#"):
             name, line, _why = (part.strip() for part in raw.split(" | ", 2))
             out[name] = line
@@ -116,10 +116,10 @@ def results(work: Path) -> dict[str, str]:
     return found
 
 
-def mutated_lines(work: Path, mutant: str) -> list[str]:
-    """The '+' lines of the mutant's diff, stripped."""
+def changed_lines(work: Path, mutant: str, sign: str = "+") -> list[str]:
+    """The `sign` ('+' or '-') lines of the mutant's diff, stripped."""
     diff = mutmut(work, "show", mutant, capture=True).stdout
-    return [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    return [ln[1:].strip() for ln in diff.splitlines() if ln.startswith(sign) and not ln.startswith(sign * 3)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
             if s in KILLED:
                 continue
             if mutant in equivalents:
-                if equivalents[mutant] not in mutated_lines(work, mutant):
+                if equivalents[mutant] not in changed_lines(work, mutant):
                     problems.append(f"{mutant}: listed as equivalent for `{equivalents[mutant]}`, but the mutant "
                                     "now changes another line; review it and update equivalent.txt")
                 equivalent += 1
             else:
-                unexplained.append(f"{mutant} ({s})")
+                before, after = changed_lines(work, mutant, "-"), changed_lines(work, mutant)
+                unexplained.append(f"{mutant} ({s}):\n    - {' / '.join(before)}\n    + {' / '.join(after)}")
         total = len(status)
         score = killed / max(total - equivalent, 1)
         rows.append(f"| {name} | {total} | {killed} | {equivalent} | {len(unexplained)} | {100 * score:.1f}% |")
