@@ -147,3 +147,36 @@ def test_clip_score_is_plain_mean():
     assert mean_clip_score(scores) == pytest.approx(0.2)
     with pytest.raises(ValueError):
         mean_clip_score(np.zeros(0))
+
+
+def test_sqrtm_imaginary_parts_are_dropped_when_tiny_and_refused_when_not(monkeypatch):
+    """pytorch-fid's rule: keep the real part if the diagonal's imaginary part is within 1e-3, else refuse."""
+    rng = np.random.default_rng(6)
+    _, mu1, s1 = _random_stats(rng, 40, 4)
+    _, mu2, s2 = _random_stats(rng, 40, 4)
+    expected = frechet_distance(mu1, s1, mu2, s2)
+    real_sqrtm = metrics.linalg.sqrtm
+    monkeypatch.setattr(metrics.linalg, "sqrtm", lambda a: real_sqrtm(a) + 1e-9j)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-12)
+    monkeypatch.setattr(metrics.linalg, "sqrtm", lambda a: real_sqrtm(a) + 0.5j * np.eye(4))
+    with pytest.raises(ValueError, match=r"^FID: sqrtm has an imaginary component of 0\.5; "
+                                         r"the statistics are not valid covariances$"):
+        frechet_distance(mu1, s1, mu2, s2)
+
+
+def test_two_feature_rows_are_enough_and_fewer_are_refused():
+    rng = np.random.default_rng(7)
+    _, mu1, s1 = _random_stats(rng, 30, 3)
+    two = rng.standard_normal((2, 3))
+    mu2, s2 = feature_statistics(two)
+    expected = frechet_distance(mu1, s1, mu2, s2)
+    assert FrechetReference(mu1, s1).method == "sqrtm"  # the reference's formula unless asked otherwise
+    assert FrechetReference(mu1, s1).distance(two) == expected
+    assert FrechetReference(mu1, s1, method="eigh").distance(two) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match=r"^FID needs at least 2 feature rows of shape \(N, D\), got \(1, 3\); "
+                                         r"evaluate at least 2 prompts \(eval\.num_prompts\)$"):
+        feature_statistics(two[:1])
+    with pytest.raises(ValueError, match="N >= 2"):
+        FrechetReference(mu1, s1, method="eigh").distance(two[:1])
+    with pytest.raises(ValueError, match="^CLIP score of zero images$"):
+        mean_clip_score(np.zeros(0))
