@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from torch import nn
 
-from sd_mlperf.models.norm import TorchGroupNorm
+from sd_mlperf.backends import BackendUnavailable
+from sd_mlperf.models import norm as norm_mod
+from sd_mlperf.models.norm import NormBuilder, TorchGroupNorm
 from sd_mlperf.models.unet import build_unet
-from tests.unit.models.test_unet import tiny_cfg
+from tests.unit.models.test_unet import FakeApexGroupNorm, tiny_cfg
 from tests.unit.stand_ins import APEX_EXTENSIONS, fake_apex_site, write_fake_apex
 
 
@@ -37,3 +41,30 @@ def test_auto_degrades_when_the_apex_import_fails(apex_site):
     assert all(type(m) is TorchGroupNorm for m in unet.modules() if isinstance(m, nn.GroupNorm))
     with pytest.raises(RuntimeError, match=r"model.unet.norm_backend=apex.*cannot be imported.*--group_norm"):
         build_unet(tiny_cfg(norm_backend="apex", channels_last=True))
+
+
+def test_torch_norm_repr_shows_the_folded_activation():
+    plain = repr(nn.GroupNorm(2, 4))[len("GroupNorm"):]  # torch's own fields, whatever its version prints
+    assert repr(TorchGroupNorm(2, 4, act="silu")) == "TorchGroupNorm" + plain[:-1] + ", act=silu)"
+    assert repr(TorchGroupNorm(2, 4)) == "TorchGroupNorm" + plain
+
+
+def test_builder_counts_each_kernel_and_says_why(monkeypatch):
+    torch_builder = NormBuilder("torch")
+    for channels in (8, 16):
+        torch_builder(num_groups=4, num_channels=channels, eps=1e-5, act="silu")
+    assert torch_builder.summary() == "GroupNorm: 2 layers on torch"
+    monkeypatch.setattr(norm_mod, "_import_apex_group_norm", lambda: FakeApexGroupNorm)  # supports (4, 16) only
+    apex = NormBuilder("apex")
+    layers = [apex(num_groups=g, num_channels=c, eps=1e-5) for g, c in ((4, 16), (4, 16), (4, 8), (2, 16))]
+    assert [type(m) for m in layers] == [FakeApexGroupNorm, FakeApexGroupNorm, TorchGroupNorm, TorchGroupNorm]
+    assert apex.summary() == ("GroupNorm: 2 layers on apex NHWC, 2 on torch (apex lacks (groups, channels) "
+                              "(2, 16), (4, 8))")
+
+
+def test_apex_import_failure_names_the_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "apex.contrib.group_norm", None)  # the import fails, as on an ABI mismatch
+    with pytest.raises(BackendUnavailable, match=r"^model\.unet\.norm_backend=apex: apex\.contrib\.group_norm cannot "
+                                                 r"be imported .*Or set model\.unet\.norm_backend=auto \(or "
+                                                 r"model\.unet\.norm_backend=torch, the reference kernel\)\.$"):
+        NormBuilder("apex")
