@@ -38,6 +38,9 @@ def test_timesteps_are_the_reference_ones():
     assert torch.equal(sched.alphas_prev[:-1], sched.alphas[1:])
     assert sched.alphas_prev[-1].item() == ACP[0].item()
     assert torch.count_nonzero(sched.sigmas) == 0
+    # Constants stored as float32 whatever the input's dtype: a float64 schedule would turn the latents float64.
+    wide = make_ddim_schedule(ACP.double(), 50, eta=0.5)
+    assert {wide.alphas.dtype, wide.alphas_prev.dtype, wide.sigmas.dtype} == {torch.float32}
 
 
 def test_eta_sigmas_match_the_formula():
