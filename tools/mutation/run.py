@@ -43,11 +43,11 @@ class Module:
 # narrows these further, per mutated function, to the tests that call it. Integration tests stay out (slow).
 MODULES: dict[str, Module] = {
     "diffusion": Module(("sd_mlperf/diffusion/*",), ("tests/unit/diffusion",)),
-    # The UNet tests reach attention and norm through every block; the VAE, text-encoder, checkpoint and
-    # precision tests reach them too but check nothing more about them, and would multiply the run time.
+    # Other model tests (UNet, VAE, text encoder, checkpoints, precision) reach attention and norm through every
+    # block but check nothing more about them, and would multiply the run time; the UNet's test holds the apex
+    # stand-in cases of the norm builder.
     "attention": Module(("sd_mlperf/models/attention.py",),
-                        ("tests/unit/models/test_attention.py", "tests/unit/models/test_unet.py",
-                         "tests/parity/test_attention_parity.py")),
+                        ("tests/unit/models/test_attention.py", "tests/parity/test_attention_parity.py")),
     "norm": Module(("sd_mlperf/models/norm.py",),
                    ("tests/unit/models/test_norm.py", "tests/unit/models/test_unet.py")),
     # Not tests/unit/eval as a whole: the evaluator tests reach mean_clip_score too, and at tens of seconds each
@@ -59,7 +59,8 @@ MODULES: dict[str, Module] = {
                               fresh_import=True),  # FIXED is built from the schema at import
     # Issues 20 and 21 rewrite these four; the integrator re-measures them after merging.
     "optimizer": Module(("sd_mlperf/parallel/optimizer.py",),
-                        ("tests/unit/parallel/test_optimizer.py", "tests/unit/parallel/test_torch_adapter.py")),
+                        ("tests/unit/parallel/test_optimizer.py", "tests/unit/parallel/test_torch_adapter.py",
+                         "tests/unit/parallel/test_optim_state_placement.py")),
     "loss_scaling": Module(("sd_mlperf/parallel/loss_scaling.py",),
                            ("tests/unit/parallel/test_loss_scaling.py", "tests/unit/parallel/test_torch_adapter.py",
                             "tests/unit/parallel/test_nonfinite_steps.py")),
