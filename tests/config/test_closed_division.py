@@ -293,3 +293,20 @@ def test_fixed_values_are_the_schema_defaults_where_the_default_is_the_reference
         assert node == fixed.value, key
     assert FIXED["model.unet.model_channels"].value == 320 and FIXED["optim.weight_decay"].value == 0.01
     assert FIXED["training.checkpoint_every_samples"].value == 512000 and FIXED["eval.num_prompts"].value == 30000
+
+
+def test_schema_default_rows_are_built_per_field():
+    """FIXED's builder, called here so that a bug in it shows in a test (FIXED itself is built at import)."""
+    from sd_mlperf.config.closed_division import SAMPLER, UNET_EXECUTION_KEYS, _schema_defaults
+
+    assert _schema_defaults("eval", SAMPLER, ["ddim_steps", "guidance_scale", "eta"]) == {
+        "eval.ddim_steps": (50, SAMPLER), "eval.guidance_scale": (8.0, SAMPLER), "eval.eta": (0.0, SAMPLER)}
+    unet = _schema_defaults("model.unet", MODEL, skip=UNET_EXECUTION_KEYS)
+    assert not {f"model.unet.{k}" for k in UNET_EXECUTION_KEYS} & set(unet)
+    assert unet["model.unet.channel_mult"] == Fixed([1, 2, 4, 4], MODEL)
+    assert type(unet["model.unet.channel_mult"].value) is list and unet["model.unet.num_res_blocks"].value == 2
+    assert len(unet) == len(fields(Config().model.unet)) - len(UNET_EXECUTION_KEYS)
+    with pytest.raises(AssertionError, match=r"^model\.unet is a section or has no default$"):
+        _schema_defaults("model", MODEL, ["unet"])
+    with pytest.raises(AssertionError, match=r"^model\.frozen_checkpoint is a section or has no default$"):
+        _schema_defaults("model", MODEL, ["frozen_checkpoint"])

@@ -34,9 +34,6 @@ class Module:
 
     files: tuple[str, ...]
     tests: tuple[str, ...]
-    fresh_import: bool = False
-    """Import the package anew in every mutant's process (slower): for modules whose tables are built at import
-    time, which a process forked after the import would never see mutated."""
 
 
 # Tests per module: the unit tests of the module plus the ones that exercise it through its callers. mutmut
@@ -55,8 +52,7 @@ MODULES: dict[str, Module] = {
     "metrics": Module(("sd_mlperf/eval/metrics.py",),
                       ("tests/unit/eval/test_metrics.py", "tests/unit/eval/test_fid_stats.py")),
     "closed_division": Module(("sd_mlperf/config/closed_division.py",),
-                              ("tests/config/test_closed_division.py", "tests/unit/training/test_run_identity.py"),
-                              fresh_import=True),  # FIXED is built from the schema at import
+                              ("tests/config/test_closed_division.py", "tests/unit/training/test_run_identity.py")),
     # Issues 20 and 21 rewrite these four; the integrator re-measures them after merging.
     "optimizer": Module(("sd_mlperf/parallel/optimizer.py",),
                         ("tests/unit/parallel/test_optimizer.py", "tests/unit/parallel/test_torch_adapter.py",
@@ -108,9 +104,8 @@ def prepare(name: str, module: Module) -> Path:
         # -p no:randomly is not needed (not installed); no cache writes from many forked runs at once.
         'pytest_add_cli_args = ["-q", "-x", "-p", "no:cacheprovider"]\n'
     )
-    if module.fresh_import:
-        # A fork server that imports nothing ahead: each mutant's process imports sd_mlperf with the mutant active.
-        section += 'process_isolation = "forkserver"\nforkserver_warmup = "none"\n'
+    # Code that runs at import (FIXED's table) runs once, before mutmut forks a process per mutant, so its
+    # mutants are killed only by tests that call it again (see test_schema_default_rows_are_built_per_field).
 
     (work / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text() + section)
     return work
