@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, problems = [], []
     for name in args.modules or list(MODULES):
         work = SCRATCH / name
+        start = time.monotonic()
         if not args.report_only:
             work = prepare(name, MODULES[name])
             if mutmut(work, "run", "--max-children", str(args.max_children)).returncode != 0:
@@ -196,13 +198,14 @@ def main(argv: list[str] | None = None) -> int:
                                    f"    + {' / '.join(after)}")
         total = len(status)
         score = killed / max(total - equivalent - gpu_only, 1)
+        minutes = "-" if args.report_only else f"{(time.monotonic() - start) / 60:.1f}"
         rows.append(f"| {name} | {total} | {killed} | {equivalent} | {gpu_only} | {len(unexplained)} | "
-                    f"{100 * score:.1f}% |")
+                    f"{100 * score:.1f}% | {minutes} |")
         module_problems = [f"{name}: survived, not listed as equivalent: {m}" for m in unexplained]
         print(f"\n{rows[-1]}", *module_problems, sep="\n", flush=True)  # as each module ends: runs are long
         problems += module_problems
-    print("\n| module | mutants | killed | equivalent | GPU-only | survived | score |\n"
-          "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| module | mutants | killed | equivalent | GPU-only | survived | score | minutes |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     print("\n".join(rows))
     for p in problems:
         print(p, file=sys.stderr)
