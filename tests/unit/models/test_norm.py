@@ -104,7 +104,10 @@ def test_builder_passes_the_layer_arguments_and_defaults_to_apex_kernel_list(mon
     assert type(fused) is _RecordingApexGroupNorm
     assert (fused.eps, fused.affine_arg, fused.act) == (1e-6, True, "silu")
     assert type(builder(num_groups=32, num_channels=96, eps=1e-6)) is TorchGroupNorm  # not in APEX_CHANNELS
-    assert type(builder(num_groups=8, num_channels=320, eps=1e-6)) is TorchGroupNorm  # not in APEX_GROUPS
+    fallback = builder(num_groups=8, num_channels=320, eps=1e-6, act="silu")  # not in APEX_GROUPS
+    assert type(fallback) is TorchGroupNorm and (fallback.eps, fallback.act) == (1e-6, "silu")
+    assert builder(num_groups=8, num_channels=320, eps=1e-6).act == ""  # no activation unless asked
+    assert builder(num_groups=32, num_channels=320, eps=1e-6).act == ""
 
 
 def test_builder_logs_its_summary_once_at_the_right_level(monkeypatch, caplog):
