@@ -310,3 +310,13 @@ def test_schema_default_rows_are_built_per_field():
         _schema_defaults("model", MODEL, ["unet"])
     with pytest.raises(AssertionError, match=r"^model\.frozen_checkpoint is a section or has no default$"):
         _schema_defaults("model", MODEL, ["frozen_checkpoint"])
+
+
+def test_interpolated_list_values_are_compared_resolved(benchmark):
+    """A list written with ${...} references is checked by its resolved value, as the run would use it."""
+    cfg = merge_config([BASE])
+    cfg.model.unet.channel_mult = [1, "${model.unet.num_res_blocks}", 4, 4]  # num_res_blocks = 2: the reference
+    check_closed_division(cfg)
+    cfg.model.unet.channel_mult = [1, "${model.unet.num_res_blocks}", "${model.unet.num_res_blocks}", 4]
+    with pytest.raises(ConfigError, match=r"invalid value for 'model\.unet\.channel_mult': \[1, 2, 2, 4\]"):
+        check_closed_division(cfg)
