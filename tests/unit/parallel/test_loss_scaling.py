@@ -81,3 +81,16 @@ def test_state_dict_is_a_copy_and_refuses_a_precision_change_by_name():
     with pytest.raises(ValueError, match=r"saved with another training\.precision \(fp16 scaling on\); resume with "
                                          r"the same precision\.$"):
         _scaler(enabled=False).load_state_dict(s.state_dict())
+
+
+def test_state_lives_on_the_given_device_with_fixed_dtypes():
+    """Every tensor on `device` (the meta device stands in for a GPU here), with the dtypes the update kernel needs."""
+    meta = torch.device("meta")
+    s = DynamicLossScaler.from_training(TrainingConfig(precision="fp16"), meta)
+    assert {t.device.type for t in (s.scale, s.growth_tracker, s.num_skipped)} == {"meta"}
+    assert (s.scale.dtype, s.growth_tracker.dtype, s.num_skipped.dtype) == (torch.float32, torch.int32, torch.int64)
+
+
+def test_loading_an_unscaled_state_into_fp16_names_both_sides():
+    with pytest.raises(ValueError, match=r"\(fp16 scaling off\); resume with the same precision\.$"):
+        _scaler().load_state_dict(_scaler(enabled=False).state_dict())
