@@ -94,3 +94,11 @@ def test_state_lives_on_the_given_device_with_fixed_dtypes():
 def test_loading_an_unscaled_state_into_fp16_names_both_sides():
     with pytest.raises(ValueError, match=r"\(fp16 scaling off\); resume with the same precision\.$"):
         _scaler().load_state_dict(_scaler(enabled=False).state_dict())
+
+
+def test_a_state_saved_before_the_enabled_flag_still_loads():
+    state = _scaler().state_dict()
+    del state["enabled"]  # checkpoints written before the flag existed
+    s = _scaler(initial_scale=2.0)
+    s.load_state_dict(state)
+    assert s.scale.item() == 8.0
