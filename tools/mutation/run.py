@@ -64,7 +64,8 @@ MODULES: dict[str, Module] = {
     "step": Module(("sd_mlperf/training/step.py",),
                    ("tests/unit/training/test_cuda_graph_step.py", "tests/unit/parallel/test_nonfinite_steps.py",
                     "tests/unit/training/test_trainer_loop.py")),
-    "final_log": Module(("sd_mlperf/training/final_log.py",), ("tests/unit/training/test_offline_evaluation.py",)),
+    "final_log": Module(("sd_mlperf/training/final_log.py",),
+                        ("tests/unit/training/test_final_log.py", "tests/unit/training/test_offline_evaluation.py")),
 }
 
 # What the selected tests read besides sd_mlperf/ and tests/ (mutmut copies those two itself).
