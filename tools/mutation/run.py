@@ -62,8 +62,8 @@ MODULES: dict[str, Module] = {
                            ("tests/unit/parallel/test_loss_scaling.py", "tests/unit/parallel/test_torch_adapter.py",
                             "tests/unit/parallel/test_nonfinite_steps.py")),
     "step": Module(("sd_mlperf/training/step.py",),
-                   ("tests/unit/training/test_cuda_graph_step.py", "tests/unit/parallel/test_nonfinite_steps.py",
-                    "tests/unit/training/test_trainer_loop.py")),
+                   ("tests/unit/training/test_step.py", "tests/unit/training/test_cuda_graph_step.py",
+                    "tests/unit/parallel/test_nonfinite_steps.py", "tests/unit/training/test_trainer_loop.py")),
     "final_log": Module(("sd_mlperf/training/final_log.py",),
                         ("tests/unit/training/test_final_log.py", "tests/unit/training/test_offline_evaluation.py")),
 }
