@@ -87,3 +87,8 @@ def test_make_capturable_refuses_unfused_adamw_with_the_fix():
                                          r"build it with parallel\.optimizer\.adamw_kernel_options\(\) or set "
                                          r"training\.cuda_graph=false$"):
         make_capturable(opt)
+
+
+def test_only_adamw_is_built():
+    with pytest.raises(ValueError, match=r"^invalid value for 'optim\.name': 'sgd'; only adamw is implemented\.$"):
+        adamw_kwargs(OptimConfig(name="sgd"), 1e-3)
