@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from sd_mlperf.training.final_log import MLLOG_TOKEN, Score, append_eval_lines, compose_final_log
+import pytest
+
+from sd_mlperf.training.final_log import MLLOG_TOKEN, Score, append_eval_lines, compose_final_log, first_passing
 
 
 def _line(key: str, time_ms: int, samples_count: int | None = None, value=None) -> str:
@@ -41,3 +43,52 @@ def test_append_keeps_what_the_log_holds(tmp_path):
     events = _events(log.read_text().splitlines())
     assert [(k, c) for k, c, _ in events] == [("run_start", None), ("eval_start", 64), ("eval_accuracy", 64),
                                               ("eval_accuracy", 64), ("eval_stop", 64)]
+
+
+def _training_log(tmp_path, *lines: str):
+    log = tmp_path / "mlperf_train.log"
+    log.write_text("\n".join(["not an mllog line", *lines]) + "\n")
+    return log
+
+
+BLOCKS = (_line("run_start", 0), _line("block_start", 10, 0), _line("block_stop", 20, 100),
+          _line("block_start", 30, 100), _line("block_stop", 40, 200))
+
+
+def test_without_a_pass_every_score_is_kept_and_the_run_aborts_at_the_end_of_training(tmp_path):
+    log = _training_log(tmp_path, *BLOCKS)
+    scores = [Score(1, 200, 41, 95.0, 0.2), Score(0, 100, 21, 91.0, 0.2)]  # out of order, none passing
+    lines = compose_final_log(log, scores, target_fid=90.0, target_clip=0.15, training_end=(250, 45))
+    assert lines[0] == "not an mllog line"  # other lines of the training log pass through
+    keys = [(k, c, t) for k, c, t in _events(lines) if k in ("eval_start", "run_stop")]
+    assert keys == [("eval_start", 100, 21), ("eval_start", 200, 41), ("run_stop", 250, 45)]
+    stop = json.loads(lines[-1].split(MLLOG_TOKEN, 1)[1])
+    assert stop["metadata"]["status"] == "aborted"
+
+
+def test_the_first_pass_is_the_one_of_fewest_samples_and_ends_the_log(tmp_path):
+    log = _training_log(tmp_path, *BLOCKS)
+    scores = [Score(1, 200, 41, 80.0, 0.2), Score(0, 100, 21, 90.0, 0.15)]  # both pass (<= and >= count)
+    lines = compose_final_log(log, scores, target_fid=90.0, target_clip=0.15, training_end=(250, 45))
+    assert [(k, c) for k, c, _ in _events(lines)][-6:] == [
+        ("block_stop", 100), ("eval_start", 100), ("eval_accuracy", 100), ("eval_accuracy", 100),
+        ("eval_stop", 100), ("run_stop", 100)]
+    assert json.loads(lines[-1].split(MLLOG_TOKEN, 1)[1])["metadata"]["status"] == "success"
+    assert first_passing([], 90.0, 0.15) is None
+    assert not Score(0, 1, 0, 90.000001, 0.2).passes(90.0, 0.15) and not Score(0, 1, 0, 80.0, 0.1499).passes(90.0, 0.15)
+
+
+def test_logs_that_cannot_be_composed_are_refused_with_the_reason(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"does not exist: the run directory holds no training log of an "
+                                                r"offline-evaluated run \(eval\.inline=false\)$"):
+        compose_final_log(tmp_path / "none.log", [], target_fid=90.0, target_clip=0.15, training_end=None)
+    log = _training_log(tmp_path, *BLOCKS)
+    with pytest.raises(ValueError, match=r"^no collected checkpoint reaches the target yet and training has not "
+                                         r"ended: the final log cannot be written yet"):
+        compose_final_log(log, [Score(0, 100, 21, 95.0, 0.2)], target_fid=90.0, target_clip=0.15, training_end=None)
+    with pytest.raises(ValueError, match=r"^scored checkpoints at samples_count \[150\] have no block_stop in "):
+        compose_final_log(log, [Score(0, 150, 21, 95.0, 0.2)], target_fid=90.0, target_clip=0.15,
+                          training_end=(250, 45))
+    stopped = _training_log(tmp_path, *BLOCKS, _line("run_stop", 50, 200))
+    with pytest.raises(ValueError, match="already holds a run_stop: it is not the training part"):
+        compose_final_log(stopped, [], target_fid=90.0, target_clip=0.15, training_end=(250, 45))
