@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from sd_mlperf.training.final_log import MLLOG_TOKEN, Score, append_eval_lines, compose_final_log, first_passing
+from sd_mlperf.training.final_log import (
+    MLLOG_TOKEN,
+    Score,
+    append_eval_lines,
+    compose_final_log,
+    first_passing,
+    parse_mllog_line,
+)
 
 
 def _line(key: str, time_ms: int, samples_count: int | None = None, value=None) -> str:
@@ -92,3 +99,19 @@ def test_logs_that_cannot_be_composed_are_refused_with_the_reason(tmp_path):
     stopped = _training_log(tmp_path, *BLOCKS, _line("run_stop", 50, 200))
     with pytest.raises(ValueError, match="already holds a run_stop: it is not the training part"):
         compose_final_log(stopped, [], target_fid=90.0, target_clip=0.15, training_end=(250, 45))
+
+
+def test_mllog_lines_are_split_at_the_first_token_only():
+    line = 'INFO prefix ' + MLLOG_TOKEN + json.dumps({"key": "x", "value": "a " + MLLOG_TOKEN + "b"})
+    assert parse_mllog_line(line) == {"key": "x", "value": "a " + MLLOG_TOKEN + "b"}
+    assert parse_mllog_line("INFO no token here") is None
+
+
+def test_refusals_end_with_their_explanation(tmp_path):
+    stopped = _training_log(tmp_path, *BLOCKS, _line("run_stop", 50, 200))
+    with pytest.raises(ValueError, match=r"it is not the training part of an offline-evaluated run$"):
+        compose_final_log(stopped, [], target_fid=90.0, target_clip=0.15, training_end=(250, 45))
+    log = _training_log(tmp_path, *BLOCKS)
+    with pytest.raises(ValueError, match=r": the checkpoints and the log are of different runs$"):
+        compose_final_log(log, [Score(0, 150, 21, 95.0, 0.2)], target_fid=90.0, target_clip=0.15,
+                          training_end=(250, 45))
