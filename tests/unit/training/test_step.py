@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from sd_mlperf.training.step import step_metrics
+from sd_mlperf.training.step import GraphedTrainStep, step_metrics
 
 INF, NAN = float("inf"), float("nan")
 
@@ -25,3 +27,21 @@ def test_fatal_marks_non_finite_steps_that_are_not_an_fp16_skip(loss, grad_norm,
     assert set(out) == {"loss", "ok", "grad_norm", "fatal"}
     assert bool(out["fatal"]) is fatal and out["fatal"].dtype == torch.bool
     assert bool(out["ok"]) is ok and (torch.equal(out["loss"], torch.tensor(loss)) or loss != loss)
+
+
+def _graphed(device: str = "cpu") -> GraphedTrainStep:
+    loss_fn = SimpleNamespace(dp=None, generator=None)  # enough for what these checks reach
+    return GraphedTrainStep(loss_fn=loss_fn, conditioner=None, lr_schedule=None, device=torch.device(device),
+                            loss_scaling=True, example_inputs={}, cuda_graph=False, warmup_steps=1)
+
+
+def test_graphed_step_keeps_its_lr_tensor_on_the_device_and_checks_its_use():
+    step = _graphed("meta")  # the meta device stands in for a GPU: the lr tensor must live there
+    assert step.lr.device.type == "meta" and step.lr.shape == ()
+    assert _graphed().lr.dtype == torch.float64  # the CPU kernel computes in double: the eager twin stays exact
+    with pytest.raises(AssertionError, match=r"^GraphedTrainStep\.warm_up\(\) must run before the first step$"):
+        _graphed()([{}], 0)
+    ready = _graphed()
+    ready.runner = lambda inputs: inputs
+    with pytest.raises(AssertionError, match=r"^build_train_step refuses grad accumulation with training\.cuda_graph$"):
+        ready([{}, {}], 0)
