@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from sd_mlperf.training.step import GraphedTrainStep, step_metrics
+from sd_mlperf.training.step import EagerTrainStep, GraphedTrainStep, step_metrics
 
 INF, NAN = float("inf"), float("nan")
 
@@ -45,3 +46,59 @@ def test_graphed_step_keeps_its_lr_tensor_on_the_device_and_checks_its_use():
     ready.runner = lambda inputs: inputs
     with pytest.raises(AssertionError, match=r"^build_train_step refuses grad accumulation with training\.cuda_graph$"):
         ready([{}, {}], 0)
+
+
+class _FakeDP:
+    """Records what the step asks of the data-parallel model."""
+
+    def __init__(self, ok: bool, grad_norm: float) -> None:
+        self.calls, self.accumulating_now, self.result = [], False, (torch.tensor(ok), torch.tensor(grad_norm))
+
+    def zero_grad(self):
+        self.calls.append("zero_grad")
+
+    @contextlib.contextmanager
+    def accumulating(self):
+        self.accumulating_now = True
+        yield
+        self.accumulating_now = False
+
+    def backward(self, loss):
+        self.calls.append(("backward", float(loss), self.accumulating_now))
+
+    def finish_grad_sync(self):
+        self.calls.append("sync")
+
+    def step(self, lr):
+        self.calls.append(("step", lr))
+        return self.result
+
+
+class _Loss:
+    """A loss of z0 itself, holding what the step reads from the real one."""
+
+    def __init__(self, dp: _FakeDP, generator: torch.Generator) -> None:
+        self.dp, self.generator = dp, generator
+
+    def __call__(self, z0: torch.Tensor, context: None) -> torch.Tensor:
+        return z0
+
+
+def test_eager_step_accumulates_every_micro_batch_then_steps_once():
+    dp = _FakeDP(ok=False, grad_norm=float("inf"))  # an fp16 overflow: skipped, not fatal
+    generator = torch.Generator()
+    seen = []
+
+    def conditioner(batch, *, generator, device):
+        seen.append((batch["i"], generator, device))
+        return torch.tensor(float(batch["i"])), None
+
+    step = EagerTrainStep(loss_fn=_Loss(dp, generator), conditioner=conditioner,
+                          lr_schedule=SimpleNamespace(lr_at=lambda s: 0.1 * s), device=torch.device("cpu"),
+                          loss_scaling=True)
+    out = step([{"i": 1}, {"i": 2}, {"i": 3}], step=5)
+    assert [i for i, _, _ in seen] == [1, 2, 3]
+    assert all(g is generator and d == torch.device("cpu") for _, g, d in seen)  # the step's generator and device
+    assert dp.calls == ["zero_grad", ("backward", 1.0, True), ("backward", 2.0, True), ("backward", 3.0, False),
+                        "sync", ("step", 0.5)]
+    assert out["loss"].item() == 2.0 and not bool(out["fatal"])
