@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sd_mlperf.training.step import EagerTrainStep, GraphedTrainStep, step_metrics
+from sd_mlperf.training.step import DiffusionLoss, EagerTrainStep, GraphedTrainStep, step_metrics
 
 INF, NAN = float("inf"), float("nan")
 
@@ -102,3 +102,27 @@ def test_eager_step_accumulates_every_micro_batch_then_steps_once():
     assert dp.calls == ["zero_grad", ("backward", 1.0, True), ("backward", 2.0, True), ("backward", 3.0, False),
                         "sync", ("step", 0.5)]
     assert out["loss"].item() == 2.0 and not bool(out["fatal"])
+
+
+def test_diffusion_loss_feeds_the_unet_the_noisy_latents_timesteps_and_context():
+    """The v-MSE of one micro-batch, rebuilt by hand from the same generator draws (timesteps, then noise)."""
+    from sd_mlperf.config.schema import DiffusionConfig
+    from sd_mlperf.diffusion.schedule import add_noise, make_alphas_cumprod, v_target
+
+    acp = make_alphas_cumprod(DiffusionConfig())
+    seen = []
+
+    def unet(x_t, t, context):
+        seen.append((x_t, t, context))
+        return x_t * context.mean()
+
+    loss_fn = DiffusionLoss(dp=SimpleNamespace(module=unet), alphas_cumprod=acp, num_timesteps=1000,
+                            autocast=contextlib.nullcontext, generator=torch.Generator().manual_seed(3))
+    z0, context = torch.randn(2, 4, 3, 3), torch.full((2, 5, 6), 0.5)
+    loss = loss_fn(z0, context)
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    x_t = add_noise(z0, noise, t, acp)
+    assert torch.equal(seen[0][1], t) and seen[0][2] is context and torch.equal(seen[0][0], x_t)
+    torch.testing.assert_close(loss, ((x_t * 0.5 - v_target(z0, noise, t, acp)) ** 2).mean())
