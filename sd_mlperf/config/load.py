@@ -174,10 +174,11 @@ def validate(cfg: Config | DictConfig) -> None:
     _check(d.image_size % 8 == 0, "data.image_size", d.image_size, "must be a multiple of 8 (VAE factor)")
     e = cfg.eval
     _check(e.num_prompts > 0, "eval.num_prompts", e.num_prompts, "must be positive")
-    # The reference's uniform DDIM spacing yields another number of steps unless ddim_steps divides T.
-    _check(0 < e.ddim_steps <= cfg.diffusion.num_timesteps and cfg.diffusion.num_timesteps % e.ddim_steps == 0,
+    # The reference's uniform DDIM spacing yields another number of steps unless ddim_steps divides T, and
+    # indexes past alphas_cumprod for ddim_steps = T (its last timestep is T).
+    _check(0 < e.ddim_steps < cfg.diffusion.num_timesteps and cfg.diffusion.num_timesteps % e.ddim_steps == 0,
            "eval.ddim_steps", e.ddim_steps, f"must divide diffusion.num_timesteps={cfg.diffusion.num_timesteps} "
-           "(the reference uses 50)")
+           "and be smaller (the reference uses 50)")
     _check(e.batch_size > 0, "eval.batch_size", e.batch_size, "must be positive")
     _check(cfg.checkpoint.keep_last > 0, "checkpoint.keep_last", cfg.checkpoint.keep_last, "must be positive")
 

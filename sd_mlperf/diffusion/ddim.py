@@ -28,10 +28,11 @@ UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def ddim_timesteps(num_timesteps: int, num_steps: int) -> torch.Tensor:
     """The reference's "uniform" DDIM timesteps, ascending: range(0, T, T // S) + 1 (int64)."""
-    if not 0 < num_steps <= num_timesteps or num_timesteps % num_steps:
-        # The reference's spacing yields another number of steps (or an index past T-1) otherwise.
+    if not 0 < num_steps < num_timesteps or num_timesteps % num_steps:
+        # The reference's spacing yields another number of steps otherwise, and for S = T its last timestep
+        # (T, after the + 1) indexes past alphas_cumprod[T - 1].
         raise ValueError(f"invalid value for 'eval.ddim_steps': {num_steps}; it must divide "
-                         f"diffusion.num_timesteps={num_timesteps} (e.g. 50, the reference)")
+                         f"diffusion.num_timesteps={num_timesteps} and be smaller (e.g. 50, the reference)")
     stride = num_timesteps // num_steps
     return torch.arange(0, num_timesteps, stride, dtype=torch.int64) + 1
 

@@ -20,7 +20,9 @@ from sd_mlperf.config.closed_division import (
     FROZEN_CHECKPOINT_SHA256,
     HYPERPARAMETERS,
     MODEL,
+    Fixed,
     OneOf,
+    allows,
     check_closed_division,
 )
 from sd_mlperf.training.mlperf_log import MLPerfLogger
@@ -156,9 +158,41 @@ def test_floats_compare_to_a_relative_1e_12(benchmark):
     cfg.optim.beta2 = 0.999 * (1 + 1e-14)
     cfg.eval.guidance_scale = 8  # an int where the schema says float
     check_closed_division(cfg)
-    cfg.optim.beta2 = 0.999 * (1 + 1e-9)
-    with pytest.raises(ConfigError, match=r"optim\.beta2"):
+    for rel in (1e-9, 1e-10):  # 1e-10: inside math.isclose's default 1e-9, outside our 1e-12
+        cfg.optim.beta2 = 0.999 * (1 + rel)
+        with pytest.raises(ConfigError, match=r"optim\.beta2"):
+            check_closed_division(cfg)
+
+
+def test_values_compare_by_type_as_yaml_writes_them():
+    """A bool is not the number 1; an int reference accepts a float within 1e-12; a list is never a scalar."""
+    assert not allows(Fixed(1, MODEL), True) and not allows(Fixed(True, MODEL), 1)
+    assert allows(Fixed(1, MODEL), 1.0 + 1e-13) and not allows(Fixed(1, MODEL), 1.0 + 1e-10)
+    assert not allows(Fixed([1], MODEL), 1) and not allows(Fixed(1, MODEL), [1])
+    assert allows(Fixed([1, 2], MODEL), (1, 2)) and not allows(Fixed([1, 2], MODEL), [1, 2, 3])
+
+
+def test_messages_show_values_as_yaml_and_name_the_rule_and_fix(benchmark):
+    """The exact text a user sees for the rules that are not one value: a path, and null or the pinned sha256."""
+    cfg = copy.deepcopy(benchmark)
+    cfg.eval.inception_weights = None
+    cfg.model.frozen_checkpoint_sha256 = "0" * 64
+    cfg.data.image_range = "minus1_1"
+    with pytest.raises(ConfigError) as info:
         check_closed_division(cfg)
+    lines = str(info.value).splitlines()
+    assert lines[0] == "run.division=closed refuses 3 value(s) that the MLPerf rules fix:"
+    assert (f"  invalid value for 'model.frozen_checkpoint_sha256': '{'0' * 64}'; the MLPerf closed division fixes "
+            f"it to null or '{FROZEN_CHECKPOINT_SHA256}' (training_rules.adoc, closed division: weight "
+            "initialization (the VAE and text encoder are the reference's pre-trained 512-base-ema.ckpt)); set "
+            "run.division=open to change it.") in lines
+    assert ("  invalid value for 'eval.inception_weights': null; the MLPerf closed division fixes it to a path "
+            "(not null) (training_rules.adoc, closed division: quality measure (the reference's FID InceptionV3 "
+            "and CLIP ViT-H-14 weights)); set run.division=open to change it.") in lines
+    assert ("  invalid value for 'data.image_range': 'minus1_1'; the MLPerf closed division fixes it to 'zero_one' "
+            "(training_rules.adoc, closed division: the reference's preprocessing (VAE input in [0, 1], the "
+            "reference's known bug that the quality target was set with)); set run.division=open to change it."
+            ) in lines
 
 
 def test_the_reference_sha256_and_null_pass(benchmark):
@@ -287,3 +321,30 @@ def test_a_closed_config_that_matches_no_rcp_is_warned_naming_the_nearest(caplog
     finally:
         logger.removeHandler(caplog.handler)
     assert any("matches no RCP" in r.getMessage() and "sd_ref_256" in r.getMessage() for r in caplog.records)
+
+
+def test_schema_default_rows_are_built_per_field():
+    """FIXED's builder, called here so that a bug in it shows in a test (FIXED itself is built at import)."""
+    from sd_mlperf.config.closed_division import SAMPLER, UNET_EXECUTION_KEYS, _schema_defaults
+
+    assert _schema_defaults("eval", SAMPLER, ["ddim_steps", "guidance_scale", "eta"]) == {
+        "eval.ddim_steps": (50, SAMPLER), "eval.guidance_scale": (8.0, SAMPLER), "eval.eta": (0.0, SAMPLER)}
+    unet = _schema_defaults("model.unet", MODEL, skip=UNET_EXECUTION_KEYS)
+    assert not {f"model.unet.{k}" for k in UNET_EXECUTION_KEYS} & set(unet)
+    assert unet["model.unet.channel_mult"] == Fixed([1, 2, 4, 4], MODEL)
+    assert type(unet["model.unet.channel_mult"].value) is list and unet["model.unet.num_res_blocks"].value == 2
+    assert len(unet) == len(fields(Config().model.unet)) - len(UNET_EXECUTION_KEYS)
+    with pytest.raises(AssertionError, match=r"^model\.unet is a section or has no default$"):
+        _schema_defaults("model", MODEL, ["unet"])
+    with pytest.raises(AssertionError, match=r"^model\.frozen_checkpoint is a section or has no default$"):
+        _schema_defaults("model", MODEL, ["frozen_checkpoint"])
+
+
+def test_interpolated_list_values_are_compared_resolved(benchmark):
+    """A list written with ${...} references is checked by its resolved value, as the run would use it."""
+    cfg = merge_config([BASE])
+    cfg.model.unet.channel_mult = [1, "${model.unet.num_res_blocks}", 4, 4]  # num_res_blocks = 2: the reference
+    check_closed_division(cfg)
+    cfg.model.unet.channel_mult = [1, "${model.unet.num_res_blocks}", "${model.unet.num_res_blocks}", 4]
+    with pytest.raises(ConfigError, match=r"invalid value for 'model\.unet\.channel_mult': \[1, 2, 2, 4\]"):
+        check_closed_division(cfg)

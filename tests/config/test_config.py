@@ -122,6 +122,7 @@ def test_missing_required_keys_are_listed():
     ("optim.warmup_start_factor=2.0", "optim.warmup_start_factor"),
     ("data.max_bad_fraction=1.5", "data.max_bad_fraction"),
     ("eval.ddim_steps=5000", "eval.ddim_steps"),
+    ("eval.ddim_steps=1000", "eval.ddim_steps"),  # divides T, but its last timestep, 1000, is past alphas_cumprod
     ("eval.ddim_steps=30", "eval.ddim_steps"),  # in range, but the reference's spacing would give 31 steps
     ("run.num_threads=0", "run.num_threads"),
     ("model.vae.channel_mult=[1,2,4]", "model.vae.channel_mult"),  # f=4: the data's 8x moments would not fit

@@ -76,13 +76,13 @@ def _small_cfg(**kw) -> UNetConfig:
     return UNetConfig(**{**base, **kw})
 
 
-@needs_cuda
+@needs_te
+@needs_apex
 def test_fast_paths_match_reference_unet():
-    te = package_available("transformer_engine")
-    apex = package_available("apex.contrib.group_norm")
+    """TE attention + apex GroupNorm + channels-last against math + torch; skipped (not sdpa) without TE or apex."""
     ref = build_unet(_small_cfg(attention_backend="math", norm_backend="torch")).cuda()
-    fast = build_unet(_small_cfg(attention_backend="te" if te else "sdpa", norm_backend="apex" if apex else "torch",
-                                 channels_last=True)).cuda()
+    fast = build_unet(_small_cfg(attention_backend="te", norm_backend="apex", channels_last=True)).cuda()
+    assert [r.name for r in fast.backend_resolutions] == ["te", "apex"]
     assert state_dict_manifest(fast) == state_dict_manifest(ref)
     g = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
@@ -94,7 +94,11 @@ def test_fast_paths_match_reference_unet():
     ctx = torch.randn(2, 77, 1024, device="cuda", generator=g)
     with torch.autocast("cuda", dtype=torch.float16):
         out_ref, out = ref(x, t, ctx), fast(x, t, ctx)
-    assert rel_err(out, out_ref) < 2e-2, [r.name for r in fast.backend_resolutions]
+    err = rel_err(out, out_ref)
+    log.warning("small UNet te+apex+channels-last vs math+torch, fp16: relative error %.2e", err)
+    # Nonzero from below: the fused kernels take other fp16 rounding paths, so an error of exactly 0 would mean
+    # the fast model ran the reference path after all.
+    assert 0 < err < 2e-2
 
 
 @needs_cuda

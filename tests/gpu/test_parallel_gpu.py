@@ -160,6 +160,7 @@ def test_mcore_smoke_unet_fp16_steps():
     dp = apply_data_parallel(unet, cfg, _dist())
     sched = LRSchedule(cfg.optim, cfg.training.micro_batch_size)
     u = cfg.model.unet
+    before = [p.detach().clone() for p in dp.parameters()]
     for step in range(3):
         x = torch.randn(4, u.in_channels, 16, 16, device="cuda")
         t = torch.randint(0, 1000, (4,), device="cuda")
@@ -171,3 +172,5 @@ def test_mcore_smoke_unet_fp16_steps():
         dp.finish_grad_sync()
         ok, norm = dp.step(sched.lr_at(step))
     assert bool(ok) and torch.isfinite(norm) and torch.isfinite(loss)
+    # Finite is not enough: the last step was clean, so the weights must have moved.
+    assert float(norm) > 0 and not all(torch.equal(a, b) for a, b in zip(before, dp.parameters()))

@@ -27,10 +27,13 @@ def test_cli_makes_then_precomputes(tmp_path, capsys):
     manifest = json.loads((tmp_path / "lat" / MANIFEST).read_text())
     assert manifest["format"] == "moments" and manifest["samples"] == 6
     assert main([*args[:-1], "data.train_format=images"]) == 1  # not an output format: a clear error, exit 1
+    assert "invalid value for 'data.train_format': 'images'" in capsys.readouterr().err
 
 
-def test_precompute_needs_the_frozen_checkpoint_key(tmp_path):
+def test_precompute_needs_the_frozen_checkpoint_key(tmp_path, capsys):
     assert main(["precompute-latents", "--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "config key 'model.frozen_checkpoint' is required: set it to 512-base-ema.ckpt" in err
 
 
 @pytest.mark.slow  # two processes, each importing torch

@@ -120,7 +120,9 @@ def test_evaluate_cli_on_a_smoke_checkpoint(tmp_path, capsys):
                  "--checkpoint", str(ckpt / "unet_ldm.safetensors"), *overrides]) == 0
     assert "FID" in capsys.readouterr().out
     assert _mlperf_events(log) == before
+    capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nope"), "--config", str(SMOKE), *overrides]) == 1
+    assert str(tmp_path / "nope") in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -155,4 +157,6 @@ def test_evaluate_run_dir_writes_the_final_log(tmp_path, capsys):
     assert (run_dir / "eval_offline" / "scores.jsonl").read_text() == scores
     assert (run_dir / "STOP").is_file()
     # An inline run's log is final already.
+    capsys.readouterr()
     assert main(["evaluate", "--run-dir", str(run_dir), "eval.inline=true"]) == 1
+    assert f"ValueError: {run_dir} trained with eval.inline=true" in capsys.readouterr().err

@@ -95,3 +95,11 @@ def test_v_loss_computes_in_fp32():
     loss = v_loss(torch.zeros_like(v), v)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(90000.0)  # 300^2 overflows nothing in fp32 (fp16 max 65504)
+
+
+def test_timesteps_and_alphas_follow_the_device():
+    """Device plumbing, checked on the CPU with the meta device: t and the gathered alphas land where asked."""
+    t = sample_timesteps(3, 1000, device="meta")
+    assert t.device.type == "meta" and t.dtype == torch.int64
+    x = torch.empty(3, 4, 2, 2, device="meta")
+    assert add_noise(x, x, t, make_alphas_cumprod(DiffusionConfig())).device.type == "meta"

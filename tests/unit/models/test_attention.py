@@ -6,10 +6,14 @@ base-module extra state (one `_extra_state` entry per DotProductAttention) and i
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
+from sd_mlperf.backends import BackendUnavailable
 from sd_mlperf.config.schema import UNetConfig
+from sd_mlperf.models.attention import CrossAttention, build_core_attention
 from sd_mlperf.models.checkpoint_io import export_unet_ldm, load_unet_state_dict
 from sd_mlperf.models.unet import build_unet
 from sd_mlperf.utils.manifest import read_manifest, state_dict_manifest
@@ -80,3 +84,37 @@ def test_checkpoints_written_by_te_builds_before_the_fix_still_load():
     legacy[key] = torch.ones(3, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="Unexpected key.*_extra_state"):
         build_unet(tiny_cfg()).load_state_dict(legacy, strict=True)
+
+
+def test_te_core_gets_the_head_layout(fake_te):
+    """TE's DotProductAttention is built with (num heads, head channels) in that order; its output is reshaped back."""
+    core = build_core_attention("te", num_heads=3, head_channels=16)
+    assert (core.core.num_attention_heads, core.core.kv_channels) == (3, 16)
+    q, k, v = (torch.randn(2, 5, 3, 16) for _ in range(3))
+    torch.testing.assert_close(core(q, k, v), build_core_attention("math", num_heads=3, head_channels=16)(q, k, v),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_te_head_size_limits_are_exact(fake_te):
+    """cuDNN's limit: a multiple of 8 up to 256 inclusive; the message names the key, the limit and the fix."""
+    assert build_core_attention("te", num_heads=1, head_channels=256).core.kv_channels == 256
+    with pytest.raises(ValueError) as info:
+        build_core_attention("te", num_heads=1, head_channels=264)
+    assert str(info.value) == ("model.unet.head_channels=264 is not supported by the te attention backend (needs a "
+                               "multiple of 8, at most 256); set model.unet.attention_backend=sdpa.")
+
+
+def test_te_missing_names_the_key_and_the_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)  # import fails as when TE is absent
+    with pytest.raises(BackendUnavailable, match=r"transformer_engine cannot be imported .*\. Set "
+                                                 r"model\.unet\.attention_backend=sdpa\.$"):
+        build_core_attention("te", num_heads=1, head_channels=64)
+
+
+def test_attention_layer_is_deterministic_in_training():
+    """ldm's to_out dropout has p=0: training and evaluation give the same output."""
+    torch.manual_seed(0)
+    layer = CrossAttention(16, 8, num_heads=2, head_channels=8, backend="math")
+    x, ctx = torch.randn(2, 5, 16), torch.randn(2, 3, 8)
+    evaluated = layer.eval()(x, ctx)
+    torch.testing.assert_close(layer.train()(x, ctx), evaluated, rtol=0, atol=0)

@@ -158,6 +158,23 @@ def test_activation_checkpointing_same_gradients():
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("checkpointing,expected_runs", [(False, 1), (True, 2)])
+def test_activation_checkpointing_recomputes_in_backward(checkpointing, expected_runs):
+    """Equal gradients hold with or without recomputation; what checkpointing means is a second forward in backward."""
+    unet = build_unet(tiny_cfg(activation_checkpointing=checkpointing)).train()
+    runs = []
+    for block in (unet.input_blocks[1], unet.middle_block, unet.output_blocks[0]):
+        block[0].register_forward_hook(lambda *args: runs.append(torch.is_grad_enabled()))
+    x, t, ctx = inputs()
+    out = unet(x, t, ctx)
+    assert len(runs) == 3
+    out.square().mean().backward()
+    assert len(runs) == 3 * expected_runs
+    with torch.no_grad():  # no recomputation without autograd (evaluation)
+        unet(x, t, ctx)
+    assert len(runs) == 3 * expected_runs + 3
+
+
 def test_unet_draws_no_random_numbers_in_training(monkeypatch):
     """What lets activation checkpointing skip saving RNG state: forward + backward leave every RNG untouched."""
     unet = build_unet(tiny_cfg(activation_checkpointing=True)).train()

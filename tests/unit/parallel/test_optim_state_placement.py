@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from sd_mlperf.parallel.optimizer import make_capturable, place_step_counters
@@ -64,3 +65,31 @@ def test_the_torch_backend_places_step_counters_after_every_load(monkeypatch):
     monkeypatch.setattr(torch_adapter, "place_step_counters", calls.append)
     dp.load_state_dict(dp.state_dict())
     assert calls == [dp.local_optimizer]
+
+
+def test_every_fused_or_capturable_group_is_placed_and_cast():
+    """Groups are read one by one (an unfused one first does not stop the rest); device and dtype each count."""
+    on_meta = torch.nn.Parameter(torch.empty(3, device="meta"))
+    on_cpu, other_rank = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(1))
+    unfused = torch.nn.Parameter(torch.empty(2, device="meta"))
+    opt = torch.optim.AdamW([{"params": [unfused]}, {"params": [on_meta]}, {"params": [on_cpu, other_rank]}], lr=1e-3)
+    opt.param_groups[1]["capturable"] = True  # capturable alone is enough
+    opt.param_groups[2]["fused"] = True
+    opt.state[unfused] = {"step": torch.tensor(3.0)}
+    opt.state[on_meta] = {"step": torch.tensor(7.0)}  # float32 already, on the wrong device
+    opt.state[on_cpu] = {"step": torch.tensor(7.0, dtype=torch.float64)}  # right device, wrong dtype
+    opt.state[other_rank] = {}  # no state (ZeRO: another rank's parameter)
+    place_step_counters(opt)
+    assert opt.state[unfused]["step"].device.type == "cpu"
+    assert opt.state[on_meta]["step"].device.type == "meta"
+    assert opt.state[on_cpu]["step"].dtype == torch.float32 and "step" not in opt.state[other_rank]
+
+
+def test_make_capturable_marks_zeros_local_optimizer_and_checks_step_placement():
+    outer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, fused=True)
+    outer.optim = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, fused=True)  # as ZeRO holds it
+    make_capturable(outer)
+    assert outer.param_groups[0]["capturable"] and outer.optim.param_groups[0]["capturable"]
+    opt, param = _optimizer_with_cpu_steps(fused=True)  # a CPU step counter for a parameter elsewhere
+    with pytest.raises(AssertionError, match="^fused AdamW keeps its step on the parameter's device$"):
+        make_capturable(opt)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from sd_mlperf.config.load import ConfigError, validate
 from sd_mlperf.config.schema import Config, OptimConfig
-from sd_mlperf.parallel.optimizer import LRSchedule, adamw_kwargs
+from sd_mlperf.parallel.optimizer import LRSchedule, adamw_kernel_options, adamw_kwargs, make_capturable
 
 
 def test_peak_is_base_lr_times_global_batch():
@@ -62,3 +63,32 @@ def test_closed_division_fixes_adamw(key, value):
     assert (kw["betas"], kw["eps"], kw["weight_decay"]) == (
         (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps, cfg.optim.weight_decay)
     assert getattr(cfg.optim, key) == value
+
+
+def test_batch_of_one_and_the_messages():
+    assert LRSchedule(OptimConfig(warmup_steps=0), 1).peak_lr == OptimConfig().base_lr_per_sample
+    with pytest.raises(ValueError, match=r"^step must be >= 0, got -1$"):
+        LRSchedule(OptimConfig(), 8).lr_at(-1)
+    with pytest.raises(ValueError, match=r"^global batch size must be positive, got 0; check "
+                                         r"training\.micro_batch_size and parallel\.\*$"):
+        LRSchedule(OptimConfig(), 0)
+
+
+def test_kernel_options_capturable_only_on_cuda_when_asked():
+    """The options are decided from the device object; no GPU is needed to ask about one."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert adamw_kernel_options(cuda, capturable=True) == {"fused": True, "capturable": True}
+    assert adamw_kernel_options(cuda) == adamw_kernel_options(cpu, capturable=True) == {"fused": True}
+
+
+def test_make_capturable_refuses_unfused_adamw_with_the_fix():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=False)
+    with pytest.raises(ValueError, match=r"^CUDA graph capture of the optimizer step needs fused AdamW \(fused=True\); "
+                                         r"build it with parallel\.optimizer\.adamw_kernel_options\(\) or set "
+                                         r"training\.cuda_graph=false$"):
+        make_capturable(opt)
+
+
+def test_only_adamw_is_built():
+    with pytest.raises(ValueError, match=r"^invalid value for 'optim\.name': 'sgd'; only adamw is implemented\.$"):
+        adamw_kwargs(OptimConfig(name="sgd"), 1e-3)

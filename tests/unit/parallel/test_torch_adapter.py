@@ -111,14 +111,23 @@ def test_grad_accumulation_equals_one_big_batch():
     acc_cfg.training.grad_accumulation_steps = 2
     big = apply_data_parallel(tiny_model(), big_cfg, cpu_dist())
     acc = apply_data_parallel(tiny_model(), acc_cfg, cpu_dist())
-    _train(big, big_cfg, 1)
+    lr = LRSchedule(acc_cfg.optim, 8).lr_at(0)
     x, y = global_batch(0)
+    big.zero_grad()
+    big.backward(loss_fn(big(x), y))
+    big_grads = [p.grad.clone() for p in big.parameters()]
+    _, big_norm = big.step(lr)
     acc.zero_grad()
     with acc.accumulating():
         acc.backward(loss_fn(acc(x[:4]), y[:4]))
     acc.backward(loss_fn(acc(x[4:]), y[4:]))
     acc.finish_grad_sync()
-    acc.step(LRSchedule(acc_cfg.optim, 8).lr_at(0))
+    # The gradients themselves, not only the weights: one AdamW step from zero moments moves each weight by about
+    # lr x sign(grad), which hides a missing 1/N (a gradient twice as large moves the weights just as far).
+    for n, (g, p) in enumerate(zip(big_grads, acc.parameters())):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7, msg=f"parameter {n}")
+    _, acc_norm = acc.step(lr)
+    torch.testing.assert_close(acc_norm, big_norm, rtol=1e-5, atol=0)
     for a, b in zip(big.parameters(), acc.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 

@@ -141,6 +141,8 @@ def test_grad_accumulation_with_cuda_graph_is_refused(tmp_path):
 
 def test_data_of_another_shape_than_captured_is_refused(tmp_path):
     trainer, _ = make_trainer(make_cfg(tmp_path, "training.cuda_graph=true"), make_batches(2))  # context 77
-    with pytest.raises(ValueError, match=r"context of shape \(2, 77, 16\).*model.text_encoder.context_length"):
+    with pytest.raises(ValueError, match=r"context of shape \(2, 77, 16\).*; check training\.micro_batch_size, "
+                                         r"data\.image_size and model\.text_encoder\.context_length, or set "
+                                         r"training\.cuda_graph=false$"):
         trainer.train_step(trainer.loader.batches[:1])
     trainer.close()
