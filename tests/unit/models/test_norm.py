@@ -29,6 +29,12 @@ def _norm(unet):
     return {r.role: r for r in unet.backend_resolutions}["norm"]
 
 
+def _use_apex(monkeypatch, cls):
+    """`cls` as apex's GroupNorm, of a recent apex that calls its kernels through its own torch.library ops."""
+    monkeypatch.setattr(norm_mod, "_import_apex_group_norm", lambda: cls)
+    monkeypatch.setattr(norm_mod, "_registers_custom_ops", lambda apex_cls: True)
+
+
 def test_auto_builds_torch_norms_when_apex_lacks_its_extensions(apex_site):
     write_fake_apex(apex_site)  # apex installed without --group_norm
     unet = build_unet(tiny_cfg(norm_backend="auto", channels_last=True))
@@ -58,12 +64,12 @@ def test_builder_counts_each_kernel_and_says_why(monkeypatch):
     for channels in (8, 16):
         torch_builder(num_groups=4, num_channels=channels, eps=1e-5, act="silu")
     assert torch_builder.summary() == "GroupNorm: 2 layers on torch"
-    monkeypatch.setattr(norm_mod, "_import_apex_group_norm", lambda: FakeApexGroupNorm)  # supports (4, 16) only
+    _use_apex(monkeypatch, FakeApexGroupNorm)  # supports (4, 16) only
     apex = NormBuilder("apex")
     layers = [apex(num_groups=g, num_channels=c, eps=1e-5) for g, c in ((4, 16), (4, 16), (4, 8), (2, 16))]
     assert [type(m) for m in layers] == [FakeApexGroupNorm, FakeApexGroupNorm, TorchGroupNorm, TorchGroupNorm]
-    assert apex.summary() == ("GroupNorm: 2 layers on apex NHWC, 2 on torch (apex lacks (groups, channels) "
-                              "(2, 16), (4, 8))")
+    assert apex.summary() == ("GroupNorm: 2 layers on apex NHWC (apex's custom ops), 2 on torch (apex lacks "
+                              "(groups, channels) (2, 16), (4, 8))")
 
 
 def test_apex_import_failure_names_the_fix(monkeypatch):
@@ -98,7 +104,7 @@ class _RecordingApexGroupNorm(TorchGroupNorm):
 
 
 def test_builder_passes_the_layer_arguments_and_defaults_to_apex_kernel_list(monkeypatch):
-    monkeypatch.setattr(norm_mod, "_import_apex_group_norm", lambda: _RecordingApexGroupNorm)
+    _use_apex(monkeypatch, _RecordingApexGroupNorm)
     builder = NormBuilder("apex")
     fused = builder(num_groups=32, num_channels=320, eps=1e-6, act="silu")
     assert type(fused) is _RecordingApexGroupNorm
@@ -111,7 +117,7 @@ def test_builder_passes_the_layer_arguments_and_defaults_to_apex_kernel_list(mon
 
 
 def test_builder_logs_its_summary_once_at_the_right_level(monkeypatch, caplog):
-    monkeypatch.setattr(norm_mod, "_import_apex_group_norm", lambda: FakeApexGroupNorm)  # supports (4, 16) only
+    _use_apex(monkeypatch, FakeApexGroupNorm)  # supports (4, 16) only
     reset_log_once()
     clean, mixed, plain = NormBuilder("apex"), NormBuilder("apex"), NormBuilder("torch")
     clean(num_groups=4, num_channels=16, eps=1e-5)
@@ -121,6 +127,7 @@ def test_builder_logs_its_summary_once_at_the_right_level(monkeypatch, caplog):
         for builder in (clean, mixed, plain, clean, mixed):
             builder.log_summary()
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
-        (logging.INFO, "GroupNorm: 1 layers on apex NHWC, 0 on torch"),
-        (logging.WARNING, "GroupNorm: 0 layers on apex NHWC, 1 on torch (apex lacks (groups, channels) (4, 8))"),
+        (logging.INFO, "GroupNorm: 1 layers on apex NHWC (apex's custom ops), 0 on torch"),
+        (logging.WARNING,
+         "GroupNorm: 0 layers on apex NHWC (apex's custom ops), 1 on torch (apex lacks (groups, channels) (4, 8))"),
     ]
