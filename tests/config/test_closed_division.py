@@ -323,6 +323,37 @@ def test_a_closed_config_that_matches_no_rcp_is_warned_naming_the_nearest(caplog
     assert any("matches no RCP" in r.getMessage() and "sd_ref_256" in r.getMessage() for r in caplog.records)
 
 
+def test_the_rcp_check_multiplies_every_factor_of_the_global_batch():
+    from sd_mlperf.config.closed_division import closed_division_rcp_mismatch
+
+    # 32 x 4 nodes x 4 GPUs x 2 accumulation steps = 1024, sd_ref_1024's batch (a quotient gives 256 or 64).
+    assert closed_division_rcp_mismatch(load_config([BASE], [
+        "training.micro_batch_size=32", "parallel.num_nodes=4", "parallel.gpus_per_node=4",
+        "training.grad_accumulation_steps=2"])) is None
+
+
+def test_each_distinct_rcp_mismatch_is_warned_once(caplog):
+    import logging
+
+    from sd_mlperf.utils.logging import logger, reset_log_once
+
+    system = REPO / "conf" / "system" / "01x08x32.yaml"
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # each record once, however the logger propagates
+    reset_log_once()
+    logger.addHandler(handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="sd_mlperf"):
+            for overrides in (["optim.base_lr_per_sample=1.25e-7"], ["optim.warmup_steps=500"],
+                              ["optim.base_lr_per_sample=1.25e-7"]):
+                load_config([BASE, system], overrides)
+    finally:
+        logger.removeHandler(handler)
+    warned = [r.getMessage() for r in records if "matches no RCP" in r.getMessage()]
+    assert len(warned) == 2 and "base_lr_per_sample=2.8e-07" in warned[0] and "warmup_steps=1000" in warned[1]
+
+
 def test_schema_default_rows_are_built_per_field():
     """FIXED's builder, called here so that a bug in it shows in a test (FIXED itself is built at import)."""
     from sd_mlperf.config.closed_division import SAMPLER, UNET_EXECUTION_KEYS, _schema_defaults

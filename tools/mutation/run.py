@@ -66,7 +66,8 @@ MODULES: dict[str, Module] = {
                     "tests/unit/parallel/test_nonfinite_steps.py")),
     # The trainer-loop and offline-evaluation tests train tiny runs (tens of seconds each, times mutmut's 15x
     # timeout per surviving mutant): too slow here; the step's and the final log's own tests carry the checks.
-    "final_log": Module(("sd_mlperf/training/final_log.py",), ("tests/unit/training/test_final_log.py",)),
+    "final_log": Module(("sd_mlperf/training/final_log.py",),
+                        ("tests/unit/training/test_final_log.py", "tests/unit/training/test_final_log_stitching.py")),
 }
 
 # What the selected tests read besides sd_mlperf/ and tests/ (mutmut copies those two itself).

@@ -13,6 +13,7 @@ from sd_mlperf.training.final_log import (
     compose_final_log,
     first_passing,
     parse_mllog_line,
+    score_of_record,
 )
 
 
@@ -118,3 +119,49 @@ def test_refusals_end_with_their_explanation(tmp_path):
     with pytest.raises(ValueError, match=r": the checkpoints and the log are of different runs$"):
         compose_final_log(log, [Score(0, 150, 21, 95.0, 0.2)], target_fid=90.0, target_clip=0.15,
                           training_end=(250, 45))
+
+
+def test_a_scores_record_reads_back_as_its_score_and_older_records_default():
+    record = {"step": "3", "samples_count": 512000, "collected_ms": "1234", "fid": "80.5", "clip": 0.25,
+              "extra": {"toy": 0.9}, "eval_start_ms": 1300, "eval_stop_ms": 1400}
+    score = score_of_record(record)
+    assert score == Score(3, 512000, 1234, 80.5, 0.25, {"toy": 0.9}, 1300, 1400)
+    assert isinstance(score.step, int) and isinstance(score.collected_ms, int) and isinstance(score.fid, float)
+    old = {k: record[k] for k in ("step", "samples_count", "collected_ms", "fid", "clip")}
+    assert score_of_record(old) == Score(3, 512000, 1234, 80.5, 0.25, {}, None, None)
+    assert score_of_record({**old, "extra": None}).extra == {}
+
+
+def test_toy_targets_need_every_toy_metric_at_or_above_its_target():
+    score = Score(0, 100, 0, 80.0, 0.2, {"toy_a": 0.5})
+    assert score.passes(90.0, 0.15) and score.passes(90.0, 0.15, {}) and score.passes(90.0, 0.15, {"toy_a": 0.5})
+    assert not score.passes(90.0, 0.15, {"toy_a": 0.51})
+    assert not score.passes(90.0, 0.15, {"toy_b": -1e9})  # a metric the score lacks never passes
+    assert not score.passes(90.0, 0.15, {"toy_a": 0.5, "toy_b": -1e9})
+
+
+def test_the_first_pass_and_the_final_log_heed_the_toy_target(tmp_path):
+    scores = [Score(1, 100, 21, 80.0, 0.2, {"toy": 0.1}), Score(2, 200, 41, 80.0, 0.2, {"toy": 0.9})]
+    assert first_passing(scores, 90.0, 0.15).samples_count == 100
+    assert first_passing(scores, 90.0, 0.15, {"toy": 0.5}).samples_count == 200
+    log = _training_log(tmp_path, *BLOCKS)
+    lines = compose_final_log(log, scores, target_fid=90.0, target_clip=0.15, training_end=None,
+                              target_toy={"toy": 0.5})
+    assert _events(lines)[-1] == ("run_stop", 200, 41)
+
+
+def _step_nums(lines: list[str]) -> list[tuple[str, int | None]]:
+    records = [json.loads(line.split(MLLOG_TOKEN, 1)[1]) for line in lines if MLLOG_TOKEN in line]
+    return [(r["key"], r["metadata"].get("step_num")) for r in records
+            if r["key"] in ("eval_start", "eval_accuracy", "eval_stop", "run_stop")]
+
+
+def test_evaluations_and_run_stop_name_the_checkpoints_step(tmp_path):
+    log = _training_log(tmp_path, *BLOCKS)
+    scores = [Score(7, 100, 21, 95.0, 0.2), Score(14, 200, 41, 80.0, 0.2)]
+    lines = compose_final_log(log, scores, target_fid=90.0, target_clip=0.15, training_end=None)
+    assert _step_nums(lines) == [("eval_start", 7), ("eval_accuracy", 7), ("eval_accuracy", 7), ("eval_stop", 7),
+                                 ("eval_start", 14), ("eval_accuracy", 14), ("eval_accuracy", 14),
+                                 ("eval_stop", 14), ("run_stop", 14)]
+    aborted = compose_final_log(log, scores[:1], target_fid=90.0, target_clip=0.15, training_end=(250, 45))
+    assert _step_nums(aborted)[-1] == ("run_stop", None)  # the end of training is no checkpoint's step
