@@ -16,6 +16,7 @@ import math
 import os
 import re
 import statistics
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,26 +177,28 @@ def _trained_samples(run_dir: Path, cfg: Config) -> tuple[int, str] | None:
     if not log.is_file():
         return None
     last: tuple[int, str] | None = None
-    with open(log, encoding="utf-8") as f:
-        for line in f:
-            try:
-                event = parse_mllog_line(line)
-            except json.JSONDecodeError:  # a line cut by a killed run
-                continue
-            count = ((event or {}).get("metadata") or {}).get("samples_count")
-            if event and count is not None and event.get("key") in ("block_stop", "run_stop"):
-                last = int(count), f"{log.name} {event['key']}"
+    for event in _read_mllog_events(log):
+        count = (event.get("metadata") or {}).get("samples_count")
+        if count is not None and event.get("key") in ("block_stop", "run_stop"):
+            last = int(count), f"{log.name} {event['key']}"
     return last
 
 
-def _mlperf_events(path: Path) -> dict[str, dict[str, Any]]:
-    events: dict[str, dict[str, Any]] = {}
+def _read_mllog_events(path: Path) -> Iterator[dict[str, Any]]:
+    """The MLLOG records of a log, skipping other lines and a line cut by a killed run."""
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
                 event = parse_mllog_line(line)
             except json.JSONDecodeError:  # a line cut by a killed run
                 continue
-            if event and event.get("key") in MLPERF_KEYS:
-                events.setdefault(event["key"], event)
+            if event:
+                yield event
+
+
+def _mlperf_events(path: Path) -> dict[str, dict[str, Any]]:
+    events: dict[str, dict[str, Any]] = {}
+    for event in _read_mllog_events(path):
+        if event.get("key") in MLPERF_KEYS:
+            events.setdefault(event["key"], event)
     return events

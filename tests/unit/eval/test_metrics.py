@@ -67,7 +67,8 @@ def test_eigh_method_agrees_with_sqrtm(n):
     assert FrechetReference(mu1, s1, method="sqrtm").distance(gen) == ref
 
 
-def test_singular_product_gets_the_diagonal_offset(monkeypatch):
+def _sqrtm_fails_once(monkeypatch) -> list:
+    """The first sqrtm gives NaN (a singular product), later ones the real root; the list records the inputs."""
     calls = []
     real_sqrtm = metrics.linalg.sqrtm
 
@@ -76,6 +77,11 @@ def test_singular_product_gets_the_diagonal_offset(monkeypatch):
         return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
 
     monkeypatch.setattr(metrics.linalg, "sqrtm", flaky_sqrtm)
+    return calls
+
+
+def test_singular_product_gets_the_diagonal_offset(monkeypatch):
+    calls = _sqrtm_fails_once(monkeypatch)
     rng = np.random.default_rng(3)
     _, mu1, s1 = _random_stats(rng, 60, 6)
     _, mu2, s2 = _random_stats(rng, 60, 6)
@@ -88,14 +94,7 @@ def test_singular_product_gets_the_diagonal_offset(monkeypatch):
 
 def test_singular_product_offset_defaults_to_the_reference_eps(monkeypatch, caplog):
     """pytorch-fid's default offset is 1e-6, and the warning says which offset was added."""
-    calls = []
-    real_sqrtm = metrics.linalg.sqrtm
-
-    def flaky_sqrtm(a):
-        calls.append(a.copy())
-        return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
-
-    monkeypatch.setattr(metrics.linalg, "sqrtm", flaky_sqrtm)
+    calls = _sqrtm_fails_once(monkeypatch)
     rng = np.random.default_rng(4)
     _, mu1, s1 = _random_stats(rng, 40, 4)
     _, mu2, s2 = _random_stats(rng, 40, 4)
