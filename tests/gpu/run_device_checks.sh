@@ -135,37 +135,7 @@ training.cuda_graph=$COMPILE_GRAPH" \
 fi
 
 # -- summary: the tables, then (from the EXIT trap) the one-line count, last ------------------------------
-"$PYTHON" - "$OUT" "$PREC" <<'EOF'
-import json, sys
-from pathlib import Path
-from sd_mlperf.bench.table import format_table
-out, prec = Path(sys.argv[1]), sys.argv[2]
-print("\n==== sd_mlperf device check summary ====")
-print((out / "environment.txt").read_text().strip())
-stages = [line.split("\t") for line in (out / "stages.tsv").read_text().splitlines()[1:]]
-print(format_table([{"stage": s, "status": st, "seconds": int(sec)} for s, st, sec in stages]), end="")
-checks = out / "device_checks.json"
-if checks.exists():
-    rows = json.loads(checks.read_text())
-    bad = [r["check"] for r in rows if r["status"] == "FAIL"]
-    ok = sum(r["status"] == "ok" for r in rows)
-    skipped = [f"{r['check']} ({r['detail']})" for r in rows if r["status"] == "skipped"]
-    print(f"fast-path checks: {ok} ok, {len(bad)} FAIL, {len(skipped)} skipped" + (f": FAIL {bad}" if bad else ""))
-    for line in skipped:
-        print(f"  skipped: {line}")
-rows = []
-for name in ("bench_train.json", "bench_compile.json"):
-    if (out / name).exists():
-        rows += json.loads((out / name).read_text())
-if rows:
-    cols = ["variant", "precision", "attention", "norm", "batch", "ms_per_step", "images_per_s", "tflop_per_s", "mfu",
-            "peak_mem_gib", "status"]
-    print(format_table(rows, fmt="markdown", columns=cols), end="")
-    best = max((r for r in rows if r.get("images_per_s")), key=lambda r: r["images_per_s"], default=None)
-    if best:
-        print(f"best: {best['variant']} {best['images_per_s']:.1f} images/s"
-              + (f", MFU {best['mfu']:.1%}" if best.get("mfu") else "")
-              + (f" (NVIDIA's published H100 rate 137, our goal 185)" if prec == "fp16" else ""))
-EOF
+"$PYTHON" tests/gpu/summarize.py "$OUT" --title $'\n==== sd_mlperf device check summary ====' --checks counts \
+  --bench bench_train.json --bench bench_compile.json --best-for "$PREC"
 bad=$(awk -F'\t' 'NR > 1 && $2 != "passed" && $2 !~ /^skipped/' "$SUMMARY" | wc -l)
 exit $(( bad > 0 ))

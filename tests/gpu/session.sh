@@ -114,32 +114,6 @@ else
 fi
 
 # -- summary: the tables of this part, then (from the EXIT trap) the one-line count -------------------------
-"$PYTHON" - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
-import json, sys
-from pathlib import Path
-from sd_mlperf.bench.table import format_table
-out = Path(sys.argv[1])
-print((out / "environment.txt").read_text().strip())
-stages = [line.split("\t") for line in (out / "stages.tsv").read_text().splitlines()[1:]]
-print(format_table([{"stage": s, "status": st, "seconds": int(sec)} for s, st, sec in stages]), end="")
-checks = out / "device_checks.json"
-if checks.exists():
-    rows = json.loads(checks.read_text())
-    print(format_table([{k: r.get(k) for k in ("check", "status", "rel_err", "tolerance", "detail")} for r in rows]))
-rows = [r for name in ("bench.json", "bench_variants.json") if (out / name).exists()
-        for r in json.loads((out / name).read_text())]
-if rows:
-    cols = ["variant", "precision", "attention", "norm", "batch", "ms_per_step", "images_per_s", "tflop_per_s", "mfu",
-            "peak_mem_gib", "status"]
-    print(format_table(rows, fmt="markdown", columns=cols), end="")
-if (out / "profile.json").exists():
-    from sd_mlperf.bench.profile import profile_tables
-    for p in json.loads((out / "profile.json").read_text()):
-        p["top_kernels"] = p["top_kernels"][:15]
-        print(profile_tables(p))
-for name in ("attention.json", "groupnorm.json"):
-    if (out / name).exists():
-        print(format_table(json.loads((out / name).read_text())))
-EOF
+"$PYTHON" tests/gpu/summarize.py "$OUT" --bench bench.json --bench bench_variants.json | tee "$OUT/summary.txt"
 bad=$(awk -F'\t' 'NR > 1 && $2 != "passed" && $2 !~ /^skipped/' "$SUMMARY" | wc -l)
 exit $(( bad > 0 ))
