@@ -9,7 +9,10 @@ per distinct shape. Each (shape, kernel) row times forward and forward + backwar
 - groupnorm: torch eager, torch compiled (inductor, one compile per shape), apex where installed (through
   our opaque custom op when apex's release has none).
 
-A kernel that cannot run a shape (or is missing) gives a row with status `skipped: why`; only that is skipped.
+A kernel that is missing (an ImportError, BackendUnavailable) or that refuses a shape or dtype (SDPA's "no
+viable backend" / "no available kernel" under `sdpa_kernel`, a NotImplementedError) gives a row with status
+`skipped: why`; any other error (out of memory, a CUDA error, a wrong result shape) is `failed: why` with its
+traceback logged, and `sd-mlperf bench` then exits 1 after printing every row.
 """
 
 from __future__ import annotations
@@ -78,9 +81,28 @@ def _time(fn: Callable[[], Any], device: torch.device, steps: int, warmup: int) 
     return statistics.median(times)
 
 
+UNSUPPORTED_MESSAGES = ("No viable backend", "No available kernel")
+"""What SDPA raises when the one backend `sdpa_kernel` allows cannot run the inputs (CPU / CUDA wording)."""
+
+
+def _status_of(exc: BaseException) -> str:
+    """`skipped: why` for a kernel that is missing or refuses this shape; `failed: why` for anything else."""
+    from sd_mlperf.backends import BackendUnavailable
+
+    text = " ".join(str(exc).split())[:160]
+    unsupported = isinstance(exc, RuntimeError) and any(m in str(exc) for m in UNSUPPORTED_MESSAGES)
+    if isinstance(exc, (ImportError, BackendUnavailable, NotImplementedError)) or unsupported:
+        return "skipped: " + text
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "failed: out of memory"
+    return f"failed: {type(exc).__name__}: {text}"
+
+
 def _fwd_bwd_rows(make: Callable[[], Callable[[], torch.Tensor]], inputs: list[torch.Tensor], device: torch.device,
                   steps: int, warmup: int) -> dict[str, Any]:
-    """Time forward and forward + backward of the callable that `make` builds (errors become a skipped row)."""
+    """Time forward and forward + backward of the callable that `make` builds (a refused shape is skipped)."""
+    from sd_mlperf.utils.logging import logger
+
     try:
         fn = make()
         grad = torch.randn_like(fn())
@@ -93,8 +115,11 @@ def _fwd_bwd_rows(make: Callable[[], Callable[[], torch.Tensor]], inputs: list[t
         with torch.no_grad():
             fwd_ms = _time(fn, device, steps, warmup)
         return {"fwd_ms": fwd_ms, "fwd_bwd_ms": _time(fwd_bwd, device, steps, warmup), "status": "ok"}
-    except (RuntimeError, ImportError, NotImplementedError) as exc:  # this kernel cannot run this shape here
-        return {"fwd_ms": None, "fwd_bwd_ms": None, "status": "skipped: " + " ".join(str(exc).split())[:160]}
+    except Exception as exc:
+        status = _status_of(exc)
+        if status.startswith("failed"):
+            logger.error("bench probe: %s", status, exc_info=exc)
+        return {"fwd_ms": None, "fwd_bwd_ms": None, "status": status}
 
 
 def _sdpa(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -154,7 +179,6 @@ def _group_norm(kernel: str, x: torch.Tensor, groups: int, silu: bool) -> Callab
 def probe_group_norm(cfg: Config, device: torch.device, *, kernels: tuple[str, ...] = NORM_KERNELS,
                      steps: int = 10, warmup: int = 3, max_shapes: int | None = None) -> list[dict[str, Any]]:
     """One row per (UNet GroupNorm shape, kernel): forward and forward + backward milliseconds (NHWC input)."""
-    from sd_mlperf.backends import BackendUnavailable
     from sd_mlperf.models.precision import AUTOCAST_DTYPES
 
     dtype = AUTOCAST_DTYPES.get(cfg.training.precision, torch.float32)
@@ -167,11 +191,8 @@ def probe_group_norm(cfg: Config, device: torch.device, *, kernels: tuple[str, .
         for kernel in kernels:
             row = {"shape": f"B{b} C{c} H{h} W{w} G{groups}", "silu": silu, "layers": count, "kernel": kernel,
                    "dtype": str(dtype).removeprefix("torch.")}
-            try:
-                row.update(_fwd_bwd_rows(functools.partial(_group_norm, kernel, x, groups, silu), [x], device,
-                                         steps, warmup))
-            except BackendUnavailable as exc:
-                row.update({"fwd_ms": None, "fwd_bwd_ms": None, "status": "skipped: " + str(exc)[:160]})
+            row.update(_fwd_bwd_rows(functools.partial(_group_norm, kernel, x, groups, silu), [x], device,
+                                     steps, warmup))
             rows.append(row)
         torch._dynamo.reset()  # one compile per shape; do not pile up guards
     return rows

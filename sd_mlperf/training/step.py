@@ -165,9 +165,7 @@ class GraphedTrainStep(_StepParts):
         self.example_inputs = example_inputs
         self.cuda_graph = cuda_graph
         self.warmup_steps = warmup_steps
-        # fp32 on CUDA, as the fused kernel reads it (a float lr is rounded to fp32 there too); the CPU
-        # kernel computes in double, so fp64 keeps the eager twin bit-identical to the float path.
-        self.lr = torch.zeros((), dtype=torch.float32 if device.type == "cuda" else torch.float64, device=device)
+        self.lr = torch.zeros((), dtype=lr_dtype(device), device=device)
         self.runner: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
     @property
@@ -219,6 +217,12 @@ class GraphedTrainStep(_StepParts):
         out = self.runner(inputs)
         # The graph overwrites its outputs on the next replay: hand out copies (device ops, no sync).
         return {key: value.clone() for key, value in out.items()}
+
+
+def lr_dtype(device: torch.device) -> torch.dtype:
+    """The graphed step's lr tensor: fp32 on CUDA, as the fused kernel reads it (a float lr is rounded to fp32
+    there too); the CPU kernel computes in double, so fp64 keeps the eager twin bit-identical to the float path."""
+    return torch.float32 if device.type == "cuda" else torch.float64
 
 
 def synthetic_step_inputs(cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:

@@ -58,7 +58,6 @@ MODULES: dict[str, Module] = {
                       ("tests/unit/eval/test_metrics.py", "tests/unit/eval/test_fid_stats.py")),
     "closed_division": Module(("sd_mlperf/config/closed_division.py",),
                               ("tests/config/test_closed_division.py", "tests/unit/training/test_run_identity.py")),
-    # Issue 20 rewrote step.py (and norm.py above): their rows in docs/development.md await a re-measure.
     "optimizer": Module(("sd_mlperf/parallel/optimizer.py",),
                         ("tests/unit/parallel/test_optimizer.py", "tests/unit/parallel/test_torch_adapter.py",
                          "tests/unit/parallel/test_optim_state_placement.py")),
@@ -66,7 +65,8 @@ MODULES: dict[str, Module] = {
                            ("tests/unit/parallel/test_loss_scaling.py", "tests/unit/parallel/test_torch_adapter.py",
                             "tests/unit/parallel/test_nonfinite_steps.py")),
     "step": Module(("sd_mlperf/training/step.py",),
-                   ("tests/unit/training/test_step.py", "tests/unit/training/test_cuda_graph_step.py",
+                   ("tests/unit/training/test_step.py", "tests/unit/training/test_step_wiring.py",
+                    "tests/unit/training/test_cuda_graph_step.py",
                     "tests/unit/parallel/test_nonfinite_steps.py")),
     # The trainer-loop and offline-evaluation tests train tiny runs (tens of seconds each, times mutmut's 15x
     # timeout per surviving mutant): too slow here; the step's and the final log's own tests carry the checks.

@@ -74,3 +74,39 @@ def cfg_device():
     import torch
 
     return torch.device("cpu")
+
+
+@pytest.mark.parametrize(("exc", "status"), [
+    (RuntimeError("No available kernel. Aborting execution."), "skipped: No available kernel. Aborting execution."),
+    (RuntimeError("No viable backend for scaled_dot_product_attention was found."), "skipped: No viable backend"),
+    (ImportError("No module named 'transformer_engine'"), "skipped: No module named 'transformer_engine'"),
+    (NotImplementedError("no bf16 kernel"), "skipped: no bf16 kernel"),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"),
+     "failed: RuntimeError: CUDA error: an illegal memory access was encountered"),
+    (ValueError("shape mismatch"), "failed: ValueError: shape mismatch"),
+])
+def test_probe_skips_only_a_missing_or_refusing_kernel(exc, status):
+    from sd_mlperf.bench.probes import _status_of
+
+    assert _status_of(exc).startswith(status)
+
+
+def test_a_probe_kernel_that_breaks_fails_the_command(capsys, monkeypatch):
+    from sd_mlperf.bench import probes
+
+    real = probes._sdpa
+
+    def broken_math(kernel, q, k, v):
+        if kernel == "math":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(kernel, q, k, v)
+
+    monkeypatch.setattr(probes, "_sdpa", broken_math)
+    assert main(["bench", "attention", "--config", SMOKE, "--kernels", "flash,math", "--steps", "1",
+                 "--warmup", "0", *TINY]) == 1  # every row is printed, then the command fails
+    lines = capsys.readouterr().out.splitlines()[2:]
+    flash = [line for line in lines if " flash " in line]
+    math = [line for line in lines if " math " in line]
+    assert len(flash) == len(math) == 2 and all(line.endswith(" ok") for line in flash)
+    assert all(line.endswith("failed: RuntimeError: CUDA error: an illegal memory access was encountered")
+               for line in math)
