@@ -95,16 +95,26 @@ def run_config_seed(run_dir: str | os.PathLike | None) -> int | None:
     return None if seed is None else int(seed)
 
 
+WAIT_REMINDER_S = 300.0
+"""--watch waiting for a run's config.yaml: how often it says it is still waiting (a mistyped --run-dir shows)."""
+
+
 def wait_for_run_config(run_dir: str | os.PathLike, *, poll_s: float, timeout_s: float | None) -> None:
     """--watch started before the trainer: wait until the run directory holds its config.yaml (or time out)."""
     config = Path(run_dir) / RUN_CONFIG_FILE
-    start = time.monotonic()
+    start = reminded = time.monotonic()
     if not config.is_file():
         logger.info("waiting for %s (the trainer writes it when it starts)", config)
     while not config.is_file():
-        if timeout_s is not None and time.monotonic() - start > timeout_s:
+        now = time.monotonic()
+        if timeout_s is not None and now - start > timeout_s:
             raise UserError(f"--watch: {config} did not appear within {timeout_s:.0f} s (--watch-timeout-s): is the "
                             "trainer running with this run.output_dir/run.name?")
+        if now - reminded >= WAIT_REMINDER_S:
+            reminded = now
+            logger.warning("--watch: still waiting for %s after %.0f s: is the trainer running with this "
+                           "run.output_dir/run.name? (--watch-timeout-s S gives up after S seconds)", config,
+                           now - start)
         time.sleep(min(poll_s, 5.0))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 
 import pytest
@@ -243,3 +244,27 @@ def test_watch_started_before_the_trainer_waits_for_its_config(tmp_path):
     wait_for_run_config(run, poll_s=0.01, timeout_s=30)
     assert (run / "config.yaml").is_file() and time.monotonic() - start >= 0.15
     late.join()
+
+
+def test_watch_without_a_timeout_keeps_saying_what_it_waits_for(tmp_path, monkeypatch, caplog):
+    from sd_mlperf.training import offline_eval
+
+    run = tmp_path / "mistyped"
+    clock = iter(range(0, 100_000, 100))  # each look is 100 s later
+    monkeypatch.setattr(offline_eval.time, "monotonic", lambda: float(next(clock)))
+    sleeps = []
+
+    def sleep(s):
+        sleeps.append(s)
+        if len(sleeps) == 7:  # the trainer starts after 7 looks
+            run.mkdir()
+            (run / "config.yaml").write_text("run: {}\n")
+
+    monkeypatch.setattr(offline_eval.time, "sleep", sleep)
+    with caplog.at_level(logging.INFO, logger="sd_mlperf"):
+        offline_eval.wait_for_run_config(run, poll_s=30, timeout_s=None)
+    reminders = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
+    assert reminders == [f"--watch: still waiting for {run / 'config.yaml'} after {s} s: is the trainer running with "
+                         "this run.output_dir/run.name? (--watch-timeout-s S gives up after S seconds)"
+                         for s in (300, 600)]
+    assert sleeps == [5.0] * 7
