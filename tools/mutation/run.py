@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 unexplained.append(f"{mutant} ({status[mutant]}):\n    - {' / '.join(before)}\n"
                                    f"    + {' / '.join(after)}")
+        problems += [f"{m}: listed in equivalent.txt but now killed by a test; remove its line" for m in
+                     sorted(m for m, s in status.items() if s in KILLED and m in equivalents)]
         total = len(status)
         score = killed / max(total - equivalent - gpu_only, 1)
         minutes = "-" if args.report_only else f"{(time.monotonic() - start) / 60:.1f}"
