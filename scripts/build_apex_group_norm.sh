@@ -13,6 +13,9 @@
 # group_norm.py also imports `group_norm_v2_cuda` (its Blackwell kernels, sm_100 only): the pack holds a stub of
 # that name whose functions raise, so the import works and an H100/H200 runs v1.
 #
+# The extension is packed xz-compressed (about 80 MB raw, mostly sm_90 kernels; a device call carries 64 MiB in
+# all): tests/gpu/session.sh unpacks site/*.so.xz next to itself before anything imports apex.
+#
 # Usage: scripts/build_apex_group_norm.sh --apex-src DIR [--out DIR] [--jobs N] [--only NAME.cu] [--dry-run]
 #   --out DIR      the pack (default .apex_build): DIR/site goes on PYTHONPATH (tests/gpu/session.sh does it)
 #   --jobs N       parallel nvcc processes (default: the number of CPUs; each .cu takes 25-50 s on one core)
@@ -133,11 +136,15 @@ if [ -n "$ONLY" ] || (( DRY )); then
   exit 0
 fi
 
-# -- the pack: the extension, apex's group_norm Python files, empty parents, the v2 stub ------------------------
+# -- the pack: the extension (xz: ~80 MB of sm_90 kernels would not fit the 64 MiB a device call carries; the
+# session unpacks it), apex's group_norm Python files, empty parents, the v2 stub --------------------------------
 SITE="$OUT/site"
 rm -rf "$OUT"
 mkdir -p "$SITE/apex/contrib/group_norm"
-cp "$SO" "$SITE/"
+echo "compressing $(du -m "$SO" | cut -f1) MB of extension with xz" >&2
+"$PYTHON312" -c 'import lzma, shutil, sys
+with open(sys.argv[1], "rb") as src, lzma.open(sys.argv[2], "wb", preset=9 | lzma.PRESET_EXTREME) as dst:
+    shutil.copyfileobj(src, dst)' "$SO" "$SITE/$(basename "$SO").xz"
 cp "$APEX_SRC/apex/contrib/group_norm/"*.py "$SITE/apex/contrib/group_norm/"
 : > "$SITE/apex/__init__.py"  # apex's own __init__ imports its other (unbuilt) extensions
 : > "$SITE/apex/contrib/__init__.py"

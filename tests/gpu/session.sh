@@ -21,7 +21,8 @@
 # $OUT, beside partN_summary.txt and the stage JSONs: at most 7 files per part.
 #   tests/gpu/session.sh part1 --cpu-dry-run   # the same stages on the CPU at tiny size (CI runs this)
 # Environment: OUT (what returns; default results/session), BUDGET_S (default 430 for part1, 250 for part2),
-# PYTHON, WHEEL_DIR, SITE_DIR as for run_device_checks.sh, STAGE_LIMIT_S (every stage's limit; tests).
+# PYTHON, WHEEL_DIR, SITE_DIR as for run_device_checks.sh, STAGE_LIMIT_S (every stage's limit; tests), APEX_PACK
+# (the apex pack, default .apex_build).
 set -uo pipefail
 
 cd "$(dirname "$0")/../.." || exit 2
@@ -59,8 +60,17 @@ session_finish() {
 }
 trap session_finish EXIT
 
-if [ -d .apex_build/site ]; then  # scripts/build_apex_group_norm.sh's pack: apex.contrib.group_norm for sm_90
-  export PYTHONPATH="$PWD/.apex_build/site${PYTHONPATH:+:$PYTHONPATH}"
+APEX_PACK=${APEX_PACK:-.apex_build}
+if [ -d "$APEX_PACK/site" ]; then  # scripts/build_apex_group_norm.sh's pack: apex.contrib.group_norm for sm_90
+  for packed in "$APEX_PACK"/site/*.so.xz; do  # the extension travels xz-compressed (64 MiB per call)
+    [ -f "$packed" ] && [ ! -f "${packed%.xz}" ] || continue
+    "$PYTHON" -c 'import lzma, shutil, sys
+with lzma.open(sys.argv[1]) as src, open(sys.argv[2] + ".part", "wb") as dst:
+    shutil.copyfileobj(src, dst)' "$packed" "${packed%.xz}" && mv "${packed%.xz}.part" "${packed%.xz}" \
+      || echo "session: could not unpack $packed; apex stages will fail" >&2
+  done
+  apex_site=$(cd "$APEX_PACK/site" && pwd)
+  export PYTHONPATH="$apex_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 install_wheels
 print_environment

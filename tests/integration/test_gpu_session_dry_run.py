@@ -10,6 +10,7 @@ device checks are left to tests/integration/test_device_checks_dry_run.py; nothi
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _run(part: str, back: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(back), "WHEEL_DIR": str(tmp_path / "no_wheels"),
            "SITE_DIR": str(tmp_path / "site"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "APEX_PACK": str(tmp_path / "apex_pack")}
     return subprocess.run(["bash", "tests/gpu/session.sh", part, "--cpu-dry-run"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -32,8 +33,12 @@ def _run(part: str, back: Path, tmp_path: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_both_parts_run_on_the_cpu_and_return_few_files(tmp_path):
     back = tmp_path / "back"
+    site = tmp_path / "apex_pack" / "site"  # the apex extension travels xz-compressed; the session unpacks it
+    site.mkdir(parents=True)
+    (site / "stand_in_ext.so.xz").write_bytes(lzma.compress(b"not a real extension"))
     part1 = _run("part1", back, tmp_path)
     assert part1.returncode == 0, part1.stdout[-3000:] + part1.stderr[-3000:]
+    assert (site / "stand_in_ext.so").read_bytes() == b"not a real extension"
     part2 = _run("part2", back, tmp_path)
     assert part2.returncode == 0, part2.stdout[-3000:] + part2.stderr[-3000:]
     returned = sorted(p.name for p in back.iterdir())
