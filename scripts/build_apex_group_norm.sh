@@ -22,6 +22,8 @@
 #   --only F.cu    compile the op .cpp and this one .cu only, and link: proves the command lines (the .so then
 #                  lacks the other kernels; it is not packed)
 #   --dry-run      print the commands instead of running them
+#   --check-import PY  after packing, import the unpacked extension with PY (a Python 3.12 with torch 2.11.0+cu130
+#                  installed; no GPU needed): proves its symbols resolve against that torch
 # Environment: PYTHON312 (default: pyenv's 3.12), TORCH_WHEEL (a local torch-2.11.0 cp312 wheel; default: pip
 # download from PyPI), WORK (build folder, default ${TMPDIR:-/tmp}/sd_mlperf_apex_build), NVCC (default nvcc).
 set -euo pipefail
@@ -29,7 +31,7 @@ cd "$(dirname "$0")/.."
 PINNED_APEX=6424da3b4faa6c8f062da4a48c424fff3f02d42d
 TORCH_VERSION=2.11.0
 ARCH="-gencode=arch=compute_90,code=sm_90"
-APEX_SRC="" OUT=.apex_build ONLY="" DRY=0
+APEX_SRC="" OUT=.apex_build ONLY="" DRY=0 CHECK_PY=""
 JOBS=$(nproc)
 WORK=${WORK:-${TMPDIR:-/tmp}/sd_mlperf_apex_build}
 NVCC=${NVCC:-nvcc}
@@ -42,6 +44,7 @@ while [ $# -gt 0 ]; do
     --jobs) JOBS=${2:?--jobs needs a number}; shift ;;
     --only) ONLY=${2:?--only needs a .cu file name}; shift ;;
     --dry-run) DRY=1 ;;
+    --check-import) CHECK_PY=${2:?--check-import needs a Python}; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
@@ -117,13 +120,19 @@ else
 fi
 echo "compiling ${#CU_FILES[@]} .cu file(s) for sm_90 with $JOBS job(s), torch $TORCH_VERSION headers, Python $PY_INCLUDE" >&2
 t0=$(date +%s)
-# An object newer than its source (and this script) is kept: a rerun compiles only what is missing or stale.
-if [ ! "$OBJ/group_norm_nhwc_op.o" -nt "$GN/group_norm_nhwc_op.cpp" ] || [ "$0" -nt "$OBJ/group_norm_nhwc_op.o" ]; then
+# An object newer than its source, built with today's command lines, is kept: a rerun compiles only what is missing
+# or stale. The command lines are recorded in $OBJ/COMMAND_LINES; when they change, every object is rebuilt.
+command_lines=$(printf '%q ' "$NVCC" "${NVCC_FLAGS[@]}" ";" g++ "${CXX_FLAGS[@]}")
+if [ "$(cat "$OBJ/COMMAND_LINES" 2> /dev/null)" != "$command_lines" ] && (( ! DRY )); then
+  rm -f "$OBJ"/*.o
+  printf '%s' "$command_lines" > "$OBJ/COMMAND_LINES"
+fi
+if [ ! "$OBJ/group_norm_nhwc_op.o" -nt "$GN/group_norm_nhwc_op.cpp" ]; then
   run g++ "${CXX_FLAGS[@]}" -c "$GN/group_norm_nhwc_op.cpp" -o "$OBJ/group_norm_nhwc_op.o"
 fi
-export NVCC OBJ DRY SCRIPT="$0"
+export NVCC OBJ DRY
 printf '%s\n' "${CU_FILES[@]}" | xargs -P "$JOBS" -I{} bash -c \
-  'f={}; o="$OBJ/$(basename "$f" .cu).o"; [ "$o" -nt "$f" ] && [ ! "$SCRIPT" -nt "$o" ] && exit 0
+  'f={}; o="$OBJ/$(basename "$f" .cu).o"; [ "$o" -nt "$f" ] && exit 0
    if (( DRY )); then echo "$NVCC ... -c $f -o $o"; else "$NVCC" "$@" -c "$f" -o "$o"; fi' _ "${NVCC_FLAGS[@]}"
 SO="$WORK/group_norm_cuda$EXT_SUFFIX"
 OBJS=("$OBJ/group_norm_nhwc_op.o")
@@ -160,4 +169,22 @@ size_mb=$(du -sm "$OUT" | cut -f1)
 echo "packed $OUT: ${size_mb} MB (a device call carries 64 MiB in all, .whl's 5.5 MB and the checkout included)" >&2
 if (( size_mb > 50 )); then
   echo "warning: ${size_mb} MB leaves little room in the 64 MiB a device call carries" >&2
+fi
+if [ -n "$CHECK_PY" ]; then  # what the GPU session does first: unpack, then import against the image's torch
+  check_dir=$(mktemp -d)
+  cp -r "$SITE" "$check_dir/site"
+  "$CHECK_PY" - "$check_dir/site" <<'EOF' || die "the packed extension does not import with $CHECK_PY (see above)"
+import glob, lzma, shutil, sys
+site = sys.argv[1]
+for packed in glob.glob(f"{site}/*.so.xz"):
+    with lzma.open(packed) as src, open(packed[:-3], "wb") as dst:
+        shutil.copyfileobj(src, dst)
+sys.path.insert(0, site)
+import torch
+import group_norm_cuda
+import apex.contrib.group_norm  # noqa: F401  (apex's module: registers its custom ops)
+print(f"import check: group_norm_cuda {sorted(n for n in dir(group_norm_cuda) if not n.startswith('_'))} and "
+      f"apex.contrib.group_norm load with torch {torch.__version__} (Python {sys.version.split()[0]})")
+EOF
+  rm -rf "$check_dir"
 fi
