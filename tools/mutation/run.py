@@ -7,7 +7,7 @@ killed when a test fails or times out; survivors are errors unless `tools/mutati
 them as equivalent, with why. The script prints the per-module table that the README's Development
 section shows and exits 1 if a survivor is neither killed nor listed (or a listed one has gone stale).
 
-Run it with the machine shared: `nice -n 15 python tools/mutation/run.py` (about 30 minutes on 2 cores for all
+Run it with the machine shared: `nice -n 15 python tools/mutation/run.py` (about 15 minutes on 2 cores for all
 modules; `--max-children 1` halves the CPU it takes). Needs `pip install -c tests/constraints-cpu.txt -e '.[dev]'`.
 """
 
