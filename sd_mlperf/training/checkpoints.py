@@ -9,6 +9,7 @@ Layout of `run_dir/checkpoints/`:
       rank_00000.pt          per rank: {"rng": every RNG state, "data": loader position, "run_seed",
       rank_00001.pt ...                 "lr_schedule": next step and lr, "reached_target"}
       unet_ldm.safetensors   optional, `model.diffusion_model.*` names (checkpoint.export_ldm_weights)
+      *.pt.sha256            each .pt file's sha256 (`sha256sum -c` format), hashed as it was written
     latest                   text file holding the newest complete step directory name
 
 The optimizer state is gathered: the data-parallel backends consolidate their shards on rank 0
@@ -18,6 +19,8 @@ resuming therefore needs the same world size (the check says so). `model.pt` alo
 export) is enough to evaluate or to start a new run.
 Every directory is written as `.step_XXXXXXX.tmp` and renamed only when all ranks have finished, and
 `latest` is replaced atomically, so a crash never leaves a half-written checkpoint under a real name.
+Every .pt file is read back only if it matches its recorded sha256 (damage after the write, which may still
+parse, is refused naming the file); a file without one (written before checksums) loads unchecked.
 `read_checkpoint_weights` answers, for `sd-mlperf evaluate --checkpoint`, every question about a path into this
 layout (or an ldm export anywhere): its weights, step, samples_count and run directory.
 """
@@ -37,6 +40,7 @@ import numpy as np
 import torch
 
 from sd_mlperf.config.schema import CheckpointConfig
+from sd_mlperf.training.checkpoint_files import fsync_dir, load_file, save_file
 from sd_mlperf.training.eval_checkpoints import EVAL_CHECKPOINT_DIR, load_eval_checkpoint, read_index
 from sd_mlperf.utils.errors import UserError
 from sd_mlperf.utils.files import atomic_write_text, remove_stale_temporaries, write_error
@@ -99,29 +103,6 @@ def _to_tuple(x: Any) -> Any:
     return tuple(_to_tuple(v) for v in x) if isinstance(x, list | tuple) else x
 
 
-def _save_file(obj: Any, path: Path) -> None:
-    try:
-        with open(path, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except Exception as exc:  # a full disk says so, naming the file
-        raise write_error(exc, path, "checkpoint file") from exc
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def saved_global_batch_size(model: Mapping[str, Any]) -> int | None:
     """The global batch a checkpoint's model payload trained with; None if it cannot tell.
 
@@ -137,15 +118,6 @@ def saved_run_seed(path: str | os.PathLike) -> int | None:
     """The run seed a checkpoint directory recorded (rank 0's file), or None for checkpoints older than that."""
     seed = load_file(Path(path) / rank_file_name(0)).get("run_seed")
     return None if seed is None else int(seed)
-
-
-def load_file(path: str | os.PathLike) -> Any:
-    """torch.load with weights_only=True; a broken file is named in the error."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"cannot read checkpoint file {path}: {exc}. Delete that checkpoint directory "
-                           "or set training.resume=never (or to another checkpoint path).") from exc
 
 
 class Checkpointer:
@@ -189,15 +161,15 @@ class Checkpointer:
     def _write(self, tmp: Path, step: int, samples_count: int, *, unet_state: Mapping[str, torch.Tensor],
                optimizer_state: Mapping[str, Any] | None, rank_state: Mapping[str, Any],
                global_batch_size: int | None) -> None:
-        _save_file({**rank_state, "step": step, "samples_count": samples_count, "rank": self.rank,
+        save_file({**rank_state, "step": step, "samples_count": samples_count, "rank": self.rank,
                     "world_size": self.world_size}, tmp / rank_file_name(self.rank))
         if self.rank != 0:
             return
         cpu_state = {k: v.detach().cpu() for k, v in unet_state.items()}
-        _save_file({"unet": cpu_state, "step": step, "samples_count": samples_count, "world_size": self.world_size,
+        save_file({"unet": cpu_state, "step": step, "samples_count": samples_count, "world_size": self.world_size,
                     "global_batch_size": global_batch_size, "format": FORMAT}, tmp / MODEL_FILE)
         if self.cfg.save_optimizer and optimizer_state is not None:
-            _save_file(dict(optimizer_state), tmp / OPTIMIZER_FILE)
+            save_file(dict(optimizer_state), tmp / OPTIMIZER_FILE)
         if self.cfg.export_ldm_weights:
             from sd_mlperf.models.checkpoint_io import export_unet_ldm
 
@@ -207,14 +179,14 @@ class Checkpointer:
                 raise write_error(exc, tmp / LDM_EXPORT_FILE, "checkpoint file") from exc
 
     def _publish(self, tmp: Path, final: Path) -> None:
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = final.with_name(f".{final.name}.old")
         if final.exists():  # the same step saved again (e.g. after a resume): swap, then drop the old one
             if old.exists():
                 shutil.rmtree(old)
             final.rename(old)
         tmp.rename(final)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         atomic_write_text(self.dir / LATEST_FILE, final.name + "\n")
         if old.exists():
             shutil.rmtree(old)

@@ -111,14 +111,14 @@ def test_reshard_one_to_two_to_one_rank_keeps_weights_and_adam_state(tmp_path):
 
 def test_reshard_that_changes_the_global_batch_is_refused(tmp_path):
     from sd_mlperf.training.build import build_trainer
+    from sd_mlperf.training.checkpoint_files import save_file
     from tests.unit.training._helpers import ListLoader, cpu_dist, make_batches, make_cfg
 
     _run(make_cfg(tmp_path, *COMMON, *ONE_RANK, "training.max_steps=2"), cpu_dist(), make_batches(2, batch_size=4))
     model = tmp_path / "run" / "checkpoints" / "step_0000002" / "model.pt"
     saved = torch.load(model, weights_only=True)
-    torch.save({**saved, "world_size": 2}, model)  # as if 2 ranks x 2 had written it (global batch 4)
-    (tmp_path / "run" / "checkpoints" / "step_0000002" / "rank_00001.pt").write_bytes(
-        (tmp_path / "run" / "checkpoints" / "step_0000002" / "rank_00000.pt").read_bytes())
+    save_file({**saved, "world_size": 2}, model)  # as if 2 ranks x 2 had written it (global batch 4)
+    save_file(torch.load(model.with_name("rank_00000.pt"), weights_only=True), model.with_name("rank_00001.pt"))
     cfg = make_cfg(tmp_path, *COMMON, "training.micro_batch_size=2", "training.max_steps=3")  # 1 rank x 2
     with pytest.raises(ValueError, match="global batch of 4 on 2 ranks; this run's is 2 on 1.*= 4"):
         build_trainer(cfg, cpu_dist(), evaluator=None, data=(ListLoader(make_batches(2)), lambda b, **k: b))

@@ -200,3 +200,46 @@ def test_read_checkpoint_weights_names_what_is_wrong(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "model.pt")
     with pytest.raises(ValueError, match="not a trainer checkpoint"):
         read_checkpoint_weights(tmp_path / "model.pt")
+
+
+def _flip_a_tensor_byte(path) -> None:
+    """Damage that still parses: one byte of tensor data (torch's zip records are stored, not compressed)."""
+    data = bytearray(path.read_bytes())
+    marker = torch.full((2,), 2.0).numpy().tobytes()  # the saved weights of step 2
+    at = data.index(marker)
+    data[at + 1] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_damage_that_still_parses_is_refused_by_the_checksum(tmp_path, caplog):
+    ck = Checkpointer(CheckpointConfig(export_ldm_weights=False), tmp_path)
+    _save(ck, 1)
+    _save(ck, 2)
+    step2 = tmp_path / "checkpoints" / step_dir_name(2)
+    assert sorted(p.name for p in step2.iterdir()) == ["model.pt", "model.pt.sha256", "optimizer.pt",
+                                                      "optimizer.pt.sha256", "rank_00000.pt", "rank_00000.pt.sha256"]
+    import hashlib
+
+    digest, name = (step2 / "model.pt.sha256").read_text().split()
+    assert name == "model.pt" and digest == hashlib.sha256((step2 / "model.pt").read_bytes()).hexdigest()
+    _flip_a_tensor_byte(step2 / "model.pt")
+    assert torch.load(step2 / "model.pt", weights_only=True)["step"] == 2  # torch itself reads it without a word
+    with pytest.raises(RuntimeError, match=rf"checkpoint file {step2 / 'model.pt'} does not match its sha256 in "
+                                           r"model\.pt\.sha256: it was damaged after it was written\. Delete "):
+        ck.load(step2)
+    rank_file = bytearray((step2 / "rank_00000.pt").read_bytes())
+    rank_file[len(rank_file) // 2] ^= 0xFF
+    (step2 / "rank_00000.pt").write_bytes(bytes(rank_file))
+    with caplog.at_level("WARNING"):  # a damaged rank file: resume=auto takes the older checkpoint
+        assert ck.resolve("auto") == tmp_path / "checkpoints" / step_dir_name(1)
+    assert "does not match its sha256" in caplog.text
+
+
+def test_checkpoints_written_before_checksums_still_load(tmp_path):
+    ck = Checkpointer(CheckpointConfig(export_ldm_weights=False), tmp_path)
+    _save(ck, 3)
+    step3 = tmp_path / "checkpoints" / step_dir_name(3)
+    for sidecar in step3.glob("*.sha256"):
+        sidecar.unlink()
+    model, optimizer, rank = ck.load(step3)
+    assert model["step"] == 3 and optimizer == {"opt": 3} and rank["data"] == {"pos": 3}

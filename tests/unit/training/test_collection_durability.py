@@ -216,14 +216,14 @@ def test_a_save_cut_by_ctrl_c_leaves_no_temporary(tmp_path, monkeypatch):
 
     cfg = make_cfg(tmp_path, "training.max_steps=2", "training.checkpoint_every_samples=4")
     trainer, _ = make_trainer(cfg, make_batches(3))
-    real = checkpoints._save_file
+    real = checkpoints.save_file
 
     def interrupted(obj, path):
         if path.name == "optimizer.pt":
             raise KeyboardInterrupt
         real(obj, path)
 
-    monkeypatch.setattr(checkpoints, "_save_file", interrupted)
+    monkeypatch.setattr(checkpoints, "save_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     trainer.close()

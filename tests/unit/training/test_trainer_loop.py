@@ -13,6 +13,7 @@ import torch
 from sd_mlperf.parallel.data_parallel import apply_data_parallel
 from sd_mlperf.parallel.optimizer import LRSchedule
 from sd_mlperf.training.build import plan_from_config
+from sd_mlperf.training.checkpoint_files import checksum_file
 from sd_mlperf.training.checkpoints import Checkpointer, load_file
 from sd_mlperf.training.metrics import Progress, read_metrics
 from sd_mlperf.training.mlperf_log import MLPerfLogger
@@ -271,6 +272,7 @@ def test_resume_with_another_global_batch_is_refused(tmp_path, saved_field):
     assert model["global_batch_size"] == 2
     if not saved_field:
         torch.save({k: v for k, v in model.items() if k != "global_batch_size"}, model_path)
+        checksum_file(model_path).unlink()  # that old a checkpoint has no checksums either
     with pytest.raises(ValueError, match="global batch of 2 on 1 ranks; this run's is 4 on 1.*= 2"):
         make_trainer(make_cfg(tmp_path, "training.max_steps=4", "training.micro_batch_size=4"),
                      make_batches(2, batch_size=4))

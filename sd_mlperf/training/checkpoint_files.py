@@ -1,0 +1,81 @@
+"""The files of a resumable checkpoint: written fsynced with their sha256 beside them, read back only if they match.
+
+`save_file` hashes what torch.save writes as it goes (no second read) and records it in `NAME.sha256`, in
+`sha256sum -c` format; `load_file` refuses a file that differs from its record (damage after the write, which
+may still parse), naming the file and the fix. A file without a record (written before checksums) loads unchecked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sd_mlperf.utils.errors import UserError
+from sd_mlperf.utils.files import HashingWriter, write_error
+
+
+def checksum_file(path: str | os.PathLike) -> Path:
+    """The sidecar holding `path`'s sha256, in `sha256sum -c` format."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def save_file(obj: Any, path: Path) -> None:
+    """torch.save to `path`, fsynced, and its sha256 (hashed while writing: no second read) beside it."""
+    try:
+        with open(path, "wb") as f:
+            writer = HashingWriter(f)
+            torch.save(obj, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(checksum_file(path), "w", encoding="utf-8") as f:
+            f.write(f"{writer.hexdigest()}  {path.name}\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except Exception as exc:  # a full disk says so, naming the file
+        raise write_error(exc, path, "checkpoint file") from exc
+
+
+def verify_checksum(path: Path) -> None:
+    """Refuse `path` if it differs from its recorded sha256; a file without a record (older checkpoints) passes."""
+    from sd_mlperf.models.checkpoint_io import file_sha256
+
+    sidecar = checksum_file(path)
+    if not sidecar.is_file():
+        return
+    try:
+        expected = sidecar.read_text(encoding="utf-8").split()[0]
+    except (OSError, UnicodeDecodeError, IndexError) as exc:
+        raise UserError(f"cannot read the checksum {sidecar} of checkpoint file {path}: {exc}. Delete that "
+                        "checkpoint directory or set training.resume=never (or to another checkpoint path).") from exc
+    if file_sha256(path) != expected:
+        raise UserError(f"checkpoint file {path} does not match its sha256 in {sidecar.name}: it was damaged after "
+                        f"it was written. Delete {path.parent} or set training.resume=never (or to another "
+                        "checkpoint path).")
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory (its entries: renames, new files), where the filesystem allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_file(path: str | os.PathLike) -> Any:
+    """torch.load with weights_only=True after its checksum; a broken or damaged file is named in the error."""
+    verify_checksum(Path(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"cannot read checkpoint file {path}: {exc}. Delete that checkpoint directory "
+                        "or set training.resume=never (or to another checkpoint path).") from exc
