@@ -17,6 +17,7 @@
 # all): tests/gpu/session.sh unpacks site/*.so.xz next to itself before anything imports apex.
 #
 # Usage: scripts/build_apex_group_norm.sh --apex-src DIR [--out DIR] [--jobs N] [--only NAME.cu] [--dry-run]
+#                                         [--check-import PY]
 #   --out DIR      the pack (default .apex_build): DIR/site goes on PYTHONPATH (tests/gpu/session.sh does it)
 #   --jobs N       parallel nvcc processes (default: the number of CPUs; each .cu takes 25-50 s on one core)
 #   --only F.cu    compile the op .cpp and this one .cu only, and link: proves the command lines (the .so then
@@ -51,6 +52,8 @@ while [ $# -gt 0 ]; do
   shift
 done
 [ -n "$APEX_SRC" ] || die "--apex-src DIR is required: a checkout of https://github.com/NVIDIA/apex (PyPI has no apex)"
+[ -d "$APEX_SRC" ] || die "--apex-src $APEX_SRC is not a folder: give a checkout of https://github.com/NVIDIA/apex"
+APEX_SRC=$(cd "$APEX_SRC" && pwd)  # absolute: the recorded command lines must not depend on how it was typed
 GN="$APEX_SRC/apex/contrib/csrc/group_norm"
 [ -f "$GN/group_norm_nhwc_op.cpp" ] || die "$GN/group_norm_nhwc_op.cpp not found: --apex-src must be an apex checkout"
 if commit=$(git -C "$APEX_SRC" rev-parse HEAD 2> /dev/null) && [ "$commit" != "$PINNED_APEX" ]; then
@@ -123,17 +126,24 @@ t0=$(date +%s)
 # An object newer than its source, built with today's command lines, is kept: a rerun compiles only what is missing
 # or stale. The command lines are recorded in $OBJ/COMMAND_LINES; when they change, every object is rebuilt.
 command_lines=$(printf '%q ' "$NVCC" "${NVCC_FLAGS[@]}" ";" g++ "${CXX_FLAGS[@]}")
-if [ "$(cat "$OBJ/COMMAND_LINES" 2> /dev/null)" != "$command_lines" ] && (( ! DRY )); then
-  rm -f "$OBJ"/*.o
-  printf '%s' "$command_lines" > "$OBJ/COMMAND_LINES"
+if [ "$(cat "$OBJ/COMMAND_LINES" 2> /dev/null)" != "$command_lines" ]; then
+  if (( DRY )); then
+    echo "(the command lines differ from the recorded ones: every object would be rebuilt)"
+  else
+    rm -f "$OBJ"/*.o
+    printf '%s' "$command_lines" > "$OBJ/COMMAND_LINES"
+  fi
 fi
+# Each object is written under a temporary name and renamed when complete: a killed compile leaves no object.
 if [ ! "$OBJ/group_norm_nhwc_op.o" -nt "$GN/group_norm_nhwc_op.cpp" ]; then
-  run g++ "${CXX_FLAGS[@]}" -c "$GN/group_norm_nhwc_op.cpp" -o "$OBJ/group_norm_nhwc_op.o"
+  run g++ "${CXX_FLAGS[@]}" -c "$GN/group_norm_nhwc_op.cpp" -o "$OBJ/group_norm_nhwc_op.o.part"
+  run mv "$OBJ/group_norm_nhwc_op.o.part" "$OBJ/group_norm_nhwc_op.o"
 fi
 export NVCC OBJ DRY
 printf '%s\n' "${CU_FILES[@]}" | xargs -P "$JOBS" -I{} bash -c \
   'f={}; o="$OBJ/$(basename "$f" .cu).o"; [ "$o" -nt "$f" ] && exit 0
-   if (( DRY )); then echo "$NVCC ... -c $f -o $o"; else "$NVCC" "$@" -c "$f" -o "$o"; fi' _ "${NVCC_FLAGS[@]}"
+   if (( DRY )); then echo "$NVCC ... -c $f -o $o"; else "$NVCC" "$@" -c "$f" -o "$o.part" && mv "$o.part" "$o"; fi' \
+  _ "${NVCC_FLAGS[@]}"
 SO="$WORK/group_norm_cuda$EXT_SUFFIX"
 OBJS=("$OBJ/group_norm_nhwc_op.o")
 for f in "${CU_FILES[@]}"; do OBJS+=("$OBJ/$(basename "$f" .cu).o"); done
@@ -172,6 +182,7 @@ if (( size_mb > 50 )); then
 fi
 if [ -n "$CHECK_PY" ]; then  # what the GPU session does first: unpack, then import against the image's torch
   check_dir=$(mktemp -d)
+  trap 'rm -rf "$check_dir"' EXIT  # the unpacked 75 MB copy goes whatever the check says
   cp -r "$SITE" "$check_dir/site"
   "$CHECK_PY" - "$check_dir/site" <<'EOF' || die "the packed extension does not import with $CHECK_PY (see above)"
 import glob, lzma, shutil, sys

@@ -9,8 +9,8 @@ per distinct shape. Each (shape, kernel) row times forward and forward + backwar
 - groupnorm: torch eager, torch compiled (inductor, one compile per shape), apex where installed (through
   our opaque custom op when apex's release has none).
 
-A kernel that is missing (an ImportError, BackendUnavailable) or that refuses a shape or dtype (SDPA's "no
-viable backend" / "no available kernel" under `sdpa_kernel`, a NotImplementedError) gives a row with status
+A kernel that is missing (BackendUnavailable: TE, apex) or that refuses a shape or dtype (SDPA's "no viable
+backend" / "no available kernel" under `sdpa_kernel`, a NotImplementedError) gives a row with status
 `skipped: why`; any other error (out of memory, a CUDA error, a wrong result shape) is `failed: why` with its
 traceback logged, and `sd-mlperf bench` then exits 1 after printing every row.
 """
@@ -91,7 +91,7 @@ def _status_of(exc: BaseException) -> str:
 
     text = " ".join(str(exc).split())[:160]
     unsupported = isinstance(exc, RuntimeError) and any(m in str(exc) for m in UNSUPPORTED_MESSAGES)
-    if isinstance(exc, (ImportError, BackendUnavailable, NotImplementedError)) or unsupported:
+    if isinstance(exc, (BackendUnavailable, NotImplementedError)) or unsupported:
         return "skipped: " + text
     if isinstance(exc, torch.OutOfMemoryError):
         return "failed: out of memory"
@@ -99,7 +99,7 @@ def _status_of(exc: BaseException) -> str:
 
 
 def _fwd_bwd_rows(make: Callable[[], Callable[[], torch.Tensor]], inputs: list[torch.Tensor], device: torch.device,
-                  steps: int, warmup: int) -> dict[str, Any]:
+                  steps: int, warmup: int, row: dict[str, Any]) -> dict[str, Any]:
     """Time forward and forward + backward of the callable that `make` builds (a refused shape is skipped)."""
     from sd_mlperf.utils.logging import logger
 
@@ -118,7 +118,7 @@ def _fwd_bwd_rows(make: Callable[[], Callable[[], torch.Tensor]], inputs: list[t
     except Exception as exc:
         status = _status_of(exc)
         if status.startswith("failed"):
-            logger.error("bench probe: %s", status, exc_info=exc)
+            logger.error("bench probe: %s %s: %s", row["kernel"], row["shape"], status, exc_info=exc)
         return {"fwd_ms": None, "fwd_bwd_ms": None, "status": status}
 
 
@@ -156,7 +156,8 @@ def probe_attention(cfg: Config, device: torch.device, *, kernels: tuple[str, ..
         for kernel in kernels:
             row = {"shape": f"B{b} L{length} S{s} H{heads} D{d}", "kind": "self" if s == length else "cross",
                    "layers": count, "kernel": kernel, "dtype": str(dtype).removeprefix("torch.")}
-            row.update(_fwd_bwd_rows(functools.partial(_sdpa, kernel, q, k, v), [q, k, v], device, steps, warmup))
+            row.update(_fwd_bwd_rows(functools.partial(_sdpa, kernel, q, k, v), [q, k, v], device, steps, warmup,
+                                     row))
             rows.append(row)
     return rows
 
@@ -192,7 +193,7 @@ def probe_group_norm(cfg: Config, device: torch.device, *, kernels: tuple[str, .
             row = {"shape": f"B{b} C{c} H{h} W{w} G{groups}", "silu": silu, "layers": count, "kernel": kernel,
                    "dtype": str(dtype).removeprefix("torch.")}
             row.update(_fwd_bwd_rows(functools.partial(_group_norm, kernel, x, groups, silu), [x], device,
-                                     steps, warmup))
+                                     steps, warmup, row))
             rows.append(row)
         torch._dynamo.reset()  # one compile per shape; do not pile up guards
     return rows

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from sd_mlperf.config.schema import CheckpointConfig
-from sd_mlperf.training.checkpoint_files import fsync_dir, load_file, save_file
+from sd_mlperf.training.checkpoint_files import fsync_dir, load_file, save_file, verify_checksum
 from sd_mlperf.training.eval_checkpoints import EVAL_CHECKPOINT_DIR, load_eval_checkpoint, read_index
 from sd_mlperf.utils.errors import UserError
 from sd_mlperf.utils.files import atomic_write_text, remove_stale_temporaries, write_error
@@ -130,6 +130,8 @@ class Checkpointer:
         self.rank = rank
         self.world_size = world_size
         self.barrier = barrier or (lambda: None)
+        self._verified: set[Path] = set()
+        """Files `intact` hashed and found matching: `load` reads them without hashing them again."""
 
     # -- saving ------------------------------------------------------------------------------------
     def save(self, step: int, samples_count: int, *, unet_state: Mapping[str, torch.Tensor],
@@ -225,7 +227,8 @@ class Checkpointer:
         if not (path / MODEL_FILE).is_file() or not (path / rank_file_name(0)).is_file():
             return False
         try:
-            saved_world = int(load_file(path / rank_file_name(0))["world_size"])
+            saved_world = int(self._load_file(path / rank_file_name(0))["world_size"])
+            self._verified.add(path / rank_file_name(0))  # its checksum matched (or it has none)
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # load_file: RuntimeError naming the file
             logger.warning("checkpoint %s is not usable (%s); looking for an older one", path, exc)
             return False
@@ -238,24 +241,41 @@ class Checkpointer:
         found = [(step, p) for p in self.dir.iterdir() if p.is_dir() and (step := step_of_dir_name(p.name)) is not None]
         return [p for _, p in sorted(found) if (p / MODEL_FILE).is_file()]
 
-    def latest(self) -> Path | None:
-        """The checkpoint `latest` names if it is complete, else the newest complete one."""
+    def intact(self, path: Path) -> bool:
+        """Whether every .pt file of `path` matches its recorded sha256 (each rank checks all of them, so all
+        ranks decide alike); the files that pass are not hashed again by `load`."""
+        for file in sorted(path.glob("*.pt")):
+            if file in self._verified:
+                continue
+            try:
+                verify_checksum(file)
+            except RuntimeError as exc:  # UserError naming the file
+                logger.warning("checkpoint %s is not usable (%s); looking for an older one", path, exc)
+                return False
+            self._verified.add(file)
+        return True
+
+    def latest(self, *, verify: bool = False) -> Path | None:
+        """The checkpoint `latest` names if it is complete, else the newest complete one; with `verify`, the newest
+        one that is also `intact` (what resume=auto takes: a damaged file sends it to an older checkpoint)."""
+        def usable(path: Path) -> bool:
+            return self.is_complete(path) and (not verify or self.intact(path))
+
         pointer = self.dir / LATEST_FILE
         if pointer.is_file():
             candidate = self.dir / pointer.read_text().strip()
-            if step_of_dir_name(candidate.name) is not None and self.is_complete(candidate):
+            if step_of_dir_name(candidate.name) is not None and usable(candidate):
                 return candidate
             logger.warning("%s names %s, which is not a complete checkpoint; using the newest complete one",
                            pointer, candidate.name)
-        complete = [p for p in self.list_complete() if self.is_complete(p)]
-        return complete[-1] if complete else None
+        return next((p for p in reversed(self.list_complete()) if usable(p)), None)
 
     def resolve(self, resume: str) -> Path | None:
         """`training.resume`: `auto` (newest complete, or None), `never` (None) or a checkpoint directory."""
         if resume == "never":
             return None
         if resume == "auto":
-            return self.latest()
+            return self.latest(verify=True)
         path = Path(resume)
         if not (path / MODEL_FILE).is_file():
             raise ValueError(f"invalid value for 'training.resume': {resume!r} is not a checkpoint directory "
@@ -270,7 +290,7 @@ class Checkpointer:
         `reached_target`) apply, not its RNG states or data position.
         """
         path = Path(path)
-        model = load_file(path / MODEL_FILE)
+        model = self._load_file(path / MODEL_FILE)
         saved_world = int(model.get("world_size", 1))
         if saved_world != self.world_size and not self.cfg.allow_reshard:
             raise ValueError(
@@ -280,12 +300,15 @@ class Checkpointer:
                 "carry over, the RNG and data streams restart), or set training.resume=never and load "
                 f"{path / MODEL_FILE} as initial weights instead.")
         optimizer_path = path / OPTIMIZER_FILE
-        optimizer = load_file(optimizer_path) if optimizer_path.is_file() else None
+        optimizer = self._load_file(optimizer_path) if optimizer_path.is_file() else None
         rank_path = path / rank_file_name(self.rank if saved_world == self.world_size else 0)
         if not rank_path.is_file():
             raise UserError(f"checkpoint {path} lacks {rank_path.name}; it is incomplete. Delete it or set "
                                "training.resume to another checkpoint.")
-        return model, optimizer, load_file(rank_path)
+        return model, optimizer, self._load_file(rank_path)
+
+    def _load_file(self, path: Path) -> Any:
+        return load_file(path, verify=path not in self._verified)
 
 
 # -- reading weights for evaluation -----------------------------------------------------------------

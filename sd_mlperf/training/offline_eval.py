@@ -96,7 +96,8 @@ def run_config_seed(run_dir: str | os.PathLike | None) -> int | None:
 
 
 WAIT_REMINDER_S = 300.0
-"""--watch waiting for a run's config.yaml: how often it says it is still waiting (a mistyped --run-dir shows)."""
+"""--watch without a timeout, waiting for a run's config.yaml: how often it says it still waits (a mistyped
+--run-dir shows)."""
 
 
 def wait_for_run_config(run_dir: str | os.PathLike, *, poll_s: float, timeout_s: float | None) -> None:
@@ -110,7 +111,7 @@ def wait_for_run_config(run_dir: str | os.PathLike, *, poll_s: float, timeout_s:
         if timeout_s is not None and now - start > timeout_s:
             raise UserError(f"--watch: {config} did not appear within {timeout_s:.0f} s (--watch-timeout-s): is the "
                             "trainer running with this run.output_dir/run.name?")
-        if now - reminded >= WAIT_REMINDER_S:
+        if timeout_s is None and now - reminded >= WAIT_REMINDER_S:
             reminded = now
             logger.warning("--watch: still waiting for %s after %.0f s: is the trainer running with this "
                            "run.output_dir/run.name? (--watch-timeout-s S gives up after S seconds)", config,

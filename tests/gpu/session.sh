@@ -22,7 +22,7 @@
 #   tests/gpu/session.sh part1 --cpu-dry-run   # the same stages on the CPU at tiny size (CI runs this)
 # Environment: OUT (what returns; default results/session), BUDGET_S (default 430 for part1, 250 for part2),
 # PYTHON, WHEEL_DIR, SITE_DIR as for run_device_checks.sh, STAGE_LIMIT_S (every stage's limit; tests), APEX_PACK
-# (the apex pack, default .apex_build).
+# (the apex pack, default .apex_build), APEX_EXT_DIR (where its extension is unpacked, outside the pack).
 set -uo pipefail
 
 cd "$(dirname "$0")/../.." || exit 2
@@ -61,16 +61,20 @@ session_finish() {
 trap session_finish EXIT
 
 APEX_PACK=${APEX_PACK:-.apex_build}
+APEX_EXT_DIR=${APEX_EXT_DIR:-${TMPDIR:-/tmp}/sd_mlperf_apex_ext}  # outside the pack: it must stay small to travel
 if [ -d "$APEX_PACK/site" ]; then  # scripts/build_apex_group_norm.sh's pack: apex.contrib.group_norm for sm_90
+  mkdir -p "$APEX_EXT_DIR"
   for packed in "$APEX_PACK"/site/*.so.xz; do  # the extension travels xz-compressed (64 MiB per call)
-    [ -f "$packed" ] && [ ! -f "${packed%.xz}" ] || continue
+    [ -f "$packed" ] || continue
+    unpacked="$APEX_EXT_DIR/$(basename "${packed%.xz}")"
+    [ "$unpacked" -nt "$packed" ] && continue  # unpacked from this very pack already (a warm machine)
     "$PYTHON" -c 'import lzma, shutil, sys
 with lzma.open(sys.argv[1]) as src, open(sys.argv[2] + ".part", "wb") as dst:
-    shutil.copyfileobj(src, dst)' "$packed" "${packed%.xz}" && mv "${packed%.xz}.part" "${packed%.xz}" \
+    shutil.copyfileobj(src, dst)' "$packed" "$unpacked" && mv "$unpacked.part" "$unpacked" \
       || echo "session: could not unpack $packed; apex stages will fail" >&2
   done
   apex_site=$(cd "$APEX_PACK/site" && pwd)
-  export PYTHONPATH="$apex_site${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$APEX_EXT_DIR:$apex_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 install_wheels
 print_environment

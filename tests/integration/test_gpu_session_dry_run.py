@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 def _run(part: str, back: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(back), "WHEEL_DIR": str(tmp_path / "no_wheels"),
            "SITE_DIR": str(tmp_path / "site"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
-           "PYTHONUNBUFFERED": "1", "APEX_PACK": str(tmp_path / "apex_pack")}
+           "PYTHONUNBUFFERED": "1", "APEX_PACK": str(tmp_path / "apex_pack"),
+           "APEX_EXT_DIR": str(tmp_path / "apex_ext")}
     return subprocess.run(["bash", "tests/gpu/session.sh", part, "--cpu-dry-run"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -38,7 +39,8 @@ def test_both_parts_run_on_the_cpu_and_return_few_files(tmp_path):
     (site / "stand_in_ext.so.xz").write_bytes(lzma.compress(b"not a real extension"))
     part1 = _run("part1", back, tmp_path)
     assert part1.returncode == 0, part1.stdout[-3000:] + part1.stderr[-3000:]
-    assert (site / "stand_in_ext.so").read_bytes() == b"not a real extension"
+    assert (tmp_path / "apex_ext" / "stand_in_ext.so").read_bytes() == b"not a real extension"
+    assert sorted(p.name for p in site.iterdir()) == ["stand_in_ext.so.xz"]  # the pack stays as small as it came
     part2 = _run("part2", back, tmp_path)
     assert part2.returncode == 0, part2.stdout[-3000:] + part2.stderr[-3000:]
     returned = sorted(p.name for p in back.iterdir())

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from sd_mlperf.backends import BackendUnavailable
 from sd_mlperf.bench.probes import probe_attention, probe_group_norm, unet_shapes
 from sd_mlperf.bench.profile import KERNEL_CLASSES, TOP_KERNELS, classify
 from sd_mlperf.cli import main
@@ -79,7 +80,8 @@ def cfg_device():
 @pytest.mark.parametrize(("exc", "status"), [
     (RuntimeError("No available kernel. Aborting execution."), "skipped: No available kernel. Aborting execution."),
     (RuntimeError("No viable backend for scaled_dot_product_attention was found."), "skipped: No viable backend"),
-    (ImportError("No module named 'transformer_engine'"), "skipped: No module named 'transformer_engine'"),
+    (BackendUnavailable("transformer_engine is not installed"), "skipped: transformer_engine is not installed"),
+    (ImportError("cannot import name 'X' from 'sd_mlperf.models'"), "failed: ImportError: cannot import name"),
     (NotImplementedError("no bf16 kernel"), "skipped: no bf16 kernel"),
     (RuntimeError("CUDA error: an illegal memory access was encountered"),
      "failed: RuntimeError: CUDA error: an illegal memory access was encountered"),
@@ -91,7 +93,7 @@ def test_probe_skips_only_a_missing_or_refusing_kernel(exc, status):
     assert _status_of(exc).startswith(status)
 
 
-def test_a_probe_kernel_that_breaks_fails_the_command(capsys, monkeypatch):
+def test_a_probe_kernel_that_breaks_fails_the_command(capsys, monkeypatch, caplog):
     from sd_mlperf.bench import probes
 
     real = probes._sdpa
@@ -110,3 +112,5 @@ def test_a_probe_kernel_that_breaks_fails_the_command(capsys, monkeypatch):
     assert len(flash) == len(math) == 2 and all(line.endswith(" ok") for line in flash)
     assert all(line.endswith("failed: RuntimeError: CUDA error: an illegal memory access was encountered")
                for line in math)
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "bench probe" in r.getMessage()]
+    assert len(logged) == 2 and all(m.startswith("bench probe: math B2 L16 S") for m in logged)  # kernel and shape

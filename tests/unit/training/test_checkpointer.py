@@ -225,14 +225,58 @@ def test_damage_that_still_parses_is_refused_by_the_checksum(tmp_path, caplog):
     _flip_a_tensor_byte(step2 / "model.pt")
     assert torch.load(step2 / "model.pt", weights_only=True)["step"] == 2  # torch itself reads it without a word
     with pytest.raises(RuntimeError, match=rf"checkpoint file {step2 / 'model.pt'} does not match its sha256 in "
-                                           r"model\.pt\.sha256: it was damaged after it was written\. Delete "):
-        ck.load(step2)
-    rank_file = bytearray((step2 / "rank_00000.pt").read_bytes())
-    rank_file[len(rank_file) // 2] ^= 0xFF
-    (step2 / "rank_00000.pt").write_bytes(bytes(rank_file))
-    with caplog.at_level("WARNING"):  # a damaged rank file: resume=auto takes the older checkpoint
+                                           r"model\.pt\.sha256: it was damaged after it was written\. Delete .*; if "
+                                           r"you changed the file on purpose, delete model\.pt\.sha256"):
+        ck.load(step2)  # an explicit path: refused, naming the file
+    with caplog.at_level("WARNING"):  # resume=auto: the newest intact checkpoint
         assert ck.resolve("auto") == tmp_path / "checkpoints" / step_dir_name(1)
-    assert "does not match its sha256" in caplog.text
+    assert "step_0000002 is not usable" in caplog.text and "does not match its sha256" in caplog.text
+    assert ck.latest() == step2  # without verify (a message's "last checkpoint"): nothing is hashed
+
+
+@pytest.mark.parametrize("damaged", ["optimizer.pt", "rank_00000.pt"])
+def test_resume_auto_skips_a_step_with_any_damaged_file(tmp_path, damaged):
+    ck = Checkpointer(CheckpointConfig(export_ldm_weights=False), tmp_path)
+    _save(ck, 1)
+    _save(ck, 2)
+    path = tmp_path / "checkpoints" / step_dir_name(2) / damaged
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert ck.resolve("auto") == tmp_path / "checkpoints" / step_dir_name(1)
+
+
+def test_an_unreadable_file_sends_resume_auto_to_the_older_checkpoint(tmp_path, monkeypatch):
+    import sd_mlperf.models.checkpoint_io as cio
+
+    ck = Checkpointer(CheckpointConfig(export_ldm_weights=False), tmp_path)
+    _save(ck, 1)
+    _save(ck, 2)
+    real = cio.file_sha256
+    step2 = tmp_path / "checkpoints" / step_dir_name(2)
+
+    def eio(path, *args, **kwargs):
+        if str(path).startswith(str(step2)):
+            raise OSError(5, "Input/output error")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(cio, "file_sha256", eio)
+    assert ck.resolve("auto") == tmp_path / "checkpoints" / step_dir_name(1)
+    with pytest.raises(RuntimeError, match=r"cannot check checkpoint file .*model\.pt against model\.pt\.sha256: "
+                                           r"\[Errno 5\] Input/output error\. Delete that checkpoint directory"):
+        ck.load(step2)
+
+
+def test_resume_auto_hashes_each_file_once(tmp_path, monkeypatch):
+    import sd_mlperf.models.checkpoint_io as cio
+
+    ck = Checkpointer(CheckpointConfig(export_ldm_weights=False), tmp_path)
+    _save(ck, 1)
+    hashed = []
+    real = cio.file_sha256
+    monkeypatch.setattr(cio, "file_sha256", lambda path, *a, **k: hashed.append(path.name) or real(path, *a, **k))
+    ck.load(ck.resolve("auto"))
+    assert sorted(hashed) == ["model.pt", "optimizer.pt", "rank_00000.pt"]
 
 
 def test_checkpoints_written_before_checksums_still_load(tmp_path):

@@ -247,24 +247,33 @@ def test_watch_started_before_the_trainer_waits_for_its_config(tmp_path):
 
 
 def test_watch_without_a_timeout_keeps_saying_what_it_waits_for(tmp_path, monkeypatch, caplog):
+    from types import SimpleNamespace
+
     from sd_mlperf.training import offline_eval
 
     run = tmp_path / "mistyped"
-    clock = iter(range(0, 100_000, 100))  # each look is 100 s later
-    monkeypatch.setattr(offline_eval.time, "monotonic", lambda: float(next(clock)))
-    sleeps = []
 
-    def sleep(s):
-        sleeps.append(s)
-        if len(sleeps) == 7:  # the trainer starts after 7 looks
-            run.mkdir()
-            (run / "config.yaml").write_text("run: {}\n")
+    def wait(timeout_s):
+        clock = iter(range(0, 100_000, 100))  # each look is 100 s later
+        sleeps = []
 
-    monkeypatch.setattr(offline_eval.time, "sleep", sleep)
-    with caplog.at_level(logging.INFO, logger="sd_mlperf"):
-        offline_eval.wait_for_run_config(run, poll_s=30, timeout_s=None)
-    reminders = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
-    assert reminders == [f"--watch: still waiting for {run / 'config.yaml'} after {s} s: is the trainer running with "
-                         "this run.output_dir/run.name? (--watch-timeout-s S gives up after S seconds)"
-                         for s in (300, 600)]
-    assert sleeps == [5.0] * 7
+        def sleep(s):
+            sleeps.append(s)
+            if len(sleeps) == 7:  # the trainer starts after 7 looks
+                run.mkdir()
+                (run / "config.yaml").write_text("run: {}\n")
+
+        # the module's own clock only (time.monotonic/sleep themselves stay real for everything else)
+        monkeypatch.setattr(offline_eval, "time", SimpleNamespace(monotonic=lambda: float(next(clock)), sleep=sleep))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="sd_mlperf"):
+            offline_eval.wait_for_run_config(run, poll_s=30, timeout_s=timeout_s)
+        assert sleeps == [5.0] * 7
+        return [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
+
+    assert wait(None) == [f"--watch: still waiting for {run / 'config.yaml'} after {s} s: is the trainer running "
+                          "with this run.output_dir/run.name? (--watch-timeout-s S gives up after S seconds)"
+                          for s in (300, 600)]
+    (run / "config.yaml").unlink()
+    run.rmdir()
+    assert wait(5000) == []  # with a timeout it gives up on its own, with the message that says so
