@@ -14,6 +14,7 @@ import os
 import random
 import socket
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -145,6 +146,21 @@ def agree_on_seed(seed: int | None, dist: DistInfo) -> int:
         drawn = int(box.item())
     logger.info("run.seed is null: drew seed %d from the OS entropy source", drawn)
     return drawn
+
+
+def agree_on_resume(resume_from: Path | None, dist: DistInfo) -> Path | None:
+    """Every rank's checkpoint to resume must be the same: each chose by reading the files itself, so a file that
+    one rank cannot read or verify (a node-local fault) would split the run. Refuse that, naming every choice."""
+    if dist.world_size <= 1:
+        return resume_from
+    chosen: list[str | None] = [None] * dist.world_size
+    torch.distributed.all_gather_object(chosen, None if resume_from is None else str(resume_from))
+    if len(set(chosen)) > 1:
+        by_rank = ", ".join(f"rank {r}: {c or 'none (fresh start)'}" for r, c in enumerate(chosen))
+        raise UserError(f"the ranks chose different checkpoints to resume ({by_rank}): a checkpoint file that some "
+                        "rank could not read or verify (see that rank's warnings). Repair or delete it, or set "
+                        "training.resume to one checkpoint path (or never).")
+    return resume_from
 
 
 def rank_seed(seed: int, rank: int) -> int:

@@ -28,7 +28,7 @@ from sd_mlperf.config.load import (
     uses_loss_scaling,
 )
 from sd_mlperf.config.schema import Config
-from sd_mlperf.parallel.distributed import agree_on_seed
+from sd_mlperf.parallel.distributed import agree_on_resume, agree_on_seed
 from sd_mlperf.training.checkpoints import Checkpointer, saved_run_seed
 from sd_mlperf.training.eval_checkpoints import EVAL_CHECKPOINT_DIR, STOP_FILE, EvalCheckpointWriter
 from sd_mlperf.training.metrics import Hardware, Progress
@@ -125,7 +125,7 @@ def _start_run(cfg: Config, dist: DistInfo, init_time_ms: int | None) -> RunStar
     checkpointer.recover()
     if dist.world_size > 1:
         torch.distributed.barrier()  # rank 0 recovered what a kill left before any rank looks for checkpoints
-    resume_from = checkpointer.resolve(cfg.training.resume)
+    resume_from = agree_on_resume(checkpointer.resolve(cfg.training.resume), dist)
     check_fresh_run_dir(cfg, run_dir, resume_from)
     if dist.world_size > 1:
         torch.distributed.barrier()  # every rank has looked at the run directory before rank 0 writes into it

@@ -72,6 +72,7 @@ def test_two_rank_kill_and_resume_is_exact(tmp_path):
     assert all(torch.equal(ranks[0]["ref"][2][k], ranks[1]["ref"][2][k]) for k in ranks[0]["ref"][2])
     assert ranks[0]["ref"][1] != ranks[1]["ref"][1]
     ckpt = tmp_path / "cut" / "run" / "checkpoints" / "step_0000004"
-    assert {p.name for p in ckpt.iterdir()} == {"model.pt", "optimizer.pt", "rank_00000.pt", "rank_00001.pt"}
+    pt_files = {"model.pt", "optimizer.pt", "rank_00000.pt", "rank_00001.pt"}  # each rank's with its sha256
+    assert {p.name for p in ckpt.iterdir()} == pt_files | {f"{name}.sha256" for name in pt_files}
     log = (tmp_path / "cut" / "run" / "mlperf.log").read_text()
     assert log.count('"key": "run_start"') == 1  # only rank 0 writes
