@@ -24,14 +24,20 @@ def checksum_file(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def save_hashed(obj: Any, path: str | os.PathLike) -> HashingWriter:
+    """torch.save `obj` to `path`, fsynced, hashing as it writes (no second read): the writer has sha256 and size."""
+    with open(path, "wb") as f:
+        writer = HashingWriter(f)
+        torch.save(obj, writer)
+        f.flush()
+        os.fsync(f.fileno())
+    return writer
+
+
 def save_file(obj: Any, path: Path) -> None:
     """torch.save to `path`, fsynced, and its sha256 (hashed while writing: no second read) beside it."""
     try:
-        with open(path, "wb") as f:
-            writer = HashingWriter(f)
-            torch.save(obj, writer)
-            f.flush()
-            os.fsync(f.fileno())
+        writer = save_hashed(obj, path)
         with open(checksum_file(path), "w", encoding="utf-8") as f:
             f.write(f"{writer.hexdigest()}  {path.name}\n")
             f.flush()

@@ -164,12 +164,12 @@ class Checkpointer:
                optimizer_state: Mapping[str, Any] | None, rank_state: Mapping[str, Any],
                global_batch_size: int | None) -> None:
         save_file({**rank_state, "step": step, "samples_count": samples_count, "rank": self.rank,
-                    "world_size": self.world_size}, tmp / rank_file_name(self.rank))
+                   "world_size": self.world_size}, tmp / rank_file_name(self.rank))
         if self.rank != 0:
             return
         cpu_state = {k: v.detach().cpu() for k, v in unet_state.items()}
         save_file({"unet": cpu_state, "step": step, "samples_count": samples_count, "world_size": self.world_size,
-                    "global_batch_size": global_batch_size, "format": FORMAT}, tmp / MODEL_FILE)
+                   "global_batch_size": global_batch_size, "format": FORMAT}, tmp / MODEL_FILE)
         if self.cfg.save_optimizer and optimizer_state is not None:
             save_file(dict(optimizer_state), tmp / OPTIMIZER_FILE)
         if self.cfg.export_ldm_weights:

@@ -41,8 +41,9 @@ from typing import Any
 
 import torch
 
+from sd_mlperf.training.checkpoint_files import save_hashed
 from sd_mlperf.utils.errors import UserError
-from sd_mlperf.utils.files import HashingWriter, atomic_path, atomic_write_text, remove_stale_temporaries, write_error
+from sd_mlperf.utils.files import atomic_path, atomic_write_text, remove_stale_temporaries, write_error
 from sd_mlperf.utils.jsonl import append_jsonl, read_jsonl
 from sd_mlperf.utils.lock import holder_record, process_alive
 from sd_mlperf.utils.logging import logger
@@ -282,11 +283,8 @@ class EvalCheckpointWriter:
     def _write(self, payload: dict[str, Any]) -> None:
         name = eval_checkpoint_name(payload["step"])
         try:
-            with atomic_path(self.dir / name) as tmp, open(tmp, "wb") as f:
-                writer = HashingWriter(f)
-                torch.save(payload, writer)
-                f.flush()
-                os.fsync(f.fileno())
+            with atomic_path(self.dir / name) as tmp:
+                writer = save_hashed(payload, tmp)
         except Exception as exc:
             raise write_error(exc, self.dir / name, "evaluation checkpoint") from exc
         self._append({"step": payload["step"], "samples_count": payload["samples_count"],
