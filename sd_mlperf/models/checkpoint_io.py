@@ -8,7 +8,6 @@ refused with an error that names it; there is no fallback to `weights_only=False
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sd_mlperf.config.closed_division import FROZEN_CHECKPOINT_SHA256
-from sd_mlperf.utils.files import atomic_path
+from sd_mlperf.utils.files import atomic_path, file_sha256
 from sd_mlperf.utils.logging import log_once, logger
 
 if TYPE_CHECKING:
@@ -120,15 +119,6 @@ def safe_load_state_dict(path: str | os.PathLike, *, entries: tuple[str, ...] = 
     if dropped:
         logger.debug("%s: ignoring %d non-tensor entries: %s", path, len(dropped), ", ".join(map(str, dropped[:5])))
     return state
-
-
-def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_sha256(path: str | os.PathLike, expected: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from sd_mlperf.utils.errors import UserError
-from sd_mlperf.utils.files import HashingWriter, write_error
+from sd_mlperf.utils.files import HashingWriter, file_sha256, write_error
 
 
 def checksum_file(path: str | os.PathLike) -> Path:
@@ -48,8 +48,6 @@ def save_file(obj: Any, path: Path) -> None:
 
 def verify_checksum(path: Path) -> None:
     """Refuse `path` if it differs from its recorded sha256; a file without a record (older checkpoints) passes."""
-    from sd_mlperf.models.checkpoint_io import file_sha256
-
     sidecar = checksum_file(path)
     if not sidecar.is_file():
         return

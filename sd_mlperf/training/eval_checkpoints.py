@@ -43,7 +43,7 @@ import torch
 
 from sd_mlperf.training.checkpoint_files import save_hashed
 from sd_mlperf.utils.errors import UserError
-from sd_mlperf.utils.files import atomic_path, atomic_write_text, remove_stale_temporaries, write_error
+from sd_mlperf.utils.files import atomic_path, atomic_write_text, file_sha256, remove_stale_temporaries, write_error
 from sd_mlperf.utils.jsonl import append_jsonl, read_jsonl
 from sd_mlperf.utils.lock import holder_record, process_alive
 from sd_mlperf.utils.logging import logger
@@ -133,8 +133,6 @@ def load_eval_checkpoint(run_dir: str | os.PathLike, record: Mapping[str, Any]) 
 
     A file truncated or changed after it was written, or one of another step, is an error naming the file.
     """
-    import hashlib
-
     path = Path(run_dir) / EVAL_CHECKPOINT_DIR / record["file"]
     where = f"{path} (indexed in {index_path(run_dir)} as step {record['step']})"
     fix = "Delete the file and its index line and resume the run to collect it again, or restore it."
@@ -143,12 +141,9 @@ def load_eval_checkpoint(run_dir: str | os.PathLike, record: Mapping[str, Any]) 
         if "bytes" in record and size != int(record["bytes"]):
             raise UserError(f"evaluation checkpoint {where} has {size} bytes, {record['bytes']} were written: it is "
                             f"truncated or was replaced. {fix}")
-        if "sha256" in record:
-            with open(path, "rb") as f:  # streamed: one copy of the weights in memory, not two
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
-            if digest != record["sha256"]:
-                raise UserError(f"evaluation checkpoint {where} does not match the sha256 recorded when it was "
-                                f"written: it is corrupted or was replaced. {fix}")
+        if "sha256" in record and file_sha256(path) != record["sha256"]:  # streamed: one copy in memory, not two
+            raise UserError(f"evaluation checkpoint {where} does not match the sha256 recorded when it was "
+                            f"written: it is corrupted or was replaced. {fix}")
     except OSError as exc:
         raise UserError(f"cannot read evaluation checkpoint {where}: {exc.strerror or exc}. {fix}") from exc
     try:

@@ -17,6 +17,7 @@ from typing import Any
 
 from sd_mlperf.config.schema import Config
 from sd_mlperf.training.eval_checkpoints import EVAL_CHECKPOINT_DIR
+from sd_mlperf.utils.files import file_sha256
 
 _HASHED_FILE_BYTES = 256 << 20
 """Files up to this size are identified by their sha256 in the score key; larger ones by size and mtime."""
@@ -31,8 +32,7 @@ def _file_identity(path: str | None) -> Any:
         return str(path)
     size = p.stat().st_size
     if size <= _HASHED_FILE_BYTES:
-        with open(p, "rb") as f:
-            return {"path": str(path), "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+        return {"path": str(path), "sha256": file_sha256(p)}
     return {"path": str(path), "bytes": size, "mtime_ns": p.stat().st_mtime_ns}
 
 
@@ -67,5 +67,4 @@ def checkpoint_identity(run_dir: str | os.PathLike, record: dict[str, Any]) -> s
     """
     if "sha256" in record:
         return str(record["sha256"])
-    with open(Path(run_dir) / EVAL_CHECKPOINT_DIR / record["file"], "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return file_sha256(Path(run_dir) / EVAL_CHECKPOINT_DIR / record["file"])

@@ -109,6 +109,15 @@ def remove_stale_temporaries(folder: str | os.PathLike, pattern: str = ".*.tmp")
     return removed
 
 
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
+    """Hex sha256 of a file, read in chunks (one chunk in memory, not the file)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 class HashingWriter:
     """A binary file wrapper that hashes (sha256) and counts what is written through it (for torch.save)."""
 

@@ -247,12 +247,12 @@ def test_resume_auto_skips_a_step_with_any_damaged_file(tmp_path, damaged):
 
 
 def test_an_unreadable_file_sends_resume_auto_to_the_older_checkpoint(tmp_path, monkeypatch):
-    import sd_mlperf.models.checkpoint_io as cio
+    import sd_mlperf.training.checkpoint_files as files
 
     ck = Checkpointer(CheckpointConfig(export_ldm_weights=False), tmp_path)
     _save(ck, 1)
     _save(ck, 2)
-    real = cio.file_sha256
+    real = files.file_sha256
     step2 = tmp_path / "checkpoints" / step_dir_name(2)
 
     def eio(path, *args, **kwargs):
@@ -260,7 +260,7 @@ def test_an_unreadable_file_sends_resume_auto_to_the_older_checkpoint(tmp_path, 
             raise OSError(5, "Input/output error")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(cio, "file_sha256", eio)
+    monkeypatch.setattr(files, "file_sha256", eio)
     assert ck.resolve("auto") == tmp_path / "checkpoints" / step_dir_name(1)
     with pytest.raises(RuntimeError, match=r"cannot check checkpoint file .*model\.pt against model\.pt\.sha256: "
                                            r"\[Errno 5\] Input/output error\. Delete that checkpoint directory"):
@@ -268,13 +268,13 @@ def test_an_unreadable_file_sends_resume_auto_to_the_older_checkpoint(tmp_path, 
 
 
 def test_resume_auto_hashes_each_file_once(tmp_path, monkeypatch):
-    import sd_mlperf.models.checkpoint_io as cio
+    import sd_mlperf.training.checkpoint_files as files
 
     ck = Checkpointer(CheckpointConfig(export_ldm_weights=False), tmp_path)
     _save(ck, 1)
     hashed = []
-    real = cio.file_sha256
-    monkeypatch.setattr(cio, "file_sha256", lambda path, *a, **k: hashed.append(path.name) or real(path, *a, **k))
+    real = files.file_sha256
+    monkeypatch.setattr(files, "file_sha256", lambda path, *a, **k: hashed.append(path.name) or real(path, *a, **k))
     ck.load(ck.resolve("auto"))
     assert sorted(hashed) == ["model.pt", "optimizer.pt", "rank_00000.pt"]
 
