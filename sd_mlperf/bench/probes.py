@@ -88,14 +88,10 @@ UNSUPPORTED_MESSAGES = ("No viable backend", "No available kernel")
 def _status_of(exc: BaseException) -> str:
     """`skipped: why` for a kernel that is missing or refuses this shape; `failed: why` for anything else."""
     from sd_mlperf.backends import BackendUnavailable
+    from sd_mlperf.bench.train import error_status
 
-    text = " ".join(str(exc).split())[:160]
-    unsupported = isinstance(exc, RuntimeError) and any(m in str(exc) for m in UNSUPPORTED_MESSAGES)
-    if isinstance(exc, (BackendUnavailable, NotImplementedError)) or unsupported:
-        return "skipped: " + text
-    if isinstance(exc, torch.OutOfMemoryError):
-        return "failed: out of memory"
-    return f"failed: {type(exc).__name__}: {text}"
+    refused = isinstance(exc, RuntimeError) and any(m in str(exc) for m in UNSUPPORTED_MESSAGES)
+    return error_status(exc, skip=refused or isinstance(exc, (BackendUnavailable, NotImplementedError)), limit=160)
 
 
 def _fwd_bwd_rows(make: Callable[[], Callable[[], torch.Tensor]], inputs: list[torch.Tensor], device: torch.device,

@@ -265,8 +265,16 @@ def threads_as_configured(cfg: Config) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    return " ".join(str(exc).split())[:limit]
+def error_status(exc: BaseException, *, skip: bool = False, limit: int = 200) -> str:
+    """A bench row's status for an error, on one line: `skipped: why` where the caller knows it is an expected,
+    named condition (a backend this machine lacks, a kernel refusing the inputs), else `failed: out of memory` or
+    `failed: Type: why` (a failed row makes `sd-mlperf bench` exit 1)."""
+    why = " ".join(str(exc).split())[:limit]
+    if skip:
+        return "skipped: " + why
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "failed: out of memory"
+    return f"failed: {type(exc).__name__}: {why}"
 
 
 def _release(device: torch.device, compiled: bool) -> None:
@@ -298,11 +306,10 @@ def bench_train(config_files: Sequence[str], overrides: Sequence[str], variants:
             try:
                 row.update(measure(cfg, device, settings, flops))
             except BackendUnavailable as exc:  # a backend (or CUDA, for graphs) this machine lacks
-                row["status"] = "skipped: " + _one_line(exc)
+                row["status"] = error_status(exc, skip=True)
                 logger.warning("bench train: %s %s", variant.name, row["status"])
             except Exception as exc:  # anything else is a failure of this variant, with its traceback
-                row["status"] = ("failed: out of memory" if isinstance(exc, torch.OutOfMemoryError)
-                                 else f"failed: {type(exc).__name__}: {_one_line(exc)}")
+                row["status"] = error_status(exc)
                 logger.error("bench train: %s %s", variant.name, row["status"], exc_info=exc)
         rows.append(row)
         _release(device, cfg.model.unet.compile)
