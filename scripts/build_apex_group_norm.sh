@@ -14,7 +14,8 @@
 # that name whose functions raise, so the import works and an H100/H200 runs v1.
 #
 # The extension is packed xz-compressed (about 80 MB raw, mostly sm_90 kernels; a device call carries 64 MiB in
-# all): tests/gpu/session.sh unpacks site/*.so.xz next to itself before anything imports apex.
+# all): tests/gpu/session.sh unpacks site/*.so.xz outside the pack before anything imports apex
+# (scripts/apex_pack.py does both).
 #
 # Usage: scripts/build_apex_group_norm.sh --apex-src DIR [--out DIR] [--jobs N] [--only NAME.cu] [--dry-run]
 #                                         [--check-import PY]
@@ -161,9 +162,7 @@ SITE="$OUT/site"
 rm -rf "$OUT"
 mkdir -p "$SITE/apex/contrib/group_norm"
 echo "compressing $(du -m "$SO" | cut -f1) MB of extension with xz" >&2
-"$PYTHON312" -c 'import lzma, shutil, sys
-with open(sys.argv[1], "rb") as src, lzma.open(sys.argv[2], "wb", preset=9 | lzma.PRESET_EXTREME) as dst:
-    shutil.copyfileobj(src, dst)' "$SO" "$SITE/$(basename "$SO").xz"
+"$PYTHON312" scripts/apex_pack.py compress "$SO" "$SITE/$(basename "$SO").xz"
 cp "$APEX_SRC/apex/contrib/group_norm/"*.py "$SITE/apex/contrib/group_norm/"
 : > "$SITE/apex/__init__.py"  # apex's own __init__ imports its other (unbuilt) extensions
 : > "$SITE/apex/contrib/__init__.py"
@@ -182,15 +181,11 @@ if (( size_mb > 50 )); then
 fi
 if [ -n "$CHECK_PY" ]; then  # what the GPU session does first: unpack, then import against the image's torch
   check_dir=$(mktemp -d)
-  trap 'rm -rf "$check_dir"' EXIT  # the unpacked 75 MB copy goes whatever the check says
-  cp -r "$SITE" "$check_dir/site"
-  "$CHECK_PY" - "$check_dir/site" <<'EOF' || die "the packed extension does not import with $CHECK_PY (see above)"
-import glob, lzma, shutil, sys
-site = sys.argv[1]
-for packed in glob.glob(f"{site}/*.so.xz"):
-    with lzma.open(packed) as src, open(packed[:-3], "wb") as dst:
-        shutil.copyfileobj(src, dst)
-sys.path.insert(0, site)
+  trap 'rm -rf "$check_dir"' EXIT  # the unpacked 75 MB extension goes whatever the check says
+  "$CHECK_PY" scripts/apex_pack.py unpack "$SITE" "$check_dir" || die "could not unpack $SITE/*.so.xz"
+  "$CHECK_PY" - "$check_dir" "$SITE" <<'EOF' || die "the packed extension does not import with $CHECK_PY (see above)"
+import sys
+sys.path[:0] = sys.argv[1:3]  # as the session puts them on PYTHONPATH: the unpacked extension, then the pack
 import torch
 import group_norm_cuda
 import apex.contrib.group_norm  # noqa: F401  (apex's module: registers its custom ops)

@@ -63,16 +63,9 @@ trap session_finish EXIT
 APEX_PACK=${APEX_PACK:-.apex_build}
 APEX_EXT_DIR=${APEX_EXT_DIR:-${TMPDIR:-/tmp}/sd_mlperf_apex_ext}  # outside the pack: it must stay small to travel
 if [ -d "$APEX_PACK/site" ]; then  # scripts/build_apex_group_norm.sh's pack: apex.contrib.group_norm for sm_90
-  mkdir -p "$APEX_EXT_DIR"
-  for packed in "$APEX_PACK"/site/*.so.xz; do  # the extension travels xz-compressed (64 MiB per call)
-    [ -f "$packed" ] || continue
-    unpacked="$APEX_EXT_DIR/$(basename "${packed%.xz}")"
-    [ "$unpacked" -nt "$packed" ] && continue  # unpacked from this very pack already (a warm machine)
-    "$PYTHON" -c 'import lzma, shutil, sys
-with lzma.open(sys.argv[1]) as src, open(sys.argv[2] + ".part", "wb") as dst:
-    shutil.copyfileobj(src, dst)' "$packed" "$unpacked" && mv "$unpacked.part" "$unpacked" \
-      || echo "session: could not unpack $packed; apex stages will fail" >&2
-  done
+  # the extension travels xz-compressed (64 MiB per call); a warm machine keeps what it unpacked
+  "$PYTHON" scripts/apex_pack.py unpack "$APEX_PACK/site" "$APEX_EXT_DIR" \
+    || echo "session: could not unpack $APEX_PACK/site/*.so.xz; apex stages will fail" >&2
   apex_site=$(cd "$APEX_PACK/site" && pwd)
   export PYTHONPATH="$APEX_EXT_DIR:$apex_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
