@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sd_mlperf.parallel.distributed import destroy_distributed, init_distributed
-    from sd_mlperf.training.offline_eval import load_checkpoint_config, load_run_config, wait_for_run_config
+    from sd_mlperf.training.eval_config import load_checkpoint_config, load_run_config, wait_for_run_config
     from sd_mlperf.training.smoke_assets import prepare_smoke_assets
     from sd_mlperf.utils.logging import setup_logging
 

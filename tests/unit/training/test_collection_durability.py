@@ -233,7 +233,7 @@ def test_a_save_cut_by_ctrl_c_leaves_no_temporary(tmp_path, monkeypatch):
 def test_watch_started_before_the_trainer_waits_for_its_config(tmp_path):
     import threading
 
-    from sd_mlperf.training.offline_eval import wait_for_run_config
+    from sd_mlperf.training.eval_config import wait_for_run_config
 
     run = tmp_path / "run"
     with pytest.raises(UserError, match=rf"--watch: {run / 'config.yaml'} did not appear within 0 s"):
@@ -249,7 +249,7 @@ def test_watch_started_before_the_trainer_waits_for_its_config(tmp_path):
 def test_watch_without_a_timeout_keeps_saying_what_it_waits_for(tmp_path, monkeypatch, caplog):
     from types import SimpleNamespace
 
-    from sd_mlperf.training import offline_eval
+    from sd_mlperf.training import eval_config
 
     run = tmp_path / "mistyped"
 
@@ -264,10 +264,10 @@ def test_watch_without_a_timeout_keeps_saying_what_it_waits_for(tmp_path, monkey
                 (run / "config.yaml").write_text("run: {}\n")
 
         # the module's own clock only (time.monotonic/sleep themselves stay real for everything else)
-        monkeypatch.setattr(offline_eval, "time", SimpleNamespace(monotonic=lambda: float(next(clock)), sleep=sleep))
+        monkeypatch.setattr(eval_config, "time", SimpleNamespace(monotonic=lambda: float(next(clock)), sleep=sleep))
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="sd_mlperf"):
-            offline_eval.wait_for_run_config(run, poll_s=30, timeout_s=timeout_s)
+            eval_config.wait_for_run_config(run, poll_s=30, timeout_s=timeout_s)
         assert sleeps == [5.0] * 7
         return [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
 

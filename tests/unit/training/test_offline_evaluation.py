@@ -231,7 +231,7 @@ def test_conclude_reports_a_log_it_cannot_write_yet(run_dir, tmp_path):
 
 
 def test_load_run_config_takes_the_runs_config_on_this_launch_and_refuses_an_inline_run(run_dir, tmp_path):
-    from sd_mlperf.training.offline_eval import load_run_config, run_config_seed
+    from sd_mlperf.training.eval_config import load_run_config, run_config_seed
 
     cfg = load_run_config(run_dir, overrides=["training.target_fid=-1"], num_prompts=3)
     assert cfg.run.seed == run_config_seed(run_dir) == 1234 and cfg.training.target_fid == -1
@@ -248,7 +248,7 @@ def test_load_run_config_takes_the_runs_config_on_this_launch_and_refuses_an_inl
 def test_load_checkpoint_config_adopts_the_seed_of_the_checkpoints_run(tmp_path):
     from sd_mlperf.config.schema import CheckpointConfig
     from sd_mlperf.training.checkpoints import Checkpointer, read_checkpoint_weights
-    from sd_mlperf.training.offline_eval import load_checkpoint_config
+    from sd_mlperf.training.eval_config import load_checkpoint_config
     from tests.unit.training._helpers import SMOKE
 
     Checkpointer(CheckpointConfig(export_ldm_weights=False), tmp_path / "r1").save(
