@@ -17,7 +17,6 @@ traceback logged, and `sd-mlperf bench` then exits 1 after printing every row.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import statistics
 import time
@@ -37,11 +36,11 @@ NORM_KERNELS = ("torch", "compiled", "apex")
 def unet_shapes(cfg: Config) -> tuple[Counter, Counter]:
     """({(B, L, S, H, D): count} of the core attentions, {(B, C, H, W, groups, silu): count} of the GroupNorms)."""
     from sd_mlperf.models.attention import SDPAttention
+    from sd_mlperf.models.flops import flop_config
     from sd_mlperf.models.norm import TorchGroupNorm
     from sd_mlperf.models.unet import build_unet
 
-    u = dataclasses.replace(cfg.model.unet, attention_backend="sdpa", norm_backend="torch", compile=False,
-                            activation_checkpointing=False)
+    u = flop_config(cfg.model.unet)  # plain sdpa/torch modules to hook; no choice here changes a shape
     b, size = cfg.training.micro_batch_size, latent_size(cfg)
     attention, norms = Counter(), Counter()
     with torch.device("meta"):

@@ -32,7 +32,6 @@ _PATTERNS: list[tuple[str, re.Pattern]] = [(cls, re.compile(pattern, re.IGNORECA
     ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|winograd|im2col|col2im"),
     ("gemm", r"gemm|matmul|\bmm\b|aten::mm|aten::bmm|addmm|linear|cutlass|nvjet|cublas|sgemm|hgemm"),
     ("groupnorm/elementwise/triton", r"^triton|group_norm|groupnorm"),  # inductor's fused kernels, casts included
-    ("groupnorm/elementwise/triton", r"^triton|group_norm|groupnorm"),  # inductor's fused kernels, casts included
     ("copies/casts", r"copy|memcpy|memset|\bto\b|_to_copy|cast|contiguous|clone|fill|cat\b|aten::cat"),
     ("groupnorm/elementwise/triton", r"triton|group_norm|groupnorm|norm|elementwise|vectorized|reduce|silu|sigmoid|"
                                      r"aten::(add|mul|sub|div|sum|mean|exp|pow|sqrt|rsqrt|neg|where|clamp)"),

@@ -225,8 +225,9 @@ def closed_division_rcp_mismatch(cfg: Config | DictConfig) -> str | None:
     if cfg.run.division != "closed":
         return None
     try:
-        p, tr, o = cfg.parallel, cfg.training, cfg.optim
-        gbs = tr.micro_batch_size * p.num_nodes * p.gpus_per_node * tr.grad_accumulation_steps
-        return rcp_mismatch(int(gbs), float(o.base_lr_per_sample), int(o.warmup_steps))
+        from sd_mlperf.config.load import global_batch_size  # load imports this module
+
+        o = cfg.optim
+        return rcp_mismatch(int(global_batch_size(cfg)), float(o.base_lr_per_sample), int(o.warmup_steps))
     except MissingMandatoryValue:
         return None  # load_config reports unset keys

@@ -213,7 +213,8 @@ class TorchDataParallel(DataParallelModel):
 
 def _half_weights_with_masters(params: list[nn.Parameter], precision: str) -> list[torch.Tensor]:
     """Cast `params` in place to fp16/bf16 (same memory format) and return their fp32 copies (the masters)."""
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    from sd_mlperf.models.precision import AUTOCAST_DTYPES as dtypes  # fp16, bf16
+
     if precision not in dtypes:
         raise ValueError(f"parallel.half_weights=true keeps the weights in training.precision, which is {precision!r}; "
                          "set training.precision=fp16 or bf16, or parallel.half_weights=false.")

@@ -22,8 +22,6 @@ REQUIRED_FIELDS = (
     "accelerator_interconnect", "accelerator_interconnect_topology", "cooling", "hw_notes", "framework",
     "other_software_stack", "operating_system", "sw_notes",
 )
-# The same function's availability_options for training rulesets >= 4.0 (the `status` field).
-AVAILABILITY = ("Available on-premise", "Available cloud", "Research, Development, or Internal (RDI)", "Preview")
 # Filled from the runs' logs; a user's file may set them, and then they must agree.
 FROM_RUNS = ("submitter", "division")
 # Fields that real system descriptions (and the official checker) allow as a mapping or a list.
@@ -32,6 +30,8 @@ STRUCTURED_FIELDS = ("other_software_stack",)
 STATUS_OF_AVAILABILITY = {"Available on-premise": ("onprem",), "Available cloud": ("cloud",),
                           "Research, Development, or Internal (RDI)": ("research",),
                           "Preview": ("preview", "onprem", "cloud")}
+# The same function's availability_options for training rulesets >= 4.0 (the `status` field).
+AVAILABILITY = tuple(STATUS_OF_AVAILABILITY)
 # The result summarizer multiplies these with int(): they must be whole numbers.
 INTEGER_FIELDS = ("number_of_nodes", "accelerators_per_node", "host_processors_per_node")
 PLACEHOLDER = "<EDIT"

@@ -228,7 +228,6 @@ class Checkpointer:
             return False
         try:
             saved_world = int(self._load_file(path / rank_file_name(0))["world_size"])
-            self._verified.add(path / rank_file_name(0))  # its checksum matched (or it has none)
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # load_file: RuntimeError naming the file
             logger.warning("checkpoint %s is not usable (%s); looking for an older one", path, exc)
             return False
@@ -308,7 +307,9 @@ class Checkpointer:
         return model, optimizer, self._load_file(rank_path)
 
     def _load_file(self, path: Path) -> Any:
-        return load_file(path, verify=path not in self._verified)
+        payload = load_file(path, verify=path not in self._verified)
+        self._verified.add(path)  # it matched its sha256 (or has none): not hashed again
+        return payload
 
 
 # -- reading weights for evaluation -----------------------------------------------------------------

@@ -77,11 +77,12 @@ class MLPerfLogger:
         if not append and self.path.exists() and self.path.stat().st_size > 0:
             # A resumed run is a new MLPerf run: keep the earlier log beside it instead of appending a
             # second run_start to it (the checker wants exactly one). Never over an earlier piece of the same second.
-            aside = self.path.with_name(f"{self.path.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+            stamp = f"{self.path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+            aside = self.path.with_name(stamp)
             for n in itertools.count(1):
                 if not aside.exists():
                     break
-                aside = aside.with_name(f"{self.path.name}.{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+                aside = aside.with_name(f"{stamp}-{n}")
             self.path.rename(aside)
         # A private python logger per instance: mllog's module-level default would add a handler per
         # run to one global logger (tests build many runs in one process).

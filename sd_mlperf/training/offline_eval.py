@@ -172,7 +172,7 @@ class RunEvaluation:
                       int(time.time() * 1e3))
         self.scores[step] = score
         if self.is_main:
-            identity = record.get("sha256") or checkpoint_identity(self.run_dir, record)
+            identity = checkpoint_identity(self.run_dir, record)  # the index's sha256 (older indexes: the file's)
             append_jsonl(self.run_dir / SCORES_FILE, {
                 "step": step, "samples_count": score.samples_count, "collected_ms": score.collected_ms,
                 "fid": score.fid, "clip": score.clip, "extra": score.extra,
@@ -296,7 +296,9 @@ def open_run_evaluation(run_dir: str | os.PathLike, cfg: Config, scorer: Checkpo
                          num_prompts=num_prompts or cfg.eval.num_prompts, noise_seed=evaluation_seed(cfg),
                          target_fid=cfg.training.target_fid, target_clip=cfg.training.target_clip, is_main=is_main,
                          final_num_prompts=cfg.eval.num_prompts, target_toy=dict(cfg.training.target_toy),
-                         settings=settings_digest(evaluation_settings(cfg, num_prompts or cfg.eval.num_prompts)))
+                         # only rank 0 reads and writes scores.jsonl: the others need not hash the input files
+                         settings=settings_digest(evaluation_settings(cfg, num_prompts or cfg.eval.num_prompts))
+                         if is_main else "")
 
 
 LOCK_FILE = f"{OFFLINE_EVAL_DIR}/evaluate.lock"
