@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from sd_mlperf.config.closed_division import UNET_EXECUTION_KEYS, closed_division_violations
 from sd_mlperf.training.eval_checkpoints import read_index
 from sd_mlperf.training.final_log import Score, score_of_record
+from sd_mlperf.training.mlperf_log import logged_hyperparameters
 from sd_mlperf.training.offline_eval import SCORES_FILE, read_score_records
 
 # The config that makes two runs the same training (paths, run names and execution choices may differ).
@@ -55,15 +56,16 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+HYPERPARAMETERS_CHECKED = ("gradient_accumulation_steps", "opt_name", "opt_adamw_beta_1", "opt_adamw_beta_2",
+                           "opt_adamw_epsilon", "opt_adamw_weight_decay", "opt_base_learning_rate",
+                           "opt_learning_rate_warmup_steps")
+"""The logged hyperparameters compared here with config.yaml."""
+
+
 def log_vs_config(first: dict[str, Any], cfg: DictConfig, global_batch_size: int | None) -> list[str]:
     """The hyperparameters the log states against the config.yaml beside it."""
-    o = cfg.optim
-    expected: dict[str, Any] = {
-        "opt_name": o.name, "opt_adamw_beta_1": o.beta1, "opt_adamw_beta_2": o.beta2, "opt_adamw_epsilon": o.eps,
-        "opt_adamw_weight_decay": o.weight_decay, "opt_learning_rate_warmup_steps": o.warmup_steps,
-        "gradient_accumulation_steps": cfg.training.grad_accumulation_steps}
-    if global_batch_size is not None:
-        expected["opt_base_learning_rate"] = o.base_lr_per_sample * global_batch_size
+    logged = logged_hyperparameters(cfg, global_batch_size)  # what the trainer logs from such a config
+    expected = {key: value for key, value in logged.items() if key in HYPERPARAMETERS_CHECKED}
     return [f"mlperf.log's {key} is {first.get(key)!r} but config.yaml gives {value!r}: the log and the config are "
             "not of the same run (an edited log or config)"
             for key, value in expected.items() if key in first and not _same(first[key], value)]

@@ -59,6 +59,26 @@ def _counts(samples_count: int, step: int | None) -> dict[str, int]:
     return {"samples_count": samples_count, **({"step_num": step} if step is not None else {})}
 
 
+def logged_hyperparameters(cfg: Any, global_batch_size: int | None) -> dict[str, Any]:
+    """What `MLPerfLogger.hyperparameters` logs, key -> value, in order (a Config or the run's config.yaml as a
+    DictConfig; without a global batch, no global_batch_size and no opt_base_learning_rate)."""
+    o = cfg.optim
+    out: dict[str, Any] = {"seed": cfg.run.seed, "train_samples": cfg.data.num_train_samples,
+                           "eval_samples": cfg.eval.num_prompts, "global_batch_size": global_batch_size,
+                           "gradient_accumulation_steps": cfg.training.grad_accumulation_steps, "opt_name": o.name,
+                           "opt_adamw_beta_1": o.beta1, "opt_adamw_beta_2": o.beta2, "opt_adamw_epsilon": o.eps,
+                           "opt_adamw_weight_decay": o.weight_decay,
+                           # The lr after warmup (base per sample x global batch, e.g. 7.168e-05 = 2.8e-7 x 256), as
+                           # the reference logs it and every v5.0 submission does; the RCP files record the
+                           # per-sample base (sd_mlperf.config.rcp).
+                           "opt_base_learning_rate": None, "opt_learning_rate_warmup_steps": o.warmup_steps}
+    if global_batch_size is None:
+        del out["global_batch_size"], out["opt_base_learning_rate"]
+    else:
+        out["opt_base_learning_rate"] = peak_learning_rate(o, global_batch_size)
+    return out
+
+
 class MLPerfLogger:
     """Writes MLPerf events with `mlperf_logging.mllog` to one file; a disabled logger (ranks > 0) writes nothing."""
 
@@ -132,21 +152,8 @@ class MLPerfLogger:
 
     def hyperparameters(self, cfg: Config, *, global_batch_size: int) -> None:
         """Dataset sizes, seed, batch and optimizer keys (exactly once each)."""
-        o = cfg.optim
-        self.event("seed", cfg.run.seed)
-        self.event("train_samples", cfg.data.num_train_samples)
-        self.event("eval_samples", cfg.eval.num_prompts)
-        self.event("global_batch_size", global_batch_size)
-        self.event("gradient_accumulation_steps", cfg.training.grad_accumulation_steps)
-        self.event("opt_name", o.name)
-        self.event("opt_adamw_beta_1", o.beta1)
-        self.event("opt_adamw_beta_2", o.beta2)
-        self.event("opt_adamw_epsilon", o.eps)
-        self.event("opt_adamw_weight_decay", o.weight_decay)
-        # The lr after warmup (base per sample x global batch, e.g. 7.168e-05 = 2.8e-7 x 256), as the reference logs
-        # it and every v5.0 submission does; the RCP files record the per-sample base (sd_mlperf.config.rcp).
-        self.event("opt_base_learning_rate", peak_learning_rate(o, global_batch_size))
-        self.event("opt_learning_rate_warmup_steps", o.warmup_steps)
+        for key, value in logged_hyperparameters(cfg, global_batch_size).items():
+            self.event(key, value)
 
     def run_start(self, samples_count: int = 0) -> None:
         """End of initialisation and start of the timed run."""
