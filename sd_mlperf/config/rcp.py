@@ -16,10 +16,12 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 MLPERF_USAGE = "training"
 MLPERF_RULESET = "5.0.0"
 MLPERF_BENCHMARK = "stable_diffusion"
+RCP_FILE_LABEL = f"mlperf-logging {MLPERF_USAGE}_{MLPERF_RULESET}/rcps_{MLPERF_BENCHMARK}.json"
 
 
 def rcp_path() -> Path:
@@ -49,15 +51,21 @@ class RcpHyperparameters:
                 f"{self.base_lr_per_sample:g}, optim.warmup_steps={self.warmup_steps})")
 
 
+def rcp_records(path: str | os.PathLike | None = None) -> dict[int, tuple[str, dict[str, Any]]]:
+    """Global batch -> (name, record) of the RCP file, by batch size: the first RCP of a batch, as the checker's
+    lookup finds it."""
+    raw = json.loads(Path(path or rcp_path()).read_text(encoding="utf-8"))
+    by_batch: dict[int, tuple[str, dict[str, Any]]] = {}
+    for name, record in raw.items():
+        by_batch.setdefault(int(record["BS"]), (name, record))
+    return dict(sorted(by_batch.items()))
+
+
 def load_rcp_hyperparameters(path: str | os.PathLike | None = None) -> list[RcpHyperparameters]:
     """Every RCP of the file, by global batch (the first of a batch, as the checker's lookup finds it)."""
-    raw = json.loads(Path(path or rcp_path()).read_text(encoding="utf-8"))
-    by_batch: dict[int, RcpHyperparameters] = {}
-    for name, record in raw.items():
-        hp = record["Hyperparams"]
-        by_batch.setdefault(int(record["BS"]), RcpHyperparameters(
-            name, int(record["BS"]), float(hp["opt_base_learning_rate"]), int(hp["opt_learning_rate_warmup_steps"])))
-    return [by_batch[bs] for bs in sorted(by_batch)]
+    return [RcpHyperparameters(name, bs, float(record["Hyperparams"]["opt_base_learning_rate"]),
+                               int(record["Hyperparams"]["opt_learning_rate_warmup_steps"]))
+            for bs, (name, record) in rcp_records(path).items()]
 
 
 def matching_rcp(global_batch_size: int, base_lr_per_sample: float, warmup_steps: int,
@@ -89,5 +97,4 @@ def rcp_mismatch(global_batch_size: int, base_lr_per_sample: float, warmup_steps
         fix = (f"no RCP has this global batch: the RCP checker compares the run with RCPs of other batches (the "
                f"submission committee may ask for new reference runs); use a batch with an RCP "
                f"({', '.join(str(r.global_batch_size) for r in rcps)}) and its hyperparameters")
-    return (f"closed division: ({here}) matches no RCP of mlperf-logging {MLPERF_USAGE}_{MLPERF_RULESET}/"
-            f"rcps_{MLPERF_BENCHMARK}.json; the nearest is {near.describe()}; {fix}")
+    return f"closed division: ({here}) matches no RCP of {RCP_FILE_LABEL}; the nearest is {near.describe()}; {fix}"

@@ -14,24 +14,17 @@ numbers by about 1% here (BS 512: 2,084,201 instead of 2,104,889).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
-from sd_mlperf.config.rcp import matching_rcp, nearest_rcp, rcp_path
-from sd_mlperf.submission.checkers import BENCHMARK, RULESET, USAGE
+from sd_mlperf.config.rcp import RCP_FILE_LABEL, matching_rcp, nearest_rcp, rcp_records
 from sd_mlperf.submission.runs import olympic_mean
 
 
 def load_rcps(path: str | os.PathLike | None = None) -> dict[int, list[int]]:
     """Global batch size -> samples to converge of each reference run (the first RCP of a batch size, as the
     checker's lookup finds it)."""
-    raw = json.loads(Path(path or rcp_path()).read_text(encoding="utf-8"))
-    rcps: dict[int, list[int]] = {}
-    for record in raw.values():
-        rcps.setdefault(int(record["BS"]), [int(x) for x in record["Epochs to converge"]])
-    return dict(sorted(rcps.items()))
+    return {bs: [int(x) for x in record["Epochs to converge"]] for bs, (_, record) in rcp_records(path).items()}
 
 
 @dataclass(frozen=True)
@@ -48,7 +41,7 @@ def rcp_samples_to_converge(global_batch_size: int, rcps: dict[int, list[int]] |
     """Olympic-mean samples to converge at `global_batch_size`: the RCP, an interpolation, or the nearest RCP."""
     rcps = rcps if rcps is not None else load_rcps()
     means = {bs: olympic_mean(runs) for bs, runs in rcps.items()}
-    where = f"mlperf-logging {USAGE}_{RULESET}/rcps_{BENCHMARK}.json"
+    where = RCP_FILE_LABEL
     low, high = min(means), max(means)
     bs = global_batch_size
     if bs in means:
