@@ -27,6 +27,7 @@ from sd_mlperf.submission.audit import (
     run_stop_vs_collection,
 )
 from sd_mlperf.submission.checkers import BENCHMARK, RULESET, compliance_problems
+from sd_mlperf.training.final_log import Score
 from sd_mlperf.training.mlperf_log import RESUMED_KEY, TRAINING_LOG_FILE
 
 LOG_FILE = "mlperf.log"
@@ -165,11 +166,11 @@ def _read_log(lines: list, record: RunRecord) -> list[str]:
     target = f"FID <= {tr.target_fid} and CLIP >= {tr.target_clip}" + "".join(
         f" and {k} >= {v}" for k, v in target_toy.items())
 
-    def passes(count: int, m: dict[str, float]) -> bool:
+    def passes(count: int, m: dict[str, float]) -> bool:  # the log's FID and CLIP, the evaluator's toy metrics
         score = logged_score(m, scores.get(count, [])) if scores is not None else None
-        toy = score.extra if score is not None else {}
-        return (m.get("FID", math.inf) <= tr.target_fid and m.get("CLIP", -math.inf) >= tr.target_clip
-                and all(toy.get(k, -math.inf) >= v for k, v in target_toy.items()))
+        logged = Score(0, count, 0, m.get("FID", math.inf), m.get("CLIP", -math.inf),
+                       score.extra if score is not None else {})
+        return logged.passes(tr.target_fid, tr.target_clip, target_toy)
 
     passing = [n for n, m in evals.items() if passes(n, m)]
     record.samples_to_target = min(passing) if passing else None
