@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import statistics
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -61,23 +60,13 @@ def unet_shapes(cfg: Config) -> tuple[Counter, Counter]:
 
 
 def _time(fn: Callable[[], Any], device: torch.device, steps: int, warmup: int) -> float:
-    """Median milliseconds of fn() over `steps` calls after `warmup`."""
+    """Median milliseconds of fn() over `steps` calls after `warmup` (bench train's timer: CUDA events on a GPU)."""
+    from sd_mlperf.bench.train import time_steps
+
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    seconds, _ = time_steps(lambda _batch: fn(), {}, steps, device)
+    return statistics.median(seconds) * 1e3
 
 
 UNSUPPORTED_MESSAGES = ("No viable backend", "No available kernel")
