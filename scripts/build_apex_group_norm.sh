@@ -38,7 +38,9 @@ JOBS=$(nproc)
 WORK=${WORK:-${TMPDIR:-/tmp}/sd_mlperf_apex_build}
 NVCC=${NVCC:-nvcc}
 
-die() { echo "build_apex_group_norm: $*" >&2; exit 2; }
+PROG=build_apex_group_norm
+# shellcheck source=slurm/lib.sh
+. slurm/lib.sh  # die (exit 2), run_cmd (prints the command under DRY_RUN=1)
 while [ $# -gt 0 ]; do
   case "$1" in
     --apex-src) APEX_SRC=${2:?--apex-src needs a folder}; shift ;;
@@ -115,7 +117,7 @@ CXX_FLAGS=("${DEFINES[@]}" "${INCLUDES[@]}" -fPIC -std=c++17 -O3)
 OBJ="$WORK/obj"
 mkdir -p "$OBJ"
 
-run() { if (( DRY )); then printf '%q ' "$@"; echo; else "$@"; fi; }
+DRY_RUN=$DRY
 if [ -n "$ONLY" ]; then
   CU_FILES=("$GN/$ONLY")
   [ -f "${CU_FILES[0]}" ] || die "--only $ONLY: no such file in $GN"
@@ -137,8 +139,8 @@ if [ "$(cat "$OBJ/COMMAND_LINES" 2> /dev/null)" != "$command_lines" ]; then
 fi
 # Each object is written under a temporary name and renamed when complete: a killed compile leaves no object.
 if [ ! "$OBJ/group_norm_nhwc_op.o" -nt "$GN/group_norm_nhwc_op.cpp" ]; then
-  run g++ "${CXX_FLAGS[@]}" -c "$GN/group_norm_nhwc_op.cpp" -o "$OBJ/group_norm_nhwc_op.o.part"
-  run mv "$OBJ/group_norm_nhwc_op.o.part" "$OBJ/group_norm_nhwc_op.o"
+  run_cmd g++ "${CXX_FLAGS[@]}" -c "$GN/group_norm_nhwc_op.cpp" -o "$OBJ/group_norm_nhwc_op.o.part"
+  run_cmd mv "$OBJ/group_norm_nhwc_op.o.part" "$OBJ/group_norm_nhwc_op.o"
 fi
 export NVCC OBJ DRY
 printf '%s\n' "${CU_FILES[@]}" | xargs -P "$JOBS" -I{} bash -c \
@@ -148,7 +150,7 @@ printf '%s\n' "${CU_FILES[@]}" | xargs -P "$JOBS" -I{} bash -c \
 SO="$WORK/group_norm_cuda$EXT_SUFFIX"
 OBJS=("$OBJ/group_norm_nhwc_op.o")
 for f in "${CU_FILES[@]}"; do OBJS+=("$OBJ/$(basename "$f" .cu).o"); done
-run g++ -shared "${OBJS[@]}" -L"$TORCH/torch/lib" -lc10 -lc10_cuda -ltorch -ltorch_cpu -ltorch_cuda -ltorch_python \
+run_cmd g++ -shared "${OBJS[@]}" -L"$TORCH/torch/lib" -lc10 -lc10_cuda -ltorch -ltorch_cpu -ltorch_cuda -ltorch_python \
   -L"$CUDA_HOME/lib64" -lcudart -Wl,--allow-shlib-undefined -o "$SO"
 echo "built $SO in $(( $(date +%s) - t0 )) s" >&2
 if [ -n "$ONLY" ] || (( DRY )); then

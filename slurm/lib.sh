@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Shared helpers of the slurm/, docker/ and examples/ scripts: flag validation with messages that
+# Shared helpers of the slurm/, docker/, examples/ and scripts/ scripts: flag validation with messages that
 # name the flag and the fix, and one way to print (--dry-run) or run a command.
 # Source it; it defines functions only. Each script sets PROG (its name, for messages) first.
 
