@@ -54,11 +54,7 @@ done
     || die "--push needs a tag with a registry, e.g. --tag registry.example.com/team/sd_mlperf:latest"
 [ -z "$SQSH" ] || [[ "$SQSH" == *.sqsh ]] || die "--sqsh must name a .sqsh file, got '$SQSH'"
 export DOCKER_BUILDKIT=1
-if [ "$DRY_RUN" = 0 ]; then
-    DOCKER=$(buildkit_docker)
-else
-    DOCKER=${DOCKER:-docker}
-fi
+DOCKER=$(buildkit_docker)
 
 BUILD=("$DOCKER" build -f "$REPO/docker/Dockerfile" -t "$TAG")
 [ -z "$BASE_IMAGE" ] || BUILD+=(--build-arg "BASE_IMAGE=$BASE_IMAGE")

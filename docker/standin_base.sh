@@ -58,7 +58,7 @@ if [ -z "$MIRROR" ]; then
 fi
 MINBASE=sd_mlperf-standin-minbase:$SUITE
 export DOCKER_BUILDKIT=1
-if [ "$DRY_RUN" = 0 ]; then DOCKER=$(buildkit_docker); else DOCKER=${DOCKER:-docker}; fi
+DOCKER=$(buildkit_docker)
 # The versions the stand-in installs: exactly those CI tests with.
 PINS=$REPO/tests/constraints-cpu.txt
 for pkg in torch torchvision numpy pillow; do

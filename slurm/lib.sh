@@ -123,10 +123,11 @@ rendezvous_addr() {
 # legacy builder would send the whole checkout, .venv included): $DOCKER when set; else `docker` when it has the
 # buildx plugin or is older than 23.0 (BuildKit built in); else Debian's /usr/bin/docker (docker.io, 20.10) where a
 # newer client without buildx comes first on PATH. Dies naming the fix otherwise. Callers export DOCKER_BUILDKIT=1.
+# Under DRY_RUN=1 (commands printed, not run) it looks at nothing: $DOCKER or `docker`.
 buildkit_docker() {
     local client major
-    if [ -n "${DOCKER:-}" ]; then
-        printf '%s\n' "$DOCKER"
+    if [ -n "${DOCKER:-}" ] || [ "${DRY_RUN:-0}" = 1 ]; then
+        printf '%s\n' "${DOCKER:-docker}"
         return 0
     fi
     command -v docker >/dev/null || die "docker is not on PATH (install Docker, e.g. apt-get install docker.io)"
